@@ -1,0 +1,228 @@
+"""The `mmsearch` command: a thin shell over :mod:`mmsearch.engine`.
+
+Each command resolves its settings once, calls the library, and prints. Every
+:class:`~mmsearch.errors.MMSearchError` becomes one line on stderr and its exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+
+import typer
+
+from mmsearch.errors import MMSearchError, UsageError
+from mmsearch.settings import resolve
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmsearch.engine import Engine
+
+app = typer.Typer(help="Search photo folders and image-text collections by meaning.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+texts_app = typer.Typer(help="Index texts to search from an image (image -> text).",
+                        no_args_is_help=True)
+app.add_typer(texts_app, name="texts")
+
+IndexOpt = Annotated[Optional[str], typer.Option(
+    "--index", "-i", help="Index name [env MMSEARCH_INDEX; default: default].")]
+HomeOpt = Annotated[Optional[Path], typer.Option(
+    help="Data directory holding the indexes [env MMSEARCH_HOME; default ~/.local/share/mmsearch].")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="open_clip architecture name or model-config JSON [default ViT-B-32, "
+    "or the index's model].")]
+PretrainedOpt = Annotated[Optional[str], typer.Option(
+    "--pretrained", "-p", help="open_clip pretrained tag (downloaded once) or a local checkpoint "
+    "file [default laion2b_s34b_b79k, or the index's].")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _err(message: str) -> None:
+    typer.echo(f"mmsearch: {message}", err=True)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn library errors into one line on stderr and a non-zero exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MMSearchError as exc:
+            _err(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def open_engine(*, create: bool = False, **flags: Any) -> "Engine":
+    from mmsearch.engine import Engine
+
+    return Engine(resolve(**flags), create=create)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+@app.command()
+@handle_errors
+def index(
+    paths: Annotated[list[Path], typer.Argument(help="Folders or files to index.")],
+    index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
+    pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 32,
+    workers: Annotated[int, typer.Option(help="Decode threads (0 = auto).")] = 0,
+    draft: Annotated[bool, typer.Option(help="Fast reduced-size JPEG decoding before the "
+                                        "resize (--no-draft: decode in full).")] = True,
+    index_type: Annotated[Optional[str], typer.Option(help="auto, flat, hnsw, ivf, ivfpq or a "
+                                                      "FAISS factory string.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed every image under PATHS (recursively); re-runs only embed what changed."""
+    from mmsearch.progress import ProgressBar
+
+    stop = threading.Event()
+    with open_engine(create=True, index=index, home=home, model=model, pretrained=pretrained,
+                     device=device, batch_size=batch_size, workers=workers, draft=draft,
+                     index_type=index_type) as engine, ProgressBar(enabled=not as_json) as bar, \
+            _stop_on_sigint(stop):
+        report = engine.index(paths, progress=bar.update, stop=stop)
+    if as_json:
+        _print_json({**report.__dict__, "skipped": [s.__dict__ for s in report.skipped],
+                     "images_per_second": report.images_per_second})
+    else:
+        _print_report(report)
+    if report.interrupted:
+        _err("interrupted: everything embedded so far is saved; run the same command to resume")
+        raise typer.Exit(130)
+
+
+class _stop_on_sigint:
+    """First Ctrl-C asks the run to stop after the current batch; a second one aborts."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        self.stop.set()
+        _err("stopping after the current batch (Ctrl-C again to abort)...")
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _print_report(report: Any) -> None:
+    typer.echo(f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
+               f"removed {report.removed}, skipped {len(report.skipped)} "
+               f"({report.embedded} embedded in {report.seconds:.1f}s, "
+               f"{report.images_per_second:.1f} images/s)")
+    for s in report.skipped:
+        typer.echo(f"  skipped {s.path!r}: {s.reason}")
+
+
+@app.command()
+@handle_errors
+def query(
+    text: Annotated[Optional[str], typer.Argument(help="What to look for.")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Search with this image instead of text.")] = None,
+    texts: Annotated[bool, typer.Option("--texts", help="Search the indexed texts, not the images.")] = False,
+    k: Annotated[int, typer.Option("-k", "--k", help="How many results.")] = 10,
+    within: Annotated[Optional[Path], typer.Option("--in", help="Only images under this folder.")] = None,
+    index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
+    pretrained: PretrainedOpt = None, device: DeviceOpt = "auto", as_json: JsonOpt = False,
+) -> None:
+    """Rank indexed images (or, with --texts, indexed texts) by similarity to TEXT or --image."""
+    if text is None and image is None:
+        raise UsageError("give a TEXT to search for, or --image PATH")
+    if texts and within is not None:
+        raise UsageError("--in applies to images, not to --texts")
+    with open_engine(index=index, home=home, model=model, pretrained=pretrained,
+                     device=device) as engine:
+        if texts:
+            hits = engine.search_texts(text, image=image, k=k)
+        else:
+            hits = engine.search(text, image=image, k=k, within=within)
+    if as_json:
+        _print_json([h.__dict__ for h in hits])
+        return
+    if not hits:
+        typer.echo("no results")
+    for h in hits:
+        what = h.text if texts else h.path
+        typer.echo(f"{h.rank:>3}  {h.score:.4f}  {what}")
+
+
+@texts_app.command("add")
+@handle_errors
+def texts_add(
+    file: Annotated[Path, typer.Argument(help="A .txt file (one text per line) or .jsonl "
+                                         "({\"id\": ..., \"text\": ...} per line); - for stdin.")],
+    index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
+    pretrained: PretrainedOpt = None, device: DeviceOpt = "auto", as_json: JsonOpt = False,
+) -> None:
+    """Embed texts so that images can find them (query --image X --texts)."""
+    from mmsearch.textfile import read_texts
+
+    items = read_texts(file)
+    with open_engine(create=True, index=index, home=home, model=model, pretrained=pretrained,
+                     device=device) as engine:
+        report = engine.add_texts(items)
+    if as_json:
+        _print_json(report.__dict__)
+    else:
+        typer.echo(f"texts: added {report.added}, replaced {report.replaced}, "
+                   f"unchanged {report.unchanged}")
+
+
+@app.command()
+@handle_errors
+def info(index: IndexOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """What an index holds, which model built it, and where its files are."""
+    with open_engine(index=index, home=home) as engine:
+        data = engine.info()
+    if as_json:
+        _print_json({**data.__dict__, "model": data.model.__dict__ if data.model else None})
+        return
+    typer.echo(f"index      {data.name}\nlocation   {data.location}")
+    typer.echo(f"model      {data.model.describe() if data.model else '-'} (dim {data.dim})")
+    typer.echo(f"images     {data.images} ({data.distinct_images} distinct)\ntexts      {data.texts}")
+    typer.echo(f"vectors    {data.image_index} (schema v{data.schema_version})")
+    for name, size in data.files.items():
+        typer.echo(f"  {name:<16} {size / 1e6:10.1f} MB")
+    for note in data.repairs:
+        typer.echo(f"repaired   {note}")
+
+
+@app.command()
+@handle_errors
+def remove(path: Annotated[Path, typer.Argument(help="A folder or file to forget.")],
+           index: IndexOpt = None, home: HomeOpt = None) -> None:
+    """Forget every indexed image at or under PATH (the files are not touched)."""
+    with open_engine(index=index, home=home) as engine:
+        n = engine.remove(path)
+    typer.echo(f"removed {n} images")
+
+
+def main() -> None:
+    app(prog_name="mmsearch")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The model registry: which open_clip model embeds images and texts.
+
+This is the only module that knows about open_clip. It resolves what the user
+asked for (an architecture name or a config JSON, a pretrained tag or a
+checkpoint file) into a :class:`ModelIdentity` that is stored with an index,
+and loads it into an :class:`Embedder` with two small methods: images in,
+vectors out; texts in, vectors out. Vectors are float32 and L2-normalised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from mmsearch.errors import ModelError, ModelMismatchError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+    from PIL import Image
+
+# ViT-B-32 at 224 px runs at ~15 images/s on a 2-core laptop CPU and its LAION-2B
+# weights are the most widely quoted open_clip baseline (Flickr30K text->image R@1 ~ 75).
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+NO_WEIGHTS = "none"  # random weights: only for speed benchmarks, never for search quality
+_FINGERPRINT_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What an index was built with; stored in the catalog as JSON.
+
+    ``fingerprint`` identifies the weights: the tag for open_clip downloads, the
+    size plus a hash of the first and last 4 MiB for a local checkpoint file
+    (cheap enough for every query; moved or renamed files still match).
+    """
+
+    arch: str
+    pretrained: str
+    fingerprint: str
+    config_path: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelIdentity":
+        return cls(**json.loads(text))
+
+    def describe(self) -> str:
+        return f"{self.arch} / {self.pretrained}"
+
+    def check_same(self, other: "ModelIdentity") -> None:
+        """Raise :class:`ModelMismatchError` unless ``other`` is the same model and weights."""
+        if (self.arch, self.fingerprint) != (other.arch, other.fingerprint):
+            raise ModelMismatchError(
+                f"this index was built with {self.describe()}, not {other.describe()}; "
+                "use the same --model/--pretrained, or another --index"
+            )
+
+
+def identify(model: str | None, pretrained: str | None) -> ModelIdentity:
+    """Resolve user input into a :class:`ModelIdentity` without importing torch."""
+    if model is None and pretrained is None:
+        model, pretrained = DEFAULT_MODEL, DEFAULT_PRETRAINED
+    elif model is None:
+        model = DEFAULT_MODEL
+    elif pretrained is None:
+        if model != DEFAULT_MODEL:
+            raise UsageError(f"--model {model} needs --pretrained TAG or FILE (or '{NO_WEIGHTS}')")
+        pretrained = DEFAULT_PRETRAINED
+    arch, config_path = _resolve_arch(model)
+    return ModelIdentity(arch, *_resolve_weights(pretrained), config_path=config_path)
+
+
+def _resolve_arch(model: str) -> tuple[str, str | None]:
+    if model.endswith(".json") or os.sep in model:
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ModelError(f"model config not found: {path}")
+        return path.stem, str(path.resolve())
+    return model, None
+
+
+def _resolve_weights(pretrained: str) -> tuple[str, str]:
+    if pretrained.lower() == NO_WEIGHTS:
+        return NO_WEIGHTS, NO_WEIGHTS
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path.resolve()), _file_fingerprint(path)
+    if os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        raise ModelError(f"checkpoint file not found: {path}")
+    return pretrained, f"tag:{pretrained}"
+
+
+def _file_fingerprint(path: Path) -> str:
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        digest.update(f.read(_FINGERPRINT_CHUNK))
+        if size > 2 * _FINGERPRINT_CHUNK:
+            f.seek(size - _FINGERPRINT_CHUNK)
+            digest.update(f.read())
+    return f"file:{size}:{digest.hexdigest()}"
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available")
+    return device
+
+
+class Embedder:
+    """A loaded open_clip model: ``encode_images`` and ``encode_texts``."""
+
+    def __init__(self, identity: ModelIdentity, model: Any, preprocess: Callable,
+                 tokenizer: Callable, device: str) -> None:
+        import open_clip
+
+        self.identity = identity
+        self.device = device
+        self._model = model
+        self.preprocess: Callable[["Image.Image"], "torch.Tensor"] = preprocess
+        self._tokenizer = tokenizer
+        self._text_cache: OrderedDict[str, "np.ndarray"] = OrderedDict()
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = cfg.get("size", 224)
+        self.image_size: int = int(size if isinstance(size, int) else min(size))
+        self.preprocess_cfg: dict[str, Any] = {k: v for k, v in cfg.items()}
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.encode_texts([""]).shape[1])
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.device.startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def encode_images(self, batch: "torch.Tensor") -> "np.ndarray":
+        """Embed a preprocessed batch (N, 3, H, W); returns (N, D) float32, L2-normalised."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            feats = self._model.encode_image(batch.to(self.device, non_blocking=True))
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy()
+
+    def encode_texts(self, texts: Sequence[str]) -> "np.ndarray":
+        """Embed texts; returns (N, D) float32, L2-normalised. Repeated texts hit a small cache."""
+        import numpy as np
+
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            for text, vec in zip(missing, self._encode_uncached(missing)):
+                self._text_cache[text] = vec
+        for t in texts:
+            self._text_cache.move_to_end(t)
+        while len(self._text_cache) > 1024:
+            self._text_cache.popitem(last=False)
+        return np.stack([self._text_cache[t] for t in texts]).astype(np.float32, copy=False)
+
+    def _encode_uncached(self, texts: list[str]) -> "np.ndarray":
+        import torch
+
+        tokens = self._tokenizer(texts).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            feats = encode_text_trimmed(self._model, tokens)
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy()
+
+
+def encode_text_trimmed(model: Any, tokens: "torch.Tensor") -> "torch.Tensor":
+    """``model.encode_text`` without the padding after the longest text in the batch.
+
+    A causal text tower (open_clip's ``CLIP`` with an attention mask and EOT pooling)
+    never lets a token see the ones after it, so cutting the padded 77-token context
+    to the longest real sequence gives the same embedding at a fraction of the cost
+    ("red sports car" is 5 tokens). Other towers fall back to ``encode_text``.
+    """
+    import torch
+    from open_clip.model import CLIP
+    from open_clip.transformer import text_global_pool
+
+    pool = getattr(model, "text_pool_type", None)
+    if not isinstance(model, CLIP) or model.attn_mask is None or pool not in ("argmax", "eos"):
+        return model.encode_text(tokens)
+    if pool == "argmax":  # the pooled (EOT) token has the highest id
+        last = tokens.argmax(dim=-1)
+    else:
+        last = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    length = int(last.max()) + 1
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, pool, eos_token_id=getattr(model, "text_eos_id", None))
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection if model.text_projection is not None else x
+
+
+def load_embedder(identity: ModelIdentity, device: str = "auto") -> Embedder:
+    """Build the open_clip model for ``identity`` (downloading a tagged checkpoint once)."""
+    import open_clip
+
+    if identity.config_path:
+        if not Path(identity.config_path).is_file():
+            raise ModelError(f"model config not found: {identity.config_path}")
+        open_clip.add_model_config(identity.config_path)
+    if identity.arch not in open_clip.list_models():
+        raise ModelError(f"unknown model architecture {identity.arch!r} "
+                         "(see `python -c 'import open_clip; print(open_clip.list_models())'`)")
+    dev = pick_device(device)
+    pretrained = None if identity.pretrained == NO_WEIGHTS else identity.pretrained
+    model, preprocess = _create(identity, pretrained, dev)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(identity.arch)
+    return Embedder(identity, model, preprocess, tokenizer, dev)
+
+
+def _create(identity: ModelIdentity, pretrained: str | None, device: str) -> tuple[Any, Callable]:
+    import open_clip
+
+    if pretrained and identity.fingerprint.startswith("tag:"):
+        tags = open_clip.list_pretrained_tags_by_model(identity.arch)
+        if pretrained not in tags:
+            raise ModelError(f"{identity.arch} has no pretrained tag {pretrained!r}; "
+                             f"known tags: {', '.join(tags) or 'none'}; or pass a checkpoint file")
+    try:
+        with _quiet_open_clip():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                identity.arch, pretrained=pretrained, device=device)
+    except Exception as exc:  # open_clip raises RuntimeError/OSError/KeyError variously
+        if pretrained and identity.fingerprint.startswith("tag:"):
+            raise ModelError(
+                f"could not download weights {identity.describe()} ({type(exc).__name__}); "
+                "offline? download once where there is network (open_clip caches them), "
+                "or pass --pretrained /path/to/checkpoint.pt") from exc
+        raise ModelError(f"could not load {identity.describe()}: {exc}") from exc
+    return model, preprocess
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip logs to the root logger (e.g. 'No pretrained weights loaded'); the library stays quiet."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def check_loaded(stored: ModelIdentity, asked: ModelIdentity | None) -> ModelIdentity:
+    """The identity to load for an existing index, refusing a different model."""
+    if asked is not None:
+        stored.check_same(asked)
+        return asked  # same weights, possibly at a new path
+    return stored
+
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "NO_WEIGHTS", "ModelIdentity", "Embedder",
+           "identify", "load_embedder", "check_loaded", "pick_device", "ModelMismatchError"]

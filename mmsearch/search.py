@@ -1,0 +1,81 @@
+"""Searching: a query vector in, ranked hits with catalog metadata out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mmsearch.errors import EmptyIndexError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmsearch.store import Store
+
+MAX_QUERY_CHARS = 10_000
+
+
+@dataclass(frozen=True)
+class ImageHit:
+    rank: int       # 1 = best
+    score: float    # cosine similarity, -1..1
+    id: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class TextHit:
+    rank: int
+    score: float
+    id: int
+    key: str
+    text: str
+
+
+def check_text_query(text: str) -> str:
+    """The query as it will be embedded, or :class:`UsageError` when there is none."""
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError("empty query: give some words to search for")
+    if len(text) > MAX_QUERY_CHARS:
+        raise UsageError(f"query too long: {len(text)} characters (at most {MAX_QUERY_CHARS})")
+    return " ".join(text.split())
+
+
+def check_k(k: int) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise UsageError(f"k must be a whole number >= 0, got {k!r}")
+    return k
+
+
+def search_images(store: "Store", query: np.ndarray, k: int,
+                  within: Path | None = None) -> list[list[ImageHit]]:
+    """Top-``k`` images for each row of ``query`` (optionally only under folder ``within``)."""
+    index = store.vectors("images")
+    if index.ntotal == 0:
+        raise EmptyIndexError(f"index {store.root.name!r} has no images: run `mmsearch index FOLDER`")
+    subset = None
+    if within is not None:
+        subset = store.catalog.image_ids_under(str(within.expanduser().resolve()))
+        if not subset.size:
+            raise UsageError(f"no indexed images under {within}")
+    result = index.search(query, k, subset=subset)
+    paths = store.catalog.image_paths(int(i) for i in np.unique(result.ids) if i >= 0)
+    return [ranked([ImageHit(0, float(s), int(i), Path(paths[i]))
+                    for s, i in zip(row_s, row_i) if i in paths])
+            for row_s, row_i in zip(result.scores, result.ids)]
+
+
+def search_texts(store: "Store", query: np.ndarray, k: int) -> list[list[TextHit]]:
+    index = store.vectors("texts")
+    if index.ntotal == 0:
+        raise EmptyIndexError(f"index {store.root.name!r} has no texts: run `mmsearch texts add FILE`")
+    result = index.search(query, k)
+    rows = store.catalog.texts_by_id(int(i) for i in np.unique(result.ids) if i >= 0)
+    return [ranked([TextHit(0, float(s), int(i), *rows[i]) for s, i in zip(row_s, row_i) if i in rows])
+            for row_s, row_i in zip(result.scores, result.ids)]
+
+
+def ranked(hits: list) -> list:
+    """Number hits 1..n in their order."""
+    return [replace(h, rank=i) for i, h in enumerate(hits, 1)]

@@ -1,0 +1,88 @@
+"""Settings, resolved once (flags > environment > defaults) and passed down.
+
+Nothing here is global state: :func:`resolve` returns a frozen :class:`Settings`
+that the CLI builds from its flags and the library receives as an argument.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mmsearch.errors import UsageError
+
+DEFAULT_INDEX = "default"
+_INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def default_home() -> Path:
+    """Where indexes live when neither --home nor MMSEARCH_HOME says otherwise."""
+    env = os.environ.get("MMSEARCH_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "mmsearch"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs to know, fixed before any work starts.
+
+    ``model``/``pretrained`` of ``None`` mean "what the index was built with",
+    or the registry default for a new index.
+    """
+
+    home: Path
+    index: str = DEFAULT_INDEX
+    model: str | None = None
+    pretrained: str | None = None
+    device: str = "auto"          # "auto" -> cuda when available, else cpu
+    batch_size: int = 32
+    workers: int = 0              # decode threads; 0 -> chosen from the core count
+    draft: bool = True            # JPEG reduced-size DCT decoding before the resize
+    index_type: str = "auto"      # "auto", "flat", "hnsw", "ivf", or a FAISS factory string
+
+    @property
+    def index_dir(self) -> Path:
+        return self.home / self.index
+
+    def with_(self, **changes: object) -> "Settings":
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def check_index_name(name: str) -> str:
+    if not _INDEX_NAME.match(name):
+        raise UsageError(
+            f"invalid index name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)"
+        )
+    return name
+
+
+def resolve(
+    *,
+    home: str | Path | None = None,
+    index: str | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    draft: bool | None = None,
+    index_type: str | None = None,
+) -> Settings:
+    """Build :class:`Settings` from explicit values, then the environment, then defaults."""
+    name = index or os.environ.get("MMSEARCH_INDEX") or DEFAULT_INDEX
+    if batch_size is not None and batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if workers is not None and workers < 0:
+        raise UsageError("--workers must be 0 (auto) or more")
+    settings = Settings(home=Path(home).expanduser() if home else default_home(),
+                        index=check_index_name(name))
+    changes = {
+        "model": model, "pretrained": pretrained, "device": device,
+        "batch_size": batch_size, "workers": workers, "draft": draft, "index_type": index_type,
+    }
+    return settings.with_(**{k: v for k, v in changes.items() if v is not None})
