@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import (ForeignKey, Integer, LargeBinary, String, Text, create_engine, delete,
+from sqlalchemy import (ForeignKey, bindparam, Integer, LargeBinary, String, Text, create_engine, delete,
                         event, func, insert, select, text, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
@@ -94,6 +94,8 @@ def to_blob(vector: np.ndarray) -> bytes:
 
 def from_blobs(blobs: Iterable[bytes], dim: int) -> np.ndarray:
     data = b"".join(blobs)
+    if not data:
+        return np.zeros((0, dim), dtype=np.float32)
     return np.frombuffer(data, dtype=np.float32).reshape(-1, dim).copy()
 
 
@@ -201,7 +203,7 @@ class Catalog:
     def commit_images(self, new_vectors: dict[str, np.ndarray], upserts: list[StoredImage],
                       delete_ids: Iterable[int] = ()) -> None:
         """One transaction: store new embeddings, insert/replace image rows, delete rows."""
-        delete_ids = list(delete_ids)
+        delete_ids = [int(i) for i in delete_ids]
         with self._write() as conn:
             if new_vectors:
                 conn.execute(insert(EmbeddingRow).prefix_with("OR IGNORE"),
@@ -215,8 +217,10 @@ class Catalog:
         """Record a new size/mtime for files whose content did not change."""
         if rows:
             with self._write() as conn:
-                conn.execute(update(ImageRow), [{"id": r.id, "size": r.size, "mtime_ns": r.mtime_ns}
-                                                for r in rows])
+                stmt = (update(ImageRow).where(ImageRow.id == bindparam("row_id"))
+                        .values(size=bindparam("new_size"), mtime_ns=bindparam("new_mtime")))
+                conn.execute(stmt, [{"row_id": r.id, "new_size": r.size, "new_mtime": r.mtime_ns}
+                                    for r in rows])
 
     def drop_orphan_embeddings(self) -> int:
         with self._write() as conn:
@@ -232,7 +236,7 @@ class Catalog:
         return self._vectors(query, ImageRow.id, dim, ids)
 
     def _vectors(self, query, id_col, dim: int, ids: Iterable[int] | None):
-        chunks = [None] if ids is None else list(_chunks(sorted(set(ids)), 900))
+        chunks = [None] if ids is None else list(_chunks(sorted({int(i) for i in ids}), 900))
         out_ids: list[int] = []
         blobs: list[bytes] = []
         with self._engine.connect() as conn:

@@ -72,6 +72,7 @@ class Store:
     def set_model(self, identity: ModelIdentity, dim: int) -> None:
         self.catalog.set_meta("model", identity.to_json())
         self.catalog.set_meta("dim", str(dim))
+        self._vectors.clear()  # any index opened before had no dimension to go by
 
     # -- the writer lock ---------------------------------------------------------
     def lock(self) -> None:
