@@ -355,3 +355,26 @@ def _under(root: str):
 def _chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+def bad_embeddings(catalog: Catalog, dim: int) -> list[str]:
+    """Content hashes whose stored vector has the wrong length or is not finite."""
+    bad = []
+    with catalog._engine.connect() as conn:
+        for h, blob in conn.execute(select(EmbeddingRow.content_hash, EmbeddingRow.vector)):
+            vec = np.frombuffer(blob, np.float32) if len(blob) % 4 == 0 else None
+            if vec is None or vec.shape != (dim,) or not np.isfinite(vec).all():
+                bad.append(h)
+    return bad
+
+
+def forget_embeddings(catalog: Catalog, hashes: list[str]) -> list[str]:
+    """Delete these embeddings and the image rows using them; returns those rows' paths."""
+    paths: list[str] = []
+    with catalog._write() as conn:
+        for chunk in _chunks(hashes, 900):
+            paths += conn.execute(select(ImageRow.path)
+                                  .where(ImageRow.content_hash.in_(chunk))).scalars().all()
+            conn.execute(delete(ImageRow).where(ImageRow.content_hash.in_(chunk)))
+            conn.execute(delete(EmbeddingRow).where(EmbeddingRow.content_hash.in_(chunk)))
+    return paths

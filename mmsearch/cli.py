@@ -220,6 +220,25 @@ def remove(path: Annotated[Path, typer.Argument(help="A folder or file to forget
     typer.echo(f"removed {n} images")
 
 
+@app.command()
+@handle_errors
+def check(repair: Annotated[bool, typer.Option(help="Fix what can be fixed: rebuild the vector "
+                                               "files, re-embed damaged vectors, forget deleted files.")] = False,
+          index: IndexOpt = None, home: HomeOpt = None) -> None:
+    """Verify the catalog and the vector files against each other and the disk."""
+    with open_engine(index=index, home=home) as engine:
+        problems, done = engine.check(repair=repair)
+    for line in problems:
+        typer.echo(f"problem   {line}")
+    for line in done:
+        typer.echo(f"repaired  {line}")
+    if not problems:
+        typer.echo("ok: catalog and vector files agree")
+    elif not repair:
+        typer.echo("run `mmsearch check --repair` to fix")
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app(prog_name="mmsearch")
 

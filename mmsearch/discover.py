@@ -107,7 +107,7 @@ def walk(
     return walker.run(root)
 
 
-def _canonical_root(root: Path | str) -> Path:
+def canonical_root(root: Path | str) -> Path:
     """Absolute root: a directory fully resolved, a file with its name kept."""
     absolute = os.path.abspath(os.fspath(root))
     if os.path.isdir(absolute):
@@ -145,7 +145,7 @@ class _Walker:
 
     def run(self, root: Path | str) -> Iterator[WalkItem]:
         """Walk from ``root``; an explicit stack, so depth never hits the recursion limit."""
-        top = _canonical_root(root)
+        top = canonical_root(root)
         try:
             st = os.stat(top)
         except OSError as exc:

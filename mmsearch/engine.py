@@ -19,6 +19,7 @@ import numpy as np
 
 from mmsearch import ingest
 from mmsearch.decode import load_image, to_rgb
+from mmsearch.discover import canonical_root
 from mmsearch.errors import UsageError
 from mmsearch.ingest import IndexReport, Progress
 from mmsearch.models import Embedder, ModelIdentity, check_loaded, identify, load_embedder
@@ -61,7 +62,7 @@ class Engine:
 
     def __init__(self, settings: Settings, *, create: bool = False) -> None:
         self.settings = settings
-        self.store = Store.open(settings.index_dir, create=create, index_type=settings.index_type)
+        self.store = Store.open(settings.index_dir, create=create)
         asked = None
         if settings.model is not None or settings.pretrained is not None:
             asked = identify(settings.model, settings.pretrained)
@@ -110,13 +111,30 @@ class Engine:
         s = self.settings
         with _Writing(self.store):
             self._ensure_model_recorded()
-            return ingest.run(self.store, self.embedder, [Path(p).expanduser() for p in paths],
-                              batch_size=s.batch_size, workers=s.workers, draft=s.draft,
-                              progress=progress or ingest._noop, stop=stop)
+            report = ingest.run(self.store, self.embedder, [Path(p).expanduser() for p in paths],
+                                batch_size=s.batch_size, workers=s.workers, draft=s.draft,
+                                progress=progress or ingest._noop, stop=stop)
+            self.store.retype(s.index_type)
+            return report
+
+    def check(self, *, repair: bool = False) -> tuple[list[str], list[str]]:
+        """(problems found, what was done about them). ``repair`` needs the write lock."""
+        problems = self.store.check()
+        if not repair or not problems:
+            return problems, []
+        with _Writing(self.store):
+            redo = self.store.repair()
+            done = [f"rebuilt the vector files from {self.store.catalog.image_count()} stored images"]
+            if redo:
+                self._ensure_model_recorded()
+                report = ingest.run(self.store, self.embedder, [Path(p) for p in redo],
+                                    batch_size=self.settings.batch_size, draft=self.settings.draft)
+                done.append(f"re-embedded {report.embedded} images whose vectors were damaged")
+        return problems, done
 
     def remove(self, path: str | Path) -> int:
         """Forget every indexed image at or under ``path``; returns how many."""
-        root = str(Path(path).expanduser().resolve())
+        root = str(canonical_root(Path(path).expanduser()))
         with _Writing(self.store):
             rows = self.store.catalog.images_under(root)
             ids = np.asarray([r.id for r in rows.values()], dtype=np.int64)

@@ -21,7 +21,7 @@ import numpy as np
 
 from mmsearch.catalog import StoredImage
 from mmsearch.decode import content_hash
-from mmsearch.discover import FoundFile, SkippedFile, walk
+from mmsearch.discover import FoundFile, SkippedFile, canonical_root, walk
 from mmsearch.embed import default_workers, embed_paths
 from mmsearch.errors import DecodeError, UsageError
 
@@ -78,7 +78,7 @@ def scan(roots: Iterable[Path], report: IndexReport) -> tuple[list[FoundFile], l
     for root in roots:
         if not os.path.lexists(root):
             raise UsageError(f"no such file or directory: {root}")
-        canon.append(str(Path(os.path.abspath(root)).resolve()))
+        canon.append(str(canonical_root(root)))
         for item in walk(root):
             if isinstance(item, SkippedFile):
                 report.skipped.append(Skipped(str(item.path), item.reason))

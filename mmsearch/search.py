@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mmsearch.discover import canonical_root
 from mmsearch.errors import EmptyIndexError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,7 +57,7 @@ def search_images(store: "Store", query: np.ndarray, k: int,
         raise EmptyIndexError(f"index {store.root.name!r} has no images: run `mmsearch index FOLDER`")
     subset = None
     if within is not None:
-        subset = store.catalog.image_ids_under(str(within.expanduser().resolve()))
+        subset = store.catalog.image_ids_under(str(canonical_root(within.expanduser())))
         if not subset.size:
             raise UsageError(f"no indexed images under {within}")
     result = index.search(query, k, subset=subset)

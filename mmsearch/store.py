@@ -22,8 +22,9 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from mmsearch.catalog import Catalog
-from mmsearch.errors import CorruptIndexError, IndexLockedError, IndexNotFoundError, StorageError
+from mmsearch.catalog import Catalog, bad_embeddings, forget_embeddings
+from mmsearch.errors import (CorruptIndexError, IndexLockedError, IndexNotFoundError,
+                             StorageError, UsageError)
 from mmsearch.models import ModelIdentity
 from mmsearch.vectors import VectorIndex, factory_string
 
@@ -37,13 +38,12 @@ class Store:
 
     root: Path
     catalog: Catalog
-    index_type: str = "auto"
     repairs: list[str] = field(default_factory=list)
     _vectors: dict[str, VectorIndex] = field(default_factory=dict)
     _lock_fd: int | None = None
 
     @classmethod
-    def open(cls, root: Path, *, create: bool, index_type: str = "auto") -> "Store":
+    def open(cls, root: Path, *, create: bool) -> "Store":
         if not (root / CATALOG).is_file():
             if not create:
                 raise IndexNotFoundError(
@@ -52,7 +52,7 @@ class Store:
                 root.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StorageError(f"cannot create {root}: {exc.strerror}") from exc
-        return cls(root, Catalog(root / CATALOG, create=create), index_type)
+        return cls(root, Catalog(root / CATALOG, create=create))
 
     def close(self) -> None:
         self.unlock()
@@ -73,6 +73,22 @@ class Store:
         self.catalog.set_meta("model", identity.to_json())
         self.catalog.set_meta("dim", str(dim))
         self._vectors.clear()  # any index opened before had no dimension to go by
+
+    @property
+    def requested_type(self) -> str:
+        """The image index type asked for (``auto`` unless a run said otherwise)."""
+        return self.catalog.get_meta("index_type") or "auto"
+
+    def retype(self, requested: str | None = None) -> None:
+        """Record ``requested`` (if given) and rebuild the image index if its type should change."""
+        if requested is not None:
+            self.catalog.set_meta("index_type", requested)
+        n, dim = self.catalog.image_count(), self.dim
+        if dim is None:
+            return
+        wanted = factory_string(self.requested_type, n, dim)
+        if wanted != (self.catalog.get_meta("images_index") or "Flat"):
+            self.rebuild("images", note=False)
 
     # -- the writer lock ---------------------------------------------------------
     def lock(self) -> None:
@@ -155,9 +171,15 @@ class Store:
     def rebuild(self, kind: Kind, *, note: bool = True, index_type: str | None = None) -> VectorIndex:
         """A fresh FAISS index from the catalog's vectors (trained if approximate), saved if writing."""
         ids, vecs = self._catalog_vectors(kind)
-        wanted = index_type or (self.index_type if kind == "images" else "flat")
+        wanted = index_type or (self.requested_type if kind == "images" else "flat")
         dim = self.dim or (vecs.shape[1] if vecs.size else 1)
-        index = VectorIndex.create(dim, wanted, expected=len(ids), train=_sample(vecs))
+        try:
+            index = VectorIndex.create(dim, wanted, expected=len(ids), train=_sample(vecs))
+        except UsageError:
+            if ids.size >= 10_000:
+                raise
+            wanted = "flat"  # too few vectors to train an approximate index: exact is fast here
+            index = VectorIndex.create(dim, wanted)
         index.add(ids, vecs)
         if note and ids.size:
             self.repairs.append(f"{kind}.faiss rebuilt from {ids.size} stored vectors")
@@ -170,6 +192,59 @@ class Store:
     def save(self, kind: Kind) -> None:
         if kind in self._vectors:
             self._vectors[kind].save(self._path(kind))
+
+    def check(self) -> list[str]:
+        """Problems found between catalog, FAISS files and disk; nothing is changed."""
+        problems = self.catalog.integrity_problems()
+        if problems:
+            return problems
+        dim = self.dim
+        if self.model is None or dim is None:
+            return [] if self.catalog.image_count() == 0 else ["catalog has images but no model"]
+        bad = bad_embeddings(self.catalog, dim)
+        if bad:
+            problems.append(f"{len(bad)} stored vectors are damaged")
+        for kind in ("images", "texts"):
+            problems += self._check_vectors(kind, dim)
+        gone = sum(1 for _, p in self.catalog.all_image_paths() if not os.path.lexists(p))
+        if gone:
+            problems.append(f"{gone} indexed files no longer exist on disk")
+        return problems
+
+    def _check_vectors(self, kind: Kind, dim: int) -> list[str]:
+        path = self._path(kind)
+        want = self._catalog_ids(kind)
+        if not path.is_file():
+            return [f"{path.name} is missing"] if want.size else []
+        try:
+            index = VectorIndex.load(path)
+        except CorruptIndexError as exc:
+            return [str(exc)]
+        if index.dim != dim:
+            return [f"{path.name} has dimension {index.dim}, the model {dim}"]
+        have = index.ids()
+        missing = np.setdiff1d(want, have).size
+        extra = np.setdiff1d(have, want).size
+        dupes = have.size - np.unique(have).size
+        if missing or extra or dupes:
+            return [f"{path.name}: {missing} vectors missing, {extra} unknown, {dupes} duplicated"]
+        return []
+
+    def repair(self) -> list[str]:
+        """Fix what :meth:`check` finds; returns paths whose vectors must be embedded again.
+
+        The caller holds the write lock. Damaged vectors are forgotten (their
+        files are re-embedded by the caller), FAISS files are rebuilt from the
+        catalog, rows of files gone from disk are removed.
+        """
+        dim = self.dim or 0
+        redo = forget_embeddings(self.catalog, bad_embeddings(self.catalog, dim))
+        gone = [i for i, p in self.catalog.all_image_paths() if not os.path.lexists(p)]
+        self.catalog.commit_images({}, [], delete_ids=gone)
+        self.catalog.drop_orphan_embeddings()
+        for kind in ("images", "texts"):
+            self.rebuild(kind, note=False, index_type=self.catalog.get_meta(f"{kind}_index"))
+        return [p for p in redo if os.path.lexists(p)]
 
     def files(self) -> Iterator[tuple[str, Path, int]]:
         for name in (CATALOG, "images.faiss", "texts.faiss"):

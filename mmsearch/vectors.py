@@ -37,7 +37,7 @@ def factory_string(index_type: str, n: int, dim: int) -> str:
     kind = index_type.lower()
     if kind == "auto":
         kind = "flat" if n <= EXACT_LIMIT else ("ivfpq" if n * dim * 4 > 8 << 30 else "hnsw")
-    nlist = max(16, min(65536, int(4 * np.sqrt(max(n, 1)))))
+    nlist = max(1, min(65536, int(4 * np.sqrt(max(n, 1))), n // 39))
     if kind == "flat":
         return "Flat"
     if kind == "hnsw":
@@ -84,7 +84,11 @@ class VectorIndex:
         if not inner.is_trained:
             if train is None or len(train) < 1:
                 raise UsageError(f"index type {desc} needs training vectors")
-            inner.train(np.ascontiguousarray(train, dtype=np.float32))
+            try:
+                inner.train(np.ascontiguousarray(train, dtype=np.float32))
+            except RuntimeError as exc:
+                raise UsageError(f"index type {desc} cannot be trained on {len(train)} vectors: "
+                                 f"{_first_line(exc)}") from exc
         return cls(faiss.IndexIDMap2(inner), desc)
 
     @classmethod

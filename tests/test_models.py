@@ -1,0 +1,60 @@
+"""The model registry: identities, offline errors, and text-context trimming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmsearch.errors import ModelError, ModelMismatchError, UsageError
+from mmsearch.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, identify, load_embedder
+
+
+def test_defaults_and_identities(tmp_path: Path, tiny_config: Path) -> None:
+    ident = identify(None, None)
+    assert (ident.arch, ident.pretrained) == (DEFAULT_MODEL, DEFAULT_PRETRAINED)
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"x" * 1000)
+    a = identify(str(tiny_config), str(ckpt))
+    moved = tmp_path / "moved.pt"
+    ckpt.rename(moved)
+    b = identify(str(tiny_config), str(moved))
+    assert a.arch == "tinyclip-test" and a.fingerprint == b.fingerprint
+    a.check_same(b)
+    with pytest.raises(ModelMismatchError):
+        a.check_same(identify(str(tiny_config), "none"))
+    with pytest.raises(UsageError):
+        identify("ViT-B-16", None)
+    with pytest.raises(ModelError, match="checkpoint file not found"):
+        identify("ViT-B-32", "/nope/weights.pt")
+    with pytest.raises(ModelError, match="model config not found"):
+        identify("/nope/cfg.json", "none")
+
+
+def test_offline_download_gives_the_offline_alternative(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(ModelError, match="--pretrained /path/to/checkpoint"):
+        load_embedder(identify("RN50", "openai"))
+    with pytest.raises(ModelError, match="no pretrained tag"):
+        load_embedder(identify("ViT-B-32", "no-such-tag"))
+
+
+def test_trimmed_text_encoding_equals_full_context() -> None:
+    import torch
+
+    from mmsearch.models import encode_text_trimmed
+
+    emb = load_embedder(identify("ViT-B-32", "none"))
+    texts = ["red sports car", "a dog running on the beach with a ball in its mouth", "",
+             "x " * 100]
+    tokens = emb._tokenizer(texts)
+    with torch.inference_mode():
+        full = emb._model.encode_text(tokens)
+        trimmed = encode_text_trimmed(emb._model, tokens)
+    assert torch.allclose(full, trimmed, atol=1e-5), (full - trimmed).abs().max()
+    again = emb.encode_texts(["red sports car", "red sports car"])
+    assert again.shape == (2, 512)
+    assert abs(float((again[0] ** 2).sum()) - 1) < 1e-5
