@@ -29,15 +29,15 @@ texts_app = typer.Typer(help="Index texts to search from an image (image -> text
 app.add_typer(texts_app, name="texts")
 
 IndexOpt = Annotated[Optional[str], typer.Option(
-    "--index", "-i", help="Index name [env MMSEARCH_INDEX; default: default].")]
+    "--index", "-i", help="Index name (env MMSEARCH_INDEX; default: default).")]
 HomeOpt = Annotated[Optional[Path], typer.Option(
-    help="Data directory holding the indexes [env MMSEARCH_HOME; default ~/.local/share/mmsearch].")]
+    help="Data directory holding the indexes (env MMSEARCH_HOME; default ~/.local/share/mmsearch).")]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="open_clip architecture name or model-config JSON [default ViT-B-32, "
-    "or the index's model].")]
+    "--model", "-m", help="open_clip architecture name or model-config JSON (default ViT-B-32, "
+    "or the index's model).")]
 PretrainedOpt = Annotated[Optional[str], typer.Option(
     "--pretrained", "-p", help="open_clip pretrained tag (downloaded once) or a local checkpoint "
-    "file [default laion2b_s34b_b79k, or the index's].")]
+    "file, or 'none' for random weights (default laion2b_s34b_b79k, or the index's).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 

@@ -9,11 +9,12 @@ however many files there are.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,6 +25,16 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from mmsearch.models import Embedder
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage: decode and prepare are summed over worker threads."""
+
+    decode: float = 0.0
+    prepare: float = 0.0
+    model: float = 0.0
+    images: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,32 +52,39 @@ def default_workers() -> int:
     return max(1, min(8, cores))
 
 
-def prepare(path: Path, preprocess: Callable, draft_size: int | None) -> "torch.Tensor":
-    """Decode one file and turn it into the model's input tensor (raises DecodeError)."""
+def prepare(path: Path, embedder: "Embedder", draft_size: int | None) -> tuple[Any, float, float]:
+    """Decode one file into the model's input; returns (input, decode s, prepare s)."""
+    t0 = time.perf_counter()
     image = load_image(path, draft_size=draft_size)
+    t1 = time.perf_counter()
     try:
-        return preprocess(image)
+        return embedder.prepare(image), t1 - t0, time.perf_counter() - t1
     except Exception as exc:  # a transform failing on a strange image is a decode failure
         raise DecodeError(f"preprocessing failed: {exc}") from exc
 
 
 def embed_paths(embedder: "Embedder", paths: Sequence[Path], *, batch_size: int = 32,
-                workers: int = 0, draft: bool = True) -> Iterator[Batch]:
+                workers: int = 0, draft: bool = True,
+                times: StageTimes | None = None) -> Iterator[Batch]:
     """Yield :class:`Batch` es covering ``paths`` in order; undecodable files go to ``failed``."""
-    import torch
-
     draft_size = embedder.image_size if draft else None
     workers = workers or default_workers()
     with ThreadPoolExecutor(workers, thread_name_prefix="mmsearch-decode") as pool:
-        tensors = _prefetch(pool, paths, lambda p: prepare(p, embedder.preprocess, draft_size),
+        tensors = _prefetch(pool, paths, lambda p: prepare(p, embedder, draft_size),
                             ahead=max(2 * batch_size, 4 * workers))
+        times = times if times is not None else StageTimes()
         for chunk in _batches(tensors, batch_size):
             ok = [(p, t) for p, t in chunk if not isinstance(t, str)]
             failed = [(p, t) for p, t in chunk if isinstance(t, str)]
+            t0 = time.perf_counter()
             if ok:
-                vectors = embedder.encode_images(torch.stack([t for _, t in ok]))
+                vectors = embedder.encode_images(embedder.collate([t[0] for _, t in ok]))
             else:
                 vectors = np.zeros((0, 0), np.float32)
+            times.model += time.perf_counter() - t0
+            times.decode += sum(t[1] for _, t in ok)
+            times.prepare += sum(t[2] for _, t in ok)
+            times.images += len(ok)
             yield Batch([p for p, _ in ok], vectors, failed)
 
 

@@ -195,7 +195,7 @@ class Engine:
         if not isinstance(image, Image.Image):
             image = load_image(Path(image).expanduser(),
                                draft_size=emb.image_size if self.settings.draft else None)
-        return emb.encode_images(emb.preprocess(to_rgb(image))[None])
+        return emb.encode_images(emb.collate([emb.prepare(to_rgb(image))]))
 
     def _query_vector(self, text: str | None, image: "ImageQuery | None") -> np.ndarray:
         if (text is None) == (image is None):
