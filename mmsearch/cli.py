@@ -239,6 +239,11 @@ def check(repair: Annotated[bool, typer.Option(help="Fix what can be fixed: rebu
         raise typer.Exit(1)
 
 
+from mmsearch.cli_eval import eval_command  # noqa: E402  (light: heavy imports run inside)
+
+app.command("eval")(eval_command)
+
+
 def main() -> None:
     app(prog_name="mmsearch")
 

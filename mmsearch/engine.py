@@ -69,6 +69,7 @@ class Engine:
         stored = self.store.model
         self.identity = check_loaded(stored, asked) if stored else (asked or identify(None, None))
         self._embedder: Embedder | None = None
+        self._text_embedder: Embedder | None = None
 
     @classmethod
     def open(cls, index: str = "default", *, home: str | Path | None = None,
@@ -93,6 +94,16 @@ class Engine:
         if self._embedder is None:
             self._embedder = load_embedder(self.identity, self.settings.device)
         return self._embedder
+
+    @property
+    def text_embedder(self) -> Embedder:
+        """The model for text queries: the full one if loaded, else the text tower alone."""
+        if self._embedder is not None:
+            return self._embedder
+        if self._text_embedder is None:
+            self._text_embedder = load_embedder(self.identity, self.settings.device,
+                                                image_tower=False)
+        return self._text_embedder
 
     def _ensure_model_recorded(self) -> None:
         if self.store.model is None:
@@ -157,7 +168,8 @@ class Engine:
         with _Writing(self.store):
             self._ensure_model_recorded()
             stored = self.store.catalog.text_keys()
-            fresh = [(k, t) for k, t in pairs if (k, t) not in stored]
+            # similar lengths batch together, so little of each batch is padding
+            fresh = sorted(((k, t) for k, t in pairs if (k, t) not in stored), key=lambda p: len(p[1]))
             rows = []
             for i in range(0, len(fresh), 256):
                 chunk = fresh[i:i + 256]
@@ -186,7 +198,7 @@ class Engine:
         return search_texts(self.store, query, k)[0]
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self.embedder.encode_texts([check_text_query(t) for t in texts])
+        return self.text_embedder.encode_texts([check_text_query(t) for t in texts])
 
     def embed_image(self, image: "ImageQuery") -> np.ndarray:
         from PIL import Image

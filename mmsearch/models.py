@@ -135,11 +135,12 @@ class Embedder:
         self.preprocess: Callable[["Image.Image"], "torch.Tensor"] = preprocess
         self._tokenizer = tokenizer
         self._text_cache: OrderedDict[str, "np.ndarray"] = OrderedDict()
-        cfg = open_clip.get_model_preprocess_cfg(model)
+        self.has_image_tower = preprocess is not None
+        cfg = open_clip.get_model_preprocess_cfg(model) if self.has_image_tower else {}
         size = cfg.get("size", 224)
         self.image_size: int = int(size if isinstance(size, int) else min(size))
         self.preprocess_cfg: dict[str, Any] = {k: v for k, v in cfg.items()}
-        self._pil_stage, self._norm = _split_preprocess(preprocess)
+        self._pil_stage, self._norm = _split_preprocess(preprocess) if preprocess else (None, None)
 
     def prepare(self, image: "Image.Image") -> "np.ndarray | torch.Tensor":
         """One RGB image -> model input: a uint8 HxWx3 array when the tensor steps can be
@@ -257,8 +258,14 @@ def encode_text_trimmed(model: Any, tokens: "torch.Tensor") -> "torch.Tensor":
     return x @ model.text_projection if model.text_projection is not None else x
 
 
-def load_embedder(identity: ModelIdentity, device: str = "auto") -> Embedder:
-    """Build the open_clip model for ``identity`` (downloading a tagged checkpoint once)."""
+def load_embedder(identity: ModelIdentity, device: str = "auto", *,
+                  image_tower: bool = True) -> Embedder:
+    """Build the open_clip model for ``identity`` (downloading a tagged checkpoint once).
+
+    ``image_tower=False`` builds only what text queries need when it can: the
+    model skeleton on the meta device (no random initialisation) and the text
+    weights from the checkpoint, about half the weights and a fraction of the time.
+    """
     import open_clip
 
     if identity.config_path:
@@ -270,7 +277,8 @@ def load_embedder(identity: ModelIdentity, device: str = "auto") -> Embedder:
                          "(see `python -c 'import open_clip; print(open_clip.list_models())'`)")
     dev = pick_device(device)
     pretrained = None if identity.pretrained == NO_WEIGHTS else identity.pretrained
-    model, preprocess = _create(identity, pretrained, dev)
+    text_only = None if image_tower or pretrained is None else _create_text_only(identity, dev)
+    model, preprocess = (text_only, None) if text_only is not None else _create(identity, pretrained, dev)
     model.eval()
     tokenizer = open_clip.get_tokenizer(identity.arch)
     return Embedder(identity, model, preprocess, tokenizer, dev)
@@ -278,12 +286,15 @@ def load_embedder(identity: ModelIdentity, device: str = "auto") -> Embedder:
 
 def _create(identity: ModelIdentity, pretrained: str | None, device: str) -> tuple[Any, Callable]:
     import open_clip
+    import torch
 
     if pretrained and identity.fingerprint.startswith("tag:"):
         tags = open_clip.list_pretrained_tags_by_model(identity.arch)
         if pretrained not in tags:
             raise ModelError(f"{identity.arch} has no pretrained tag {pretrained!r}; "
                              f"known tags: {', '.join(tags) or 'none'}; or pass a checkpoint file")
+    if pretrained is None:
+        torch.manual_seed(0)  # random weights, but the same ones in every process
     try:
         with _quiet_open_clip():
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -296,6 +307,41 @@ def _create(identity: ModelIdentity, pretrained: str | None, device: str) -> tup
                 "or pass --pretrained /path/to/checkpoint.pt") from exc
         raise ModelError(f"could not load {identity.describe()}: {exc}") from exc
     return model, preprocess
+
+
+def _create_text_only(identity: ModelIdentity, device: str) -> Any:
+    """open_clip's ``CLIP`` with text weights only, or None where that does not apply."""
+    import open_clip
+    import torch
+    from open_clip.model import CLIP
+
+    if identity.fingerprint.startswith("tag:"):
+        cfg = open_clip.get_pretrained_cfg(identity.arch, identity.pretrained)
+        if not cfg or identity.pretrained == "openai":  # OpenAI's are TorchScript archives
+            return None
+        try:
+            path = open_clip.download_pretrained(cfg)
+        except Exception:
+            return None  # the full path reports the download error
+    else:
+        path = identity.pretrained
+    with torch.device("meta"), _quiet_open_clip():
+        model = open_clip.create_model(identity.arch, device="meta")
+    if not isinstance(model, CLIP) or model.attn_mask is None:
+        return None
+    try:
+        weights = open_clip.factory.load_state_dict(path)
+    except Exception as exc:
+        raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
+    text = {k: v for k, v in weights.items() if not k.startswith("visual.")}
+    model.visual = None
+    try:
+        model.load_state_dict(text, strict=True, assign=True)
+    except RuntimeError:
+        return None  # an unusual checkpoint layout: let open_clip's own loader handle it
+    length = model.positional_embedding.shape[0]
+    model.attn_mask = torch.full((length, length), float("-inf")).triu_(1)
+    return model.to(device)
 
 
 @contextlib.contextmanager

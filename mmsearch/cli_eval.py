@@ -1,0 +1,139 @@
+"""`mmsearch eval`: retrieval recall of the engine on a Karpathy-format benchmark.
+
+Registered in :mod:`mmsearch.cli` with ``app.command("eval")(eval_command)``.
+This module does not import :mod:`mmsearch.cli` at import time (cli.py imports
+this one to register the command), so the option types are declared here and
+:func:`mmsearch.cli.handle_errors` is looked up when the command runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+
+import typer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmsearch.datasets import RetrievalDataset
+    from mmsearch.evaluate import EvalResult
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """:func:`mmsearch.cli.handle_errors`, imported when the command is called."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mmsearch.cli import handle_errors as handle
+
+        return handle(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+@handle_errors
+def eval_command(
+    karpathy_json: Annotated[Path, typer.Option(
+        "--karpathy-json", help="Captions and splits in Karpathy's format "
+        "(dataset_coco.json, dataset_flickr30k.json...).")],
+    images: Annotated[Path, typer.Option(
+        "--images", help="Folder the JSON's image paths are relative to.")],
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", "-d", help="coco, flickr30k, flickr8k (sizes checked against the standard "
+        "split) or any name (default: the JSON's 'dataset' value).")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate: test, val, train...")] = "test",
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="open_clip architecture name or model-config JSON "
+        "(default ViT-B-32).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(
+        "--pretrained", "-p", help="open_clip pretrained tag, a local checkpoint file, or 'none' "
+        "(random weights: timings only); default laion2b_s34b_b79k.")] = None,
+    index_type: Annotated[str, typer.Option(
+        help="Image index searched: flat, hnsw, ivf, ivfpq or a FAISS factory string; an "
+        "approximate one is also compared with exact search.")] = "flat",
+    home: Annotated[Optional[Path], typer.Option(
+        help="Data directory for the (reused) evaluation index (env MMSEARCH_HOME).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 32,
+    workers: Annotated[int, typer.Option(help="Decode threads (0 = auto).")] = 0,
+    draft: Annotated[bool, typer.Option(help="Fast reduced-size JPEG decoding, as `mmsearch "
+                                        "index` does (--no-draft: decode in full).")] = True,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="Also write the results to this JSON file.")] = None,
+) -> None:
+    """Text->image and image->text Recall@1/5/10 of the engine on a benchmark split.
+
+    Images go through the same ingest pipeline as `mmsearch index`, into an index
+    named after the dataset and model under --home; a second run reuses it, so
+    --index-type can be compared without embedding again.
+    """
+    from mmsearch.datasets import load_karpathy
+    from mmsearch.evaluate import evaluate
+    from mmsearch.progress import ProgressBar
+    from mmsearch.settings import resolve
+
+    settings = resolve(home=home, model=model, pretrained=pretrained, device=device,
+                       batch_size=batch_size, workers=workers, draft=draft)
+    data = load_karpathy(karpathy_json, images, split=split, name=dataset)
+    for warning in _expected_size_warnings(data, dataset):
+        typer.echo(f"mmsearch: warning: {warning}", err=True)
+    with ProgressBar() as bar:
+        result = evaluate(data, settings=settings, index_type=index_type, progress=bar.update)
+    typer.echo(format_table(result))
+    if json_out is not None:
+        _write_json(json_out, result.to_dict())
+        typer.echo(f"wrote {json_out}")
+
+
+def _expected_size_warnings(data: "RetrievalDataset", name: str | None) -> list[str]:
+    """Differences from the published split size, when ``name`` is a known benchmark."""
+    from mmsearch.datasets import check_expected, resolve_known
+    from mmsearch.errors import UsageError
+
+    if name is None:
+        return []
+    try:
+        resolve_known(name)
+    except UsageError:
+        return []  # any other dataset in the same format: nothing to compare with
+    return check_expected(data, name)
+
+
+def format_table(r: "EvalResult") -> str:
+    """The human-readable report of one evaluation."""
+    ks = list(r.t2i)
+    head = "".join(f"{'R@' + str(k):>8}" for k in ks)
+    lines = [
+        f"dataset     {r.dataset} / {r.split}: {r.n_images} images, {r.n_captions} captions",
+        f"model       {r.model['description']} on {r.device}"
+        f"{'' if r.draft else ' (full JPEG decoding)'}",
+        f"index       {r.index_type}  ({r.index_name})",
+        "",
+        f"{'':<14}{head}",
+        f"{'text->image':<14}" + "".join(f"{r.t2i[k]:8.2f}" for k in ks),
+        f"{'image->text':<14}" + "".join(f"{r.i2t[k]:8.2f}" for k in ks),
+        f"rsum {r.rsum:.2f}   mean recall {r.mean_recall:.2f}",
+    ]
+    if r.approx_overlap is not None:
+        lines.append(f"approximate vs exact top-10 (recall@10): {r.approx_overlap:.4f}")
+    lines.append("")
+    if r.embedded:
+        lines.append(f"embedding   {r.embedded} images in {r.embed_seconds:.1f} s "
+                     f"({r.images_per_second:.1f} images/s)")
+    else:
+        lines.append(f"embedding   none: all {r.n_images} images cached "
+                     f"(checked in {r.embed_seconds:.1f} s)")
+    lines.append(f"captions    {r.texts_embedded} embedded in {r.text_seconds:.1f} s; "
+                 f"search {r.search_seconds:.2f} s; wall time {r.eval_seconds:.1f} s")
+    lines += [f"note        {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from mmsearch.errors import StorageError
+
+    try:
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc

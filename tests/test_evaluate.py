@@ -1,0 +1,347 @@
+"""Tests for mmsearch.evaluate and `mmsearch eval`: reference agreement, cache, errors.
+
+The model is a tiny open_clip config (tests/tinyclip.py) with random weights
+saved once as a checkpoint file, so the engine and the reference load the very
+same weights. The photos are real Flickr8k JPEGs from ../shared (skipped when
+absent); the error tests need no photos and no model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from mmsearch.cli_eval import eval_command
+from mmsearch.datasets import RetrievalDataset, load_karpathy
+from mmsearch.errors import DatasetError
+from mmsearch.evaluate import EvalResult, _positions, eval_index_name, evaluate
+from mmsearch.metrics import DEFAULT_KS, recalls_from_similarity
+from mmsearch.models import identify
+from mmsearch.settings import Settings, resolve
+
+from tinyclip import write_config
+
+FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k-1k"
+FLICKR_JSON = FLICKR / "dataset_flickr8k_1k.json"
+N_TEST, N_TRAIN = 30, 3
+MODEL_STEM = "tiny-eval-random"
+
+
+def _needs_photos() -> None:
+    if not FLICKR_JSON.is_file():
+        pytest.skip(f"shared Flickr8k sample not found at {FLICKR} (see ../shared/README.md)")
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(config JSON, checkpoint) of a tiny CLIP with fixed random weights."""
+    import open_clip
+    import torch
+
+    folder = tmp_path_factory.mktemp("model")
+    config = write_config(folder / f"{MODEL_STEM}.json")
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model(MODEL_STEM, pretrained=None)
+    # open_clip's own init makes a tiny image tower map every photo to nearly the
+    # same vector (cosine ~0.99998, so rankings are decided by 1e-7 noise); weights
+    # drawn with variance 1/fan-in spread the photos out (cosine ~0.94).
+    with torch.no_grad():
+        for weight in model.visual.parameters():
+            if weight.dim() >= 2:
+                weight.normal_(0.0, weight[0].numel() ** -0.5)
+    checkpoint = folder / f"{MODEL_STEM}.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    return config, checkpoint
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Karpathy JSON over 30 real photos (split test) plus 3 train ones to be ignored."""
+    _needs_photos()
+    entries = json.loads(FLICKR_JSON.read_text())["images"][: N_TEST + N_TRAIN]
+    for i, entry in enumerate(entries):
+        entry["split"] = "test" if i < N_TEST else "train"
+    path = tmp_path_factory.mktemp("data") / "dataset_sample.json"
+    path.write_text(json.dumps({"dataset": "flickr8k", "images": entries}))
+    return path
+
+
+def _settings(home: Path, random_model: tuple[Path, Path]) -> Settings:
+    config, checkpoint = random_model
+    return resolve(home=home, model=str(config), pretrained=str(checkpoint), device="cpu",
+                   draft=False, batch_size=8, workers=1)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory, random_model: tuple[Path, Path],
+              sample: Path) -> tuple[RetrievalDataset, Settings, EvalResult]:
+    dataset = load_karpathy(sample, FLICKR / "images")
+    settings = _settings(tmp_path_factory.mktemp("home"), random_model)
+    return dataset, settings, evaluate(dataset, settings=settings)
+
+
+# --------------------------------------------------------------------------- #
+# (a) Agreement with plain open_clip + numpy
+# --------------------------------------------------------------------------- #
+
+
+def _reference_embeddings(dataset: RetrievalDataset,
+                          random_model: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(caption vectors, image vectors), L2-normalised, by open_clip as its README shows."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    config, checkpoint = random_model
+    open_clip.add_model_config(config)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        MODEL_STEM, pretrained=str(checkpoint))
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(MODEL_STEM)
+    images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in dataset.image_paths])
+    with torch.no_grad():
+        image_vecs = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        text_vecs = torch.nn.functional.normalize(model.encode_text(tokenizer(dataset.captions)),
+                                                  dim=-1)
+    return text_vecs.numpy(), image_vecs.numpy()
+
+
+def _better_counts(sim: np.ndarray, owners: np.ndarray, tol: float):
+    """Per query and direction: foreign items surely better (> own + tol), possibly (>= own - tol).
+
+    A query is a hit at K exactly when fewer than K foreign items score above its
+    relevant one; with both counts below K (or both not) the hit cannot flip
+    when any score moves by ``tol``.
+    """
+    rows = np.arange(len(owners))
+    own = sim[rows, owners]
+    other = sim.copy()
+    other[rows, owners] = -np.inf
+    t2i = ((other > own[:, None] + tol).sum(1), (other >= own[:, None] - tol).sum(1))
+    mine = owners[None, :] == np.arange(sim.shape[1])[:, None]  # (images, captions)
+    best = np.where(mine, sim.T, -np.inf).max(1)
+    foreign = np.where(mine, -np.inf, sim.T)
+    i2t = ((foreign > best[:, None] + tol).sum(1), (foreign >= best[:, None] - tol).sum(1))
+    return t2i, i2t
+
+
+def test_recalls_match_plain_open_clip(first_run, random_model) -> None:
+    dataset, settings, result = first_run
+    text_vecs, image_vecs = _reference_embeddings(dataset, random_model)
+    sim = text_vecs @ image_vecs.T
+    ref_t2i, ref_i2t = recalls_from_similarity(sim, dataset.caption_image)
+
+    # The engine stored the same vectors (same decoding, preprocessing, weights)...
+    from mmsearch.engine import Engine
+
+    with Engine(settings.with_(index=result.index_name)) as engine:
+        catalog = engine.store.catalog
+        ids = {path: i for i, path in catalog.all_image_paths()}
+        order = [ids[str(p.resolve())] for p in dataset.image_paths]
+        got_ids, got = catalog.image_vectors(engine.store.dim, order)
+        image_diff = got[np.searchsorted(got_ids, order)] - image_vecs
+        keys = {key: i for i, (key, _) in catalog.texts_by_id(
+            int(i) for i in catalog.all_text_ids()).items()}
+        order = [keys[str(c)] for c in range(dataset.n_captions)]
+        got_ids, got = catalog.text_vectors(engine.store.dim, order)
+        text_diff = got[np.searchsorted(got_ids, order)] - text_vecs
+    drift = np.linalg.norm(image_diff, axis=1).max() + np.linalg.norm(text_diff, axis=1).max()
+    assert drift < 1e-4
+
+    # ...so each engine score is within `tol` of numpy's (|dt| + |di| for unit vectors,
+    # plus float32 rounding in FAISS's matrix product). A hit whose relevant score has
+    # no rival within `tol` across the cut-off is the same in both; the others are
+    # only bounded. With these weights every recall is decided: a plain equality.
+    tol = drift + 1e-5
+    t2i_counts, i2t_counts = _better_counts(sim, dataset.caption_image, tol)
+    undecided = []
+    for direction, (sure, maybe), got, ref in (("t2i", t2i_counts, result.t2i, ref_t2i),
+                                               ("i2t", i2t_counts, result.i2t, ref_i2t)):
+        for k in DEFAULT_KS:
+            low, high = 100 * np.mean(maybe < k), 100 * np.mean(sure < k)
+            assert low - 1e-9 <= ref[k] <= high + 1e-9
+            if np.isclose(low, high):
+                assert got[k] == ref[k], (direction, k)
+            else:
+                assert low - 1e-9 <= got[k] <= high + 1e-9, (direction, k)
+                undecided.append((direction, k))
+    assert len(undecided) <= 1, f"near-ties decide {undecided}: the test weights lost their spread"
+    assert result.n_images == N_TEST and result.n_captions == 5 * N_TEST
+    assert result.rsum == pytest.approx(sum(ref_t2i.values()) + sum(ref_i2t.values()))
+    assert result.mean_recall == pytest.approx(result.rsum / 6)
+
+
+def test_result_describes_the_run(first_run) -> None:
+    dataset, settings, result = first_run
+    assert result.embedded == N_TEST and result.texts_embedded == 5 * N_TEST
+    assert result.images_per_second > 0 and result.eval_seconds >= result.embed_seconds
+    assert result.index_type == "Flat" and result.approx_overlap is None
+    assert result.model["arch"] == MODEL_STEM and result.device == "cpu"
+    assert result.index_name == eval_index_name(
+        "flickr8k", "test", identify(settings.model, settings.pretrained), draft=False)
+    assert result.index_name.startswith("eval-flickr8k-test-tiny-eval-random-")
+    data = json.loads(json.dumps(result.to_dict()))
+    assert set(data["t2i"]) == {"R@1", "R@5", "R@10"} and data["cached"] is False
+
+
+def test_index_name_changes_with_weights_and_decoding() -> None:
+    a = identify("ViT-B-32", "laion2b_s34b_b79k")
+    b = identify("ViT-B-32", "openai")
+    names = {eval_index_name("coco", "test", a, True), eval_index_name("coco", "test", b, True),
+             eval_index_name("coco", "test", a, False),
+             eval_index_name("coco/x y", "test", a, True)}
+    assert len(names) == 4
+    long = eval_index_name("d" * 80, "s" * 80, a, True)
+    assert len(long) <= 64 and all(c.isalnum() or c in "._-" for c in long)
+
+
+# --------------------------------------------------------------------------- #
+# (b) The cached index
+# --------------------------------------------------------------------------- #
+
+
+def test_second_run_reuses_the_index(first_run) -> None:
+    dataset, settings, first = first_run
+    again = evaluate(dataset, settings=settings)
+    assert again.index_name == first.index_name
+    assert again.embedded == 0 and again.texts_embedded == 0 and again.cached
+    assert again.t2i == first.t2i and again.i2t == first.i2t
+    assert any("cached" in note for note in again.notes)
+
+
+def test_approximate_index_on_the_cache(first_run) -> None:
+    from mmsearch.engine import Engine
+
+    dataset, settings, first = first_run
+    approx = evaluate(dataset, settings=settings, index_type="hnsw")
+    assert approx.embedded == 0 and approx.index_type.startswith("HNSW")
+    assert approx.approx_overlap is not None and 0.0 <= approx.approx_overlap <= 1.0
+    with Engine(settings.with_(index=first.index_name)) as engine:
+        info = engine.info()
+        assert info.image_index == "Flat" and engine.store.vectors("images").is_exact
+        assert info.images == N_TEST  # the train entries were never indexed
+
+
+def test_untrainable_index_type_is_reported_as_exact(first_run) -> None:
+    """IVF-PQ needs 256 training vectors per codebook; the engine falls back to Flat."""
+    dataset, settings, first = first_run
+    result = evaluate(dataset, settings=settings, index_type="ivfpq")
+    assert result.index_type == "Flat" and result.approx_overlap is None
+    assert any("'ivfpq' could not be built" in note for note in result.notes)
+    assert result.t2i == first.t2i and result.i2t == first.i2t
+
+
+def test_duplicate_and_symlinked_photos(tmp_path: Path, random_model) -> None:
+    """Symlinked photos plus the same bytes under another name: embedded once, each
+    name still its own image, and a second run finds them all in the cache."""
+    _needs_photos()
+    entries = json.loads(FLICKR_JSON.read_text())["images"][:2]
+    root = tmp_path / "images"
+    root.mkdir()
+    for entry in entries:
+        (root / entry["filename"]).symlink_to(FLICKR / "images" / entry["filename"])
+    copy = dict(entries[0], filename="copy-of-first.jpg",
+                sentences=[{"raw": f"copy caption {j}"} for j in range(5)])
+    shutil.copy(FLICKR / "images" / entries[0]["filename"], root / copy["filename"])
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps({"images": [*entries, copy]}))
+    dataset = load_karpathy(path, root)
+    settings = _settings(tmp_path / "home", random_model)
+    ks = (1, 3, dataset.n_captions)
+    result = evaluate(dataset, settings=settings, ks=ks)
+    assert result.embedded == 2 and result.n_images == 3
+    # A wrong id -> image mapping (both copies as one image) would miss at K = everything.
+    assert result.t2i[3] == 100.0 and result.i2t[dataset.n_captions] == 100.0
+    again = evaluate(dataset, settings=settings, ks=ks)
+    assert again.embedded == 0 and again.t2i == result.t2i and again.i2t == result.i2t
+
+
+def test_undecodable_image_is_a_dataset_error(tmp_path: Path, random_model) -> None:
+    _needs_photos()
+    entry = json.loads(FLICKR_JSON.read_text())["images"][0]
+    root = tmp_path / "images"
+    root.mkdir()
+    shutil.copy(FLICKR / "images" / entry["filename"], root / entry["filename"])
+    (root / "broken.jpg").write_bytes(b"not a jpeg at all")
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps({"images": [entry, dict(entry, filename="broken.jpg")]}))
+    with pytest.raises(DatasetError, match=r"1 of 2 images could not be indexed; first: .*broken"):
+        evaluate(load_karpathy(path, root), settings=_settings(tmp_path / "home", random_model))
+
+
+def test_positions_maps_catalog_ids_to_dataset_order() -> None:
+    ids = np.array([30, 10, 20])  # dataset image i has catalog id ids[i]
+    found = np.array([[20, 30, -1], [99, 10, 20]])
+    assert _positions(found, ids).tolist() == [[2, 0, -1], [-1, 1, 2]]
+
+
+# --------------------------------------------------------------------------- #
+# (c) The command line
+# --------------------------------------------------------------------------- #
+
+
+def _invoke(*args: str):
+    app = typer.Typer()
+    app.command("eval")(eval_command)
+    app.command("other")(lambda: None)  # two commands: "eval" stays a subcommand
+    return CliRunner().invoke(app, ["eval", *args])
+
+
+def _write(tmp_path: Path, text: str) -> tuple[str, str]:
+    path = tmp_path / "dataset.json"
+    path.write_text(text)
+    (tmp_path / "images").mkdir(exist_ok=True)
+    return str(path), str(tmp_path / "images")
+
+
+def _entry(filename: str, split: str = "test") -> dict:
+    return {"filename": filename, "split": split,
+            "sentences": [{"raw": f"caption {j} of {filename}"} for j in range(5)]}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"images": [_entry("gone.jpg")]}), "image files missing"),
+    (json.dumps({"images": [_entry("a.jpg", "train")]}), "no images in split 'test'"),
+    (json.dumps([1, 2]), "top level must be a JSON object"),
+])
+def test_dataset_errors_are_one_line(tmp_path: Path, content: str, message: str) -> None:
+    json_path, images = _write(tmp_path, content)
+    (tmp_path / "images" / "a.jpg").touch()
+    result = _invoke("--karpathy-json", json_path, "--images", images,
+                     "--home", str(tmp_path / "home"))
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmsearch: ") and message in lines[0]
+    assert not (tmp_path / "home").exists()  # nothing opened before the data was checked
+
+
+def test_missing_json_file(tmp_path: Path) -> None:
+    result = _invoke("--karpathy-json", str(tmp_path / "nope.json"), "--images", str(tmp_path))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"mmsearch: dataset file not found: {tmp_path / 'nope.json'}"]
+
+
+def test_cli_prints_table_warnings_and_json(first_run, sample, random_model, tmp_path) -> None:
+    _, settings, first = first_run
+    config, checkpoint = random_model
+    out = tmp_path / "out.json"
+    common = ["--karpathy-json", str(sample), "--images", str(FLICKR / "images"),
+              "--model", str(config), "--pretrained", str(checkpoint), "--no-draft",
+              "--home", str(settings.home), "--device", "cpu", "--workers", "1"]
+    result = _invoke("--dataset", "flickr8k", "--index-type", "ivf", "--json", str(out), *common)
+    assert result.exit_code == 0, result.output
+    assert "text->image" in result.stdout and "image->text" in result.stdout
+    assert "approximate vs exact" in result.stdout and "all 30 images cached" in result.stdout
+    assert "warning: flickr8k" in result.stderr  # 30 images, not the 1,000 of the benchmark
+    data = json.loads(out.read_text())
+    assert data["index_name"] == first.index_name and data["index_type"].startswith("IVF")
+    assert 0.0 <= data["approx_overlap"] <= 1.0 and data["n_images"] == N_TEST
