@@ -19,7 +19,7 @@ FLICKR = SHARED / "data" / "flickr8k-1k"
 def tiny_model(request: pytest.FixtureRequest) -> tuple[Path, Path]:
     """(config JSON, checkpoint) of the tiny CLIP; trained once, cached in .pytest_cache."""
     out = Path(request.config.cache.mkdir("tinyclip"))
-    return tinyclip.train_tiny_clip(out, seconds=30.0)
+    return tinyclip.train_tiny_clip(out)
 
 
 @pytest.fixture(scope="session")
