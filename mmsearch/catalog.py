@@ -7,24 +7,34 @@ moved files are embedded once), ``texts`` (indexed texts with their vectors) and
 ``meta`` (schema version, model identity). The FAISS file is a derived cache
 that can always be rebuilt from here.
 
+Ids are never reused (the highest one given out is kept in ``meta``), so an id
+names one vector for ever: a FAISS file left behind by a crash is stale only in
+which ids it holds, never in what an id means. Every SQLite failure leaves this
+module typed: :class:`CorruptIndexError` for a damaged file (checked before
+SQLite opens it: header, truncation), :class:`StorageError` for the rest.
+
 Schema changes go in ``_MIGRATIONS``: bump ``SCHEMA_VERSION`` and add a step.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (ForeignKey, bindparam, Integer, LargeBinary, String, Text, create_engine, delete,
                         event, func, insert, select, text, update)
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from mmsearch.errors import CorruptIndexError, StorageError
+from mmsearch.errors import CorruptIndexError, MMSearchError, StorageError
 
 SCHEMA_VERSION = 1
 
@@ -88,6 +98,43 @@ def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
     cur.close()
 
 
+def _engine(path: Path, *, immutable: bool = False) -> Engine:
+    if immutable:
+        uri = f"file:{quote(str(path))}?immutable=1"
+        engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(
+            uri, uri=True, check_same_thread=False))
+    else:
+        engine = create_engine(f"sqlite:///{path}")
+    event.listen(engine, "connect", _on_connect)
+    return engine
+
+
+def _frozen(path: Path) -> bool:
+    """Whether the catalog's file system cannot be written (read-only, or full) and no
+    committed data waits in the write-ahead log, so that reading the file alone is safe."""
+    try:
+        if path.with_name(path.name + "-wal").stat().st_size > 0:
+            return False
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return fs_hint(path) != ""
+
+
+def fs_hint(path: Path) -> str:
+    """`` (read-only file system)`` or `` (the disk is full)`` when so, else empty."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return ""
+    if st.f_flag & os.ST_RDONLY:
+        return " (read-only file system)"
+    if st.f_bavail * st.f_frsize < (1 << 20):
+        return " (the disk is full)"
+    return ""
+
+
 def to_blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
@@ -99,37 +146,75 @@ def from_blobs(blobs: Iterable[bytes], dim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.float32).reshape(-1, dim).copy()
 
 
-class Catalog:
-    """One SQLite file. Methods that write run in one transaction each."""
+class EmptyCatalogError(CorruptIndexError):
+    """The catalog file exists but holds no schema: nothing was ever committed to it."""
 
-    def __init__(self, path: Path, *, create: bool) -> None:
+
+class Catalog:
+    """One SQLite file. Methods that write run in one transaction each.
+
+    Every SQLite failure leaves this class as a typed error: a damaged file as
+    :class:`CorruptIndexError`, anything else (disk full, read-only, I/O) as
+    :class:`StorageError`. ``require_schema`` refuses (with
+    :class:`EmptyCatalogError`) a file that was never initialised instead of
+    creating the tables in it: readers pass it, so they never write a schema.
+    """
+
+    def __init__(self, path: Path, *, create: bool, require_schema: bool = False) -> None:
         if not create and not path.is_file():
             raise CorruptIndexError(f"catalog missing: {path}")
         self.path = path
-        self._engine: Engine = create_engine(f"sqlite:///{path}")
-        event.listen(self._engine, "connect", _on_connect)
+        check_sqlite_file(path)
+        self._engine: Engine = _engine(path)
         try:
-            self._upgrade()
-        except DatabaseError as exc:
+            try:
+                self._upgrade(require_schema)
+            except DBAPIError as exc:
+                if create or not _frozen(path) or isinstance(_translate(exc, "", path),
+                                                            CorruptIndexError):
+                    raise
+                # a reader on a read-only or full file system, where SQLite cannot create the
+                # WAL index (-shm): nobody can be writing, so read the file as it is
+                self._engine.dispose()
+                self._engine = _engine(path, immutable=True)
+                self._upgrade(require_schema)
+        except (DBAPIError, UnicodeDecodeError) as exc:
             self._engine.dispose()
-            raise CorruptIndexError(f"catalog {path} is not a readable SQLite database: "
-                                    f"{exc.orig}") from exc
+            error = _translate(exc, "open", path)
+            if isinstance(error, CorruptIndexError):
+                error = CorruptIndexError(f"catalog {path} is not a readable SQLite database: "
+                                          f"{getattr(exc, 'orig', exc)}")
+            raise error from exc
+        except MMSearchError:
+            self._engine.dispose()
+            raise
 
     def close(self) -> None:
         self._engine.dispose()
 
     # -- schema --------------------------------------------------------------
-    def _upgrade(self) -> None:
-        with self._engine.begin() as conn:
-            version = self._version(conn)
-            if version > SCHEMA_VERSION:
-                raise CorruptIndexError(
-                    f"catalog {self.path} has schema v{version}; this mmsearch reads up to "
-                    f"v{SCHEMA_VERSION}: upgrade mmsearch")
-            while version < SCHEMA_VERSION:
-                _MIGRATIONS[version](conn)
-                version += 1
-                self._put_meta(conn, "schema_version", str(version))
+    def _upgrade(self, require_schema: bool) -> None:
+        for attempt in range(100):
+            try:
+                with self._engine.begin() as conn:
+                    version = self._version(conn)
+                    if version > SCHEMA_VERSION:
+                        raise CorruptIndexError(
+                            f"catalog {self.path} has schema v{version}; this mmsearch reads up to "
+                            f"v{SCHEMA_VERSION}: upgrade mmsearch")
+                    if version == 0 and require_schema:
+                        raise EmptyCatalogError(f"catalog {self.path} holds no index yet")
+                    while version < SCHEMA_VERSION:
+                        _MIGRATIONS[version](conn)
+                        version += 1
+                        self._put_meta(conn, "schema_version", str(version))
+                return
+            except OperationalError as exc:
+                # Two processes creating the same new index: the loser's snapshot is stale
+                # (SQLITE_BUSY_SNAPSHOT) or the lock is held; look again once it has committed.
+                if _primary_code(exc) not in (_SQLITE_BUSY, _SQLITE_LOCKED) or attempt == 99:
+                    raise
+                time.sleep(0.05)
 
     @staticmethod
     def _version(conn: Connection) -> int:
@@ -138,11 +223,15 @@ class Catalog:
         if not has_meta:
             return 0
         row = conn.execute(select(MetaRow.value).where(MetaRow.key == "schema_version")).first()
-        return int(row[0]) if row else 0
+        try:
+            return int(row[0]) if row else 0
+        except (ValueError, TypeError):
+            raise CorruptIndexError(f"catalog has an unreadable schema version {row[0]!r}; "
+                                    "see `mmsearch check`") from None
 
     @property
     def schema_version(self) -> int:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return self._version(conn)
 
     # -- meta ----------------------------------------------------------------
@@ -152,44 +241,74 @@ class Catalog:
         conn.execute(insert(MetaRow).values(key=key, value=value))
 
     def get_meta(self, key: str) -> str | None:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(select(MetaRow.value).where(MetaRow.key == key)).first()
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
+        self.set_metas({key: value})
+
+    def set_metas(self, values: dict[str, str]) -> None:
+        """Several meta keys in one transaction (all or none survive a crash)."""
         with self._write() as conn:
-            self._put_meta(conn, key, value)
+            for key, value in values.items():
+                self._put_meta(conn, key, value)
 
     # -- transactions ----------------------------------------------------------
-    def _write(self):
-        return _WriteTxn(self._engine)
+    def _write(self) -> "_WriteTxn":
+        return _WriteTxn(self._engine, self.path)
+
+    def _read(self) -> "_ReadConn":
+        return _ReadConn(self._engine, self.path)
+
+    @staticmethod
+    def _last_id(conn: Connection, table, key: str) -> int:
+        """The highest id ever given out in ``table`` (ids are never reused).
+
+        A FAISS file saved before a crash may still hold a deleted id; were the id
+        given to a new row, that stale vector would pass for the new row's.
+        """
+        top = int(conn.execute(select(func.coalesce(func.max(table.id), 0))).scalar())
+        return max(top, Catalog._meta_int(conn, key))
+
+    @staticmethod
+    def _meta_int(conn: Connection, key: str) -> int:
+        row = conn.execute(select(MetaRow.value).where(MetaRow.key == key)).first()
+        return int(row[0]) if row and isinstance(row[0], str) and row[0].isdigit() else 0
 
     # -- images ----------------------------------------------------------------
     def images_under(self, root: str) -> dict[str, StoredImage]:
         """Every stored image whose path is ``root`` or below it."""
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(select(ImageRow.id, ImageRow.path, ImageRow.size,
                                        ImageRow.mtime_ns, ImageRow.content_hash)
                                 .where(_under(root)))
-            return {r.path: StoredImage(*r) for r in rows}
+            return {self._str(r.path): StoredImage(*r) for r in rows}
 
     def image_ids_under(self, root: str) -> np.ndarray:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             ids = conn.execute(select(ImageRow.id).where(_under(root))).scalars().all()
         return np.asarray(ids, dtype=np.int64)
 
     def image_paths(self, ids: Iterable[int]) -> dict[int, str]:
         ids = list(ids)
         out: dict[int, str] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             for chunk in _chunks(ids, 900):
                 rows = conn.execute(select(ImageRow.id, ImageRow.path).where(ImageRow.id.in_(chunk)))
-                out.update({r.id: r.path for r in rows})
+                out.update({r.id: self._str(r.path) for r in rows})
         return out
+
+    def _str(self, value: object) -> str:
+        """A text value as stored; anything else means the file was damaged under SQLite's feet."""
+        if not isinstance(value, str):
+            raise CorruptIndexError(f"catalog {self.path} is damaged (a {type(value).__name__} "
+                                    "where text belongs); see `mmsearch check`")
+        return value
 
     def known_vectors(self, hashes: Iterable[str], dim: int) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             for chunk in _chunks(list(set(hashes)), 900):
                 rows = conn.execute(select(EmbeddingRow.content_hash, EmbeddingRow.vector)
                                     .where(EmbeddingRow.content_hash.in_(chunk)))
@@ -197,8 +316,9 @@ class Catalog:
         return {h: v for h, v in out.items() if v.shape == (dim,)}
 
     def next_image_id(self) -> int:
-        with self._engine.connect() as conn:
-            return int(conn.execute(select(func.coalesce(func.max(ImageRow.id), 0))).scalar()) + 1
+        """An id no image row has ever had (see :meth:`_last_id`)."""
+        with self._read() as conn:
+            return self._last_id(conn, ImageRow, "images_last_id") + 1
 
     def commit_images(self, new_vectors: dict[str, np.ndarray], upserts: list[StoredImage],
                       delete_ids: Iterable[int] = ()) -> None:
@@ -212,6 +332,9 @@ class Catalog:
                 conn.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
             if upserts:
                 conn.execute(insert(ImageRow), [u.__dict__ for u in upserts])
+                top = max(u.id for u in upserts)
+                if top > self._meta_int(conn, "images_last_id"):
+                    self._put_meta(conn, "images_last_id", str(top))
 
     def touch_images(self, rows: list[StoredImage]) -> None:
         """Record a new size/mtime for files whose content did not change."""
@@ -239,35 +362,42 @@ class Catalog:
         chunks = [None] if ids is None else list(_chunks(sorted({int(i) for i in ids}), 900))
         out_ids: list[int] = []
         blobs: list[bytes] = []
-        with self._engine.connect() as conn:
+        size = 4 * dim
+        damaged = 0
+        with self._read() as conn:
             for chunk in chunks:
                 q = query if chunk is None else query.where(id_col.in_(chunk))
                 for r in conn.execute(q):
                     out_ids.append(r[0])
                     blobs.append(r[1])
-        return np.asarray(out_ids, dtype=np.int64), from_blobs(blobs, dim)
+                    damaged += not isinstance(r[1], bytes) or len(r[1]) != size or not size
+            if damaged:
+                raise CorruptIndexError(f"catalog {self.path} holds {damaged} damaged vectors: "
+                                        "run `mmsearch check --repair`")
+            return np.asarray(out_ids, dtype=np.int64), from_blobs(blobs, dim)
 
     def image_count(self) -> int:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return int(conn.execute(select(func.count()).select_from(ImageRow)).scalar())
 
     def embedding_count(self) -> int:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return int(conn.execute(select(func.count()).select_from(EmbeddingRow)).scalar())
 
     def all_image_ids(self) -> np.ndarray:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return np.asarray(conn.execute(select(ImageRow.id)).scalars().all(), dtype=np.int64)
 
     def all_image_paths(self) -> Iterator[tuple[int, str]]:
-        with self._engine.connect() as conn:
-            yield from conn.execute(select(ImageRow.id, ImageRow.path).order_by(ImageRow.id))
+        with self._read() as conn:
+            for i, path in conn.execute(select(ImageRow.id, ImageRow.path).order_by(ImageRow.id)):
+                yield i, self._str(path)
 
     # -- texts -----------------------------------------------------------------
     def upsert_texts(self, rows: list[tuple[str, str, np.ndarray]]) -> tuple[int, int, int]:
         """Insert (key, text, vector) rows; a key already stored with another text is replaced.
 
-        Returns the ids that were (added, replaced) as counts plus the first new id.
+        Returns (added, replaced, unchanged) counts. New rows get ids never used before.
         """
         keys = [k for k, _, _ in rows]
         with self._write() as conn:
@@ -276,16 +406,19 @@ class Catalog:
                 old.update({r.key: (r.id, r.text) for r in conn.execute(
                     select(TextRow.key, TextRow.id, TextRow.text).where(TextRow.key.in_(chunk)))})
             replaced = [old[k][0] for k, t, _ in rows if k in old and old[k][1] != t]
+            fresh = [(k, t, v) for k, t, v in rows if k not in old or old[k][1] != t]
+            first = self._last_id(conn, TextRow, "texts_last_id") + 1  # before the deletes
             for chunk in _chunks(replaced, 900):
                 conn.execute(delete(TextRow).where(TextRow.id.in_(chunk)))
-            fresh = [(k, t, v) for k, t, v in rows if k not in old or old[k][1] != t]
             if fresh:
-                conn.execute(insert(TextRow), [{"key": k, "text": t, "vector": to_blob(v)}
-                                               for k, t, v in fresh])
+                conn.execute(insert(TextRow), [{"id": first + i, "key": k, "text": t,
+                                                "vector": to_blob(v)}
+                                               for i, (k, t, v) in enumerate(fresh)])
+                self._put_meta(conn, "texts_last_id", str(first + len(fresh) - 1))
         return len(fresh) - len(replaced), len(replaced), len(rows) - len(fresh)
 
     def text_keys(self) -> set[tuple[str, str]]:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return {(r.key, r.text) for r in conn.execute(select(TextRow.key, TextRow.text))}
 
     def text_vectors(self, dim: int, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -294,19 +427,19 @@ class Catalog:
 
     def texts_by_id(self, ids: Iterable[int]) -> dict[int, tuple[str, str]]:
         out: dict[int, tuple[str, str]] = {}
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             for chunk in _chunks(list(ids), 900):
                 rows = conn.execute(select(TextRow.id, TextRow.key, TextRow.text)
                                     .where(TextRow.id.in_(chunk)))
-                out.update({r.id: (r.key, r.text) for r in rows})
+                out.update({r.id: (self._str(r.key), self._str(r.text)) for r in rows})
         return out
 
     def text_count(self) -> int:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return int(conn.execute(select(func.count()).select_from(TextRow)).scalar())
 
     def all_text_ids(self) -> np.ndarray:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return np.asarray(conn.execute(select(TextRow.id)).scalars().all(), dtype=np.int64)
 
     def delete_texts(self, keys: Iterable[str] | None = None) -> int:
@@ -317,31 +450,155 @@ class Catalog:
                        for c in _chunks(list(keys), 900))
 
     def integrity_problems(self) -> list[str]:
-        with self._engine.connect() as conn:
-            rows = conn.execute(text("PRAGMA integrity_check")).scalars().all()
+        try:
+            with self._read() as conn:
+                rows = conn.execute(text("PRAGMA integrity_check")).scalars().all()
+        except CorruptIndexError as exc:
+            return [str(exc)]
         return [] if rows == ["ok"] else [f"sqlite: {r}" for r in rows]
+
+    def dangling_images(self) -> dict[int, str]:
+        """Image rows whose embedding row is missing (id -> path)."""
+        with self._read() as conn:
+            rows = conn.execute(select(ImageRow.id, ImageRow.path)
+                                .outerjoin(EmbeddingRow,
+                                           ImageRow.content_hash == EmbeddingRow.content_hash)
+                                .where(EmbeddingRow.content_hash.is_(None)))
+            return {r.id: r.path for r in rows}
 
 
 class _WriteTxn:
     """``with catalog._write() as conn``: one transaction, storage errors made typed."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, path: Path) -> None:
         self._ctx = engine.begin()
+        self._path = path
 
     def __enter__(self) -> Connection:
         try:
             return self._ctx.__enter__()
-        except OperationalError as exc:
-            raise StorageError(f"cannot write the catalog: {exc.orig}") from exc
+        except _DB_ERRORS as exc:
+            raise _translate(exc, "write", self._path) from exc
 
     def __exit__(self, *exc_info) -> bool:
         try:
-            self._ctx.__exit__(*exc_info)
-        except OperationalError as exc:
-            raise StorageError(f"cannot write the catalog: {exc.orig}") from exc
-        if exc_info[0] is not None and issubclass(exc_info[0], OperationalError):
-            raise StorageError(f"cannot write the catalog: {exc_info[1].orig}") from exc_info[1]
+            self._ctx.__exit__(*exc_info)  # commit, or roll back when the block raised
+        except _DB_ERRORS as exc:
+            raise _translate(exc, "write", self._path) from exc
+        if exc_info[0] is not None and issubclass(exc_info[0], _DB_ERRORS):
+            raise _translate(exc_info[1], "write", self._path) from exc_info[1]
         return False
+
+
+class _ReadConn:
+    """``with catalog._read() as conn``: a connection whose SQLite errors are made typed."""
+
+    def __init__(self, engine: Engine, path: Path) -> None:
+        self._engine = engine
+        self._path = path
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> Connection:
+        try:
+            self._conn = self._engine.connect()
+        except _DB_ERRORS as exc:
+            raise _translate(exc, "read", self._path) from exc
+        return self._conn
+
+    def __exit__(self, *exc_info) -> bool:
+        assert self._conn is not None
+        try:
+            self._conn.close()
+        except _DB_ERRORS:
+            pass
+        if exc_info[0] is not None and issubclass(exc_info[0], _DB_ERRORS):
+            raise _translate(exc_info[1], "read", self._path) from exc_info[1]
+        if exc_info[0] is not None and issubclass(exc_info[0], (TypeError, ValueError,
+                                                                 OverflowError)):
+            # only SQLite's typeless storage can hand back a value of another type than the
+            # schema's (a string id, a number for a path): the file was damaged
+            raise CorruptIndexError(f"catalog {self._path} is damaged (a value of the wrong "
+                                    f"type: {exc_info[1]}); see `mmsearch check`") from exc_info[1]
+        return False
+
+
+# what SQLite failures surface as; Python's sqlite3 raises UnicodeDecodeError for text
+# (or an error message quoting text) that a damaged file turned into invalid UTF-8
+_DB_ERRORS = (DBAPIError, UnicodeDecodeError)
+
+# SQLite primary result codes (https://sqlite.org/rescode.html)
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+
+
+def _primary_code(exc: DBAPIError) -> int | None:
+    message = str(exc.orig).lower()
+    if any(m in message for m in ("malformed", "corrupt", "unsupported file format",
+                                  "no such table", "no such column")):
+        return _SQLITE_CORRUPT  # the schema is ours and fixed: a damaged one (plain SQLITE_ERROR)
+    code = getattr(exc.orig, "sqlite_errorcode", None)  # Python >= 3.11
+    if isinstance(code, int):
+        return code & 0xFF
+    if "not a database" in message:
+        return _SQLITE_NOTADB
+    if "locked" in message:
+        return _SQLITE_BUSY
+    return None
+
+
+def _translate(exc: "DBAPIError | UnicodeDecodeError", doing: str, path: Path) -> MMSearchError:
+    """A damaged file is :class:`CorruptIndexError`; any other SQLite failure :class:`StorageError`."""
+    if isinstance(exc, UnicodeDecodeError) or "decode to UTF-8" in str(exc.orig):
+        return CorruptIndexError(f"catalog {path} is damaged (text that is not UTF-8); "
+                                 "see `mmsearch check`")
+    if _primary_code(exc) in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return CorruptIndexError(f"catalog {path} is damaged ({exc.orig}); "
+                                 "see `mmsearch check`")
+    return StorageError(f"cannot {doing} the catalog {path}: {exc.orig}{fs_hint(path)}")
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Refuse, before SQLite reads it, a file that is not SQLite or is shorter than its header says.
+
+    A truncated database would otherwise open fine and fail (or return nothing)
+    only once a query reaches a missing page. An empty file is accepted: it is
+    a new database. While a write-ahead log holds data the size is not judged:
+    a checkpoint copies page 1 (with the new size) first and the log still holds
+    the pages past the end of the file (a disk that filled up mid-checkpoint
+    leaves it so), and SQLite finishes the copy from the log.
+    """
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return  # a new database
+    except OSError as exc:
+        raise StorageError(f"cannot read the catalog {path}: {exc.strerror or exc}") from exc
+    if not header:
+        return
+    bad = f"catalog {path} is not a readable SQLite database"
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise CorruptIndexError(f"{bad}: not an SQLite file")
+    page_size = struct.unpack(">H", header[16:18])[0]
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        raise CorruptIndexError(f"{bad}: invalid page size {page_size}")
+    change_counter, pages = struct.unpack(">II", header[24:32])
+    valid_for = struct.unpack(">I", header[92:96])[0]
+    if valid_for != change_counter or size >= pages * page_size:
+        return
+    try:
+        if path.with_name(path.name + "-wal").stat().st_size > 0:
+            return
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StorageError(f"cannot read the catalog {path}: {exc.strerror or exc}") from exc
+    raise CorruptIndexError(f"{bad}: truncated ({size} bytes, its header says "
+                            f"{pages * page_size})")
 
 
 def _under(root: str):
@@ -357,15 +614,50 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[i:i + size]
 
 
+def _as_vector(blob: object) -> np.ndarray | None:
+    if not isinstance(blob, bytes) or len(blob) % 4:
+        return None
+    return np.frombuffer(blob, np.float32)
+
+
 def bad_embeddings(catalog: Catalog, dim: int) -> list[str]:
     """Content hashes whose stored vector has the wrong length or is not finite."""
     bad = []
-    with catalog._engine.connect() as conn:
+    with catalog._read() as conn:
         for h, blob in conn.execute(select(EmbeddingRow.content_hash, EmbeddingRow.vector)):
-            vec = np.frombuffer(blob, np.float32) if len(blob) % 4 == 0 else None
+            vec = _as_vector(blob)
             if vec is None or vec.shape != (dim,) or not np.isfinite(vec).all():
                 bad.append(h)
     return bad
+
+
+def vector_sizes(catalog: Catalog) -> dict[int, int]:
+    """Byte length -> how many stored vectors (images and texts) have it."""
+    sizes: dict[int, int] = {}
+    with catalog._read() as conn:
+        for table in ("embeddings", "texts"):
+            for size, n in conn.exec_driver_sql(
+                    f"SELECT length(vector), count(*) FROM {table} GROUP BY 1"):
+                sizes[int(size or 0)] = sizes.get(int(size or 0), 0) + n
+    return sizes
+
+
+def bad_texts(catalog: Catalog, dim: int) -> dict[int, tuple[str, str]]:
+    """Texts whose stored vector has the wrong length or is not finite: id -> (key, text)."""
+    bad = {}
+    with catalog._read() as conn:
+        for i, key, txt, blob in conn.execute(select(TextRow.id, TextRow.key, TextRow.text,
+                                                     TextRow.vector)):
+            vec = _as_vector(blob)
+            if vec is None or vec.shape != (dim,) or not np.isfinite(vec).all():
+                bad[i] = (key, txt)
+    return bad
+
+
+def forget_texts(catalog: Catalog, ids: Iterable[int]) -> None:
+    with catalog._write() as conn:
+        for chunk in _chunks([int(i) for i in ids], 900):
+            conn.execute(delete(TextRow).where(TextRow.id.in_(chunk)))
 
 
 def forget_embeddings(catalog: Catalog, hashes: list[str]) -> list[str]:

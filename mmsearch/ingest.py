@@ -3,8 +3,15 @@
 A run is incremental. A file whose size and mtime match its row is unchanged.
 Otherwise its content hash decides: same content (touched, moved or copied) reuses
 the stored embedding; new content is decoded and embedded. Rows whose files
-are gone are removed. Work is committed in batches, catalog first and then the
-FAISS file, so an interrupted run keeps everything it finished.
+are gone are removed.
+
+Work is committed in batches of ``commit_every`` images: rows and their vectors
+in one catalog transaction, then the in-memory FAISS index. The FAISS file is
+saved at the end of the run (and every ``save_every`` seconds during a long one),
+so a run killed at any moment leaves every finished batch in the catalog, and the
+next open brings the FAISS file up to date from it. A changed file gets a new id
+(its old row is deleted in the same transaction), so an id never changes vector.
+A ``stop`` event ends the run after the current batch, with everything done committed.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: scan, hash, embed
 COMMIT_EVERY = 256  # images per catalog transaction
+SAVE_EVERY_S = 60.0  # at least this long between saves of the FAISS file during a run
+_HASH_CHUNK = 256  # files hashed between two looks at the stop event
 
 
 @dataclass(frozen=True)
@@ -70,16 +79,29 @@ def _noop(stage: str, done: int, total: int) -> None:
     pass
 
 
-def scan(roots: Iterable[Path], report: IndexReport) -> tuple[list[FoundFile], list[str], list[str]]:
+class _Stopped(Exception):
+    """The stop event was set before the scan finished: nothing may be removed."""
+
+
+def _stopped(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
+
+
+def scan(roots: Iterable[Path], report: IndexReport,
+         stop: threading.Event | None = None) -> tuple[list[FoundFile], list[str], list[str]]:
     """Walk ``roots``; returns found files, the canonical roots, and unreadable dirs to keep."""
     found: dict[Path, FoundFile] = {}
     canon: list[str] = []
     keep: list[str] = []
+    roots = list(roots)
     for root in roots:
         if not os.path.lexists(root):
             raise UsageError(f"no such file or directory: {root}")
+    for root in roots:
         canon.append(str(canonical_root(root)))
-        for item in walk(root):
+        for n, item in enumerate(walk(root)):
+            if n % 256 == 0 and _stopped(stop):
+                raise _Stopped
             if isinstance(item, SkippedFile):
                 report.skipped.append(Skipped(str(item.path), item.reason))
                 keep.append(str(item.path))
@@ -89,7 +111,8 @@ def scan(roots: Iterable[Path], report: IndexReport) -> tuple[list[FoundFile], l
 
 
 def plan(store: "Store", found: list[FoundFile], roots: list[str], keep: list[str],
-         report: IndexReport, progress: Progress, workers: int) -> _Plan:
+         report: IndexReport, progress: Progress, workers: int,
+         stop: threading.Event | None = None) -> _Plan:
     """Decide, per file, whether it is unchanged, reusable, to embed, or gone."""
     stored: dict[str, StoredImage] = {}
     for root in roots:
@@ -104,11 +127,11 @@ def plan(store: "Store", found: list[FoundFile], roots: list[str], keep: list[st
     seen = {str(f.path) for f in found}
     result = _Plan(remove=[r for p, r in stored.items()
                            if p not in seen and not any(_inside(p, k) for k in keep)])
-    hashes = _hash_all([f.path for f, _ in todo], workers, progress, report)
+    hashes = _hash_all([f.path for f, _ in todo], workers, progress, report, stop)
     known = store.catalog.known_vectors([h for h in hashes if h], store.dim or 0)
     batch_hashes: set[str] = set()
     for (f, row), h in zip(todo, hashes):
-        if h is None:
+        if h is None:  # unreadable (reported) or not hashed before a stop: left as it is
             continue
         if row and row.content_hash == h:
             report.unchanged += 1
@@ -127,8 +150,9 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def _hash_all(paths: list[Path], workers: int, progress: Progress,
-              report: IndexReport) -> list[str | None]:
+def _hash_all(paths: list[Path], workers: int, progress: Progress, report: IndexReport,
+              stop: threading.Event | None = None) -> list[str | None]:
+    """Content hashes of ``paths`` (None: unreadable, or not reached before ``stop``)."""
     def one(p: Path) -> str | None:
         try:
             return content_hash(p)
@@ -138,30 +162,50 @@ def _hash_all(paths: list[Path], workers: int, progress: Progress,
 
     out: list[str | None] = []
     with ThreadPoolExecutor(workers) as pool:
-        for i, h in enumerate(pool.map(one, paths), 1):
-            out.append(h)
-            if i % 64 == 0 or i == len(paths):
-                progress("hash", i, len(paths))
-    return out
+        for start in range(0, len(paths), _HASH_CHUNK):
+            if _stopped(stop):
+                report.interrupted = True
+                break
+            out += pool.map(one, paths[start:start + _HASH_CHUNK])
+            progress("hash", len(out), len(paths))
+    return out + [None] * (len(paths) - len(out))
 
 
 def run(store: "Store", embedder: "Embedder", roots: Iterable[Path], *, batch_size: int = 32,
         workers: int = 0, draft: bool = True, progress: Progress = _noop,
-        stop: threading.Event | None = None) -> IndexReport:
-    """Bring the index in line with ``roots``. The caller holds the store's write lock."""
+        stop: threading.Event | None = None, commit_every: int | None = None,
+        save_every: float | None = None) -> IndexReport:
+    """Bring the index in line with ``roots``. The caller holds the store's write lock.
+
+    ``commit_every`` images go in one catalog transaction; the FAISS file is
+    saved at the end and, during a long run, at most every ``save_every`` seconds
+    (or less often when saving is slow). Setting ``stop`` ends the run after the
+    batch in progress with ``report.interrupted`` set; a stop during the scan
+    changes nothing.
+    """
+    commit_every = COMMIT_EVERY if commit_every is None else commit_every
+    save_every = SAVE_EVERY_S if save_every is None else save_every
+    if commit_every < 1:
+        raise UsageError(f"commit_every must be at least 1, got {commit_every}")
     start = time.perf_counter()
     report = IndexReport()
     workers = workers or default_workers()
-    found, canon, keep = scan(roots, report)
+    try:
+        found, canon, keep = scan(roots, report, stop)
+    except _Stopped:
+        report.interrupted = True
+        report.seconds = time.perf_counter() - start
+        return report
     progress("scan", len(found), len(found))
-    todo = plan(store, found, canon, keep, report, progress, workers)
+    todo = plan(store, found, canon, keep, report, progress, workers, stop)
     store.vectors("images")  # load and check the FAISS file before the first commit
     ids = _IdAllocator(store.catalog.next_image_id())
+    saver = _Saver(store, save_every)
     _apply_removals(store, todo, report)
-    _apply_reuse(store, todo.reuse, ids, report)
-    _embed_new(store, embedder, todo, ids, report, progress, stop,
+    _apply_reuse(store, todo.reuse, ids, report, saver)
+    _embed_new(store, embedder, todo, ids, report, progress, stop, saver, commit_every,
                batch_size=batch_size, workers=workers, draft=draft)
-    _apply_reuse(store, todo.dupes if not report.interrupted else [], ids, report)
+    _apply_reuse(store, todo.dupes if not report.interrupted else [], ids, report, saver)
     if not report.interrupted:
         store.catalog.drop_orphan_embeddings()
     store.save("images")
@@ -170,14 +214,32 @@ def run(store: "Store", embedder: "Embedder", roots: Iterable[Path], *, batch_si
 
 
 class _IdAllocator:
+    """Fresh ids only: a changed file gets a new one, so an id never changes vector."""
+
     def __init__(self, first: int) -> None:
         self._next = first
 
-    def take(self, row: StoredImage | None) -> int:
-        if row is not None:
-            return row.id
+    def take(self) -> int:
         self._next += 1
         return self._next - 1
+
+
+class _Saver:
+    """Saves the FAISS file now and then during a long run, so readers and a resume
+    after a crash have less to catch up from the catalog."""
+
+    def __init__(self, store: "Store", every: float) -> None:
+        self.store = store
+        self.every = every
+        self.last = time.monotonic()
+        self.cost = 0.0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= max(self.every, 20 * self.cost):  # at most ~5% of the run
+            self.store.save("images")
+            self.last = time.monotonic()
+            self.cost = self.last - now
 
 
 def _apply_removals(store: "Store", todo: _Plan, report: IndexReport) -> None:
@@ -197,7 +259,7 @@ def _remove_vectors(store: "Store", ids: np.ndarray) -> bool:
 
 
 def _apply_reuse(store: "Store", entries: list[tuple[FoundFile, str, StoredImage | None]],
-                 ids: _IdAllocator, report: IndexReport) -> None:
+                 ids: _IdAllocator, report: IndexReport, saver: _Saver) -> None:
     """Rows for files whose content is already embedded: no model call."""
     known = store.catalog.known_vectors([h for _, h, _ in entries], store.dim or 0)
     pending = []
@@ -205,16 +267,19 @@ def _apply_reuse(store: "Store", entries: list[tuple[FoundFile, str, StoredImage
         if h not in known:
             report.skipped.append(Skipped(str(f.path), "same content as a file that failed"))
             continue
-        pending.append((StoredImage(ids.take(row), str(f.path), f.size, f.mtime_ns, h),
-                        known[h], row is not None))
-    _commit(store, pending, report, embedded=False)
+        pending.append((StoredImage(ids.take(), str(f.path), f.size, f.mtime_ns, h),
+                        known[h], row.id if row else None))
+    _commit(store, pending, report, saver, embedded=False)
 
 
 def _embed_new(store: "Store", embedder: "Embedder", todo: _Plan, ids: _IdAllocator,
                report: IndexReport, progress: Progress, stop: threading.Event | None,
-               **options) -> None:
+               saver: _Saver, commit_every: int, **options) -> None:
+    if _stopped(stop):
+        report.interrupted = True
+        return
     jobs = {f.path: (f, h, row) for f, h, row in todo.embed}
-    pending: list[tuple[StoredImage, np.ndarray, bool]] = []
+    pending: list[tuple[StoredImage, np.ndarray, int | None]] = []
     done = 0
     progress("embed", 0, len(jobs))
     for batch in embed_paths(embedder, list(jobs), **options):
@@ -222,31 +287,35 @@ def _embed_new(store: "Store", embedder: "Embedder", todo: _Plan, ids: _IdAlloca
             report.skipped.append(Skipped(str(path), reason))
         for path, vec in zip(batch.paths, batch.vectors):
             f, h, row = jobs[path]
-            pending.append((StoredImage(ids.take(row), str(f.path), f.size, f.mtime_ns, h), vec,
-                            row is not None))
+            pending.append((StoredImage(ids.take(), str(f.path), f.size, f.mtime_ns, h), vec,
+                            row.id if row else None))
         done += len(batch.paths) + len(batch.failed)
         progress("embed", done, len(jobs))
-        if len(pending) >= COMMIT_EVERY:
-            _commit(store, pending, report)
+        if len(pending) >= commit_every:
+            _commit(store, pending, report, saver)
             pending = []
-        if stop is not None and stop.is_set():
+        if _stopped(stop):
             report.interrupted = True
             break
-    _commit(store, pending, report)
+    _commit(store, pending, report, saver)
 
 
-def _commit(store: "Store", pending: list[tuple[StoredImage, np.ndarray, bool]],
-            report: IndexReport, embedded: bool = True) -> None:
-    """Catalog rows and vectors in one transaction, then the in-memory FAISS index."""
+def _commit(store: "Store", pending: list[tuple[StoredImage, np.ndarray, int | None]],
+            report: IndexReport, saver: _Saver, embedded: bool = True) -> None:
+    """One catalog transaction (new vectors, new rows, the rows they replace), then FAISS.
+
+    Each entry is (row with a fresh id, its vector, the id of the row it replaces or None).
+    """
     if not pending:
         return
     rows = [p[0] for p in pending]
     vectors = np.stack([p[1] for p in pending])
     new = {r.content_hash: v for r, v in zip(rows, vectors)} if embedded else {}
-    store.catalog.commit_images(new, rows)
-    replaced = np.asarray([r.id for r, _, upd in pending if upd], dtype=np.int64)
+    replaced = np.asarray([old for _, _, old in pending if old is not None], dtype=np.int64)
+    store.catalog.commit_images(new, rows, delete_ids=replaced)
     if _remove_vectors(store, replaced):  # else the rebuild already holds the new rows
         store.vectors("images").add(np.asarray([r.id for r in rows], np.int64), vectors)
     report.embedded += len(rows) if embedded else 0
     report.updated += len(replaced)
     report.added += len(rows) - len(replaced)
+    saver.tick()

@@ -5,31 +5,51 @@
 ``<home>/<name>/texts.faiss``     derived: text vectors, ids = texts.id
 ``<home>/<name>/write.lock``      held (flock) by the one process writing
 
-On open, each FAISS file is checked against the catalog (ids, dimension); a
-file that is stale (a run was killed before saving it), damaged or missing is
-brought back in line from the vectors the catalog stores, and the repair is
-reported in :attr:`Store.repairs`. Readers never write; the writer saves the
-FAISS file atomically after committing the catalog.
+Crash safety rests on three rules:
+
+* Rows and their vectors are committed to the catalog together, in one
+  transaction; a FAISS file is only ever replaced atomically (temporary file,
+  fsync, rename) and is never ahead of the catalog it was saved from.
+* An id is never reused and never changes vector: a changed file gets a new id
+  (see :meth:`Catalog.next_image_id`). So a FAISS file is correct for every id
+  it shares with the catalog, and bringing it up to date is a matter of ids.
+* After each save the file's size and CRC-32 are recorded in the catalog;
+  a file that does not match (damaged, or replaced while we looked) is never
+  trusted: it is rebuilt from the vectors the catalog stores.
+
+On open, each FAISS file is checked (checksum, readability, dimension, ids)
+against the catalog; a file that is stale (a run was killed before saving it),
+damaged or missing is brought back in line from the catalog, and the repair is
+reported in :attr:`Store.repairs`. Readers never write; only the process holding
+the write lock saves.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
 
-from mmsearch.catalog import Catalog, bad_embeddings, forget_embeddings
-from mmsearch.errors import (CorruptIndexError, IndexLockedError, IndexNotFoundError,
-                             StorageError, UsageError)
+from mmsearch.catalog import (Catalog, EmptyCatalogError, bad_embeddings, bad_texts,
+                              forget_embeddings, forget_texts, fs_hint, vector_sizes)
+from mmsearch.errors import (CorruptIndexError, EmptyIndexError, IndexLockedError,
+                             IndexNotFoundError, StorageError, UsageError)
 from mmsearch.models import ModelIdentity
 from mmsearch.vectors import VectorIndex, factory_string
 
 Kind = Literal["images", "texts"]
+KINDS: tuple[Kind, ...] = ("images", "texts")
 CATALOG = "catalog.sqlite"
+LOCK = "write.lock"
+FULL_CRC_LIMIT = 1 << 30   # files up to 1 GiB are checksummed whole (~0.3 s/GiB), larger ones
+CRC_EDGE = 64 << 20        # by their size and first and last 64 MiB
+CHECK_SAMPLE = 50_000      # vectors compared with the catalog by `check`
 
 
 @dataclass
@@ -39,20 +59,42 @@ class Store:
     root: Path
     catalog: Catalog
     repairs: list[str] = field(default_factory=list)
+    #: (key, text) pairs whose damaged vectors :meth:`repair` dropped; the caller embeds them again
+    texts_to_embed: list[tuple[str, str]] = field(default_factory=list)
     _vectors: dict[str, VectorIndex] = field(default_factory=dict)
     _lock_fd: int | None = None
 
     @classmethod
     def open(cls, root: Path, *, create: bool) -> "Store":
-        if not (root / CATALOG).is_file():
+        """Open an index folder; ``create`` makes it (a writer), otherwise it must exist.
+
+        Raises :class:`IndexNotFoundError` (no such index), :class:`EmptyIndexError`
+        (created but nothing committed yet), :class:`CorruptIndexError` (damaged
+        catalog) or :class:`StorageError` (cannot read or create it).
+        """
+        path = root / CATALOG
+        if not path.is_file():
             if not create:
                 raise IndexNotFoundError(
                     f"no index {root.name!r} in {root.parent} (run `mmsearch index FOLDER` first)")
             try:
                 root.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise StorageError(f"cannot create {root}: {exc.strerror}") from exc
-        return cls(root, Catalog(root / CATALOG, create=create))
+                raise StorageError(f"cannot create {root}: {exc.strerror or exc}") from exc
+        try:
+            catalog = Catalog(path, create=create, require_schema=not create)
+        except EmptyCatalogError:
+            if any((root / f"{kind}.faiss").is_file() for kind in KINDS):
+                # vector files are only written once the catalog holds a schema
+                raise CorruptIndexError(
+                    f"catalog {path} is empty but vector files exist: the catalog was lost; "
+                    f"delete {root} and run `mmsearch index` again") from None
+            if lock_holder(root) is not None:
+                raise EmptyIndexError(f"index {root.name!r} is being created by another "
+                                      "process and holds nothing yet; try again shortly") from None
+            raise EmptyIndexError(f"index {root.name!r} holds nothing yet (its first run was "
+                                  "interrupted): run `mmsearch index FOLDER`") from None
+        return cls(root, catalog)
 
     def close(self) -> None:
         self.unlock()
@@ -61,17 +103,27 @@ class Store:
     # -- identity ------------------------------------------------------------
     @property
     def model(self) -> ModelIdentity | None:
+        """The model the index was built with; None until one is recorded with its dimension."""
         raw = self.catalog.get_meta("model")
-        return ModelIdentity.from_json(raw) if raw else None
+        if not raw or self.dim is None:
+            return None
+        try:
+            return ModelIdentity.from_json(raw)
+        except (ValueError, TypeError) as exc:
+            raise CorruptIndexError(f"catalog {self.catalog.path}: the model record is "
+                                    f"unreadable ({exc})") from None
 
     @property
     def dim(self) -> int | None:
         raw = self.catalog.get_meta("dim")
-        return int(raw) if raw else None
+        if not raw:
+            return None
+        if not raw.isdigit() or int(raw) < 1:
+            raise CorruptIndexError(f"catalog {self.catalog.path}: invalid dimension {raw!r}")
+        return int(raw)
 
     def set_model(self, identity: ModelIdentity, dim: int) -> None:
-        self.catalog.set_meta("model", identity.to_json())
-        self.catalog.set_meta("dim", str(dim))
+        self.catalog.set_metas({"model": identity.to_json(), "dim": str(dim)})  # both or neither
         self._vectors.clear()  # any index opened before had no dimension to go by
 
     @property
@@ -91,21 +143,45 @@ class Store:
             self.rebuild("images", note=False)
 
     # -- the writer lock ---------------------------------------------------------
-    def lock(self) -> None:
-        """Take the write lock or raise :class:`IndexLockedError`; released by the OS if we die."""
+    def lock(self, timeout: float = 0.0) -> None:
+        """Take the write lock, waiting up to ``timeout`` seconds, or raise :class:`IndexLockedError`.
+
+        The lock is an ``flock`` on ``write.lock``: the OS drops it when its
+        holder dies, however it dies, so a killed run never leaves a stale lock
+        (the pid written in the file is for messages only). Temporary files
+        left by a killed save are removed once the lock is held.
+        """
         if self._lock_fd is not None:
             return
-        fd = os.open(self.root / "write.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise IndexLockedError(
-                f"index {self.root.name!r} is being written by another process; "
-                "wait for it to finish (queries keep working meanwhile)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot write to {self.root}: {exc.strerror or exc}") from exc
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                pid = _read_pid(fd)
+                os.close(fd)
+                who = f" (pid {pid})" if pid else ""
+                raise IndexLockedError(
+                    f"index {self.root.name!r} is being written by another process{who}; "
+                    "wait for it to finish (queries keep working meanwhile)") from None
+            except OSError as exc:
+                os.close(fd)
+                raise StorageError(f"cannot lock {self.root / LOCK}: {exc.strerror}") from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is informational; a full disk must not stop us from locking
         self._lock_fd = fd
+        self._remove_temp_files()
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -116,6 +192,16 @@ class Store:
     @property
     def writing(self) -> bool:
         return self._lock_fd is not None
+
+    def _temp_files(self) -> list[Path]:
+        return [p for kind in KINDS for p in self.root.glob(f"{kind}.faiss.*.tmp")]
+
+    def _remove_temp_files(self) -> None:
+        for path in self._temp_files():
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
     # -- vectors ------------------------------------------------------------------
     def vectors(self, kind: Kind) -> VectorIndex:
@@ -136,37 +222,52 @@ class Store:
             return self.catalog.image_vectors(dim, ids)
         return self.catalog.text_vectors(dim, ids)
 
-    def _load_synced(self, kind: Kind) -> VectorIndex:
-        path, dim = self._path(kind), self.dim
-        index: VectorIndex | None = None
-        if path.is_file():
-            try:
-                index = VectorIndex.load(path)
-            except CorruptIndexError as exc:
-                self.repairs.append(f"{exc}; rebuilt from the catalog")
-            else:
-                if dim is not None and index.dim != dim:
-                    self.repairs.append(f"{path.name} has dimension {index.dim}, catalog {dim}; rebuilt")
-                    index = None
-        if index is None:
-            return self.rebuild(kind, note=not path.is_file() and self._catalog_ids(kind).size > 0)
-        self._sync(kind, index)
-        return index
+    def _read_file(self, kind: Kind) -> tuple[VectorIndex | None, str | None]:
+        """(the FAISS file of ``kind`` if it can be trusted, else None; why not)."""
+        path = self._path(kind)
+        if not path.is_file():
+            return None, None
+        recorded = self.catalog.get_meta(f"{kind}_file")
+        if recorded is not None and recorded != _fingerprint(path):
+            return None, (f"{path.name} is not the file last saved (damaged, or replaced "
+                          "while being read)")
+        try:
+            index = VectorIndex.load(path)
+        except CorruptIndexError as exc:
+            return None, str(exc)
+        except MemoryError:  # a damaged size field: FAISS asked for absurd amounts of memory
+            return None, f"vector file {path} is unreadable: damaged sizes"
+        dim = self.dim
+        if dim is not None and index.dim != dim:
+            return None, f"{path.name} has dimension {index.dim}, the catalog {dim}"
+        have = index.ids()
+        if have.size != index.ntotal or np.unique(have).size != have.size:
+            return None, f"{path.name} has duplicated or inconsistent ids"
+        return index, None
 
-    def _sync(self, kind: Kind, index: VectorIndex) -> None:
+    def _load_synced(self, kind: Kind) -> VectorIndex:
+        index, problem = self._read_file(kind)
+        if problem:
+            self.repairs.append(f"{problem}; rebuilt from the catalog")
+        if index is None:
+            return self.rebuild(kind, note=not problem and self._catalog_ids(kind).size > 0)
+        return self._sync(kind, index)
+
+    def _sync(self, kind: Kind, index: VectorIndex) -> VectorIndex:
+        """Bring ``index`` in line with the catalog's ids (ids never change vector)."""
         have, want = index.ids(), self._catalog_ids(kind)
         extra = np.setdiff1d(have, want, assume_unique=True)
         missing = np.setdiff1d(want, have, assume_unique=True)
         if not extra.size and not missing.size:
-            return
+            return index
         self.repairs.append(f"{kind}.faiss was behind the catalog (+{missing.size} "
                             f"-{extra.size} vectors); brought up to date")
         if extra.size and not index.remove(extra):
-            self._vectors[kind] = self.rebuild(kind)
-            return
+            return self.rebuild(kind, note=False)
         index.add(*self._catalog_vectors(kind, missing))
         if self.writing:
-            index.save(self._path(kind))
+            self._save_index(kind, index)
+        return index
 
     def rebuild(self, kind: Kind, *, note: bool = True, index_type: str | None = None) -> VectorIndex:
         """A fresh FAISS index from the catalog's vectors (trained if approximate), saved if writing."""
@@ -185,30 +286,66 @@ class Store:
             self.repairs.append(f"{kind}.faiss rebuilt from {ids.size} stored vectors")
         self._vectors[kind] = index
         if self.writing:
-            index.save(self._path(kind))
-            self.catalog.set_meta(f"{kind}_index", factory_string(wanted, len(ids), dim))
+            self._save_index(kind, index,
+                             {f"{kind}_index": factory_string(wanted, len(ids), dim)})
         return index
 
     def save(self, kind: Kind) -> None:
         if kind in self._vectors:
-            self._vectors[kind].save(self._path(kind))
+            self._save_index(kind, self._vectors[kind])
 
+    def _save_index(self, kind: Kind, index: VectorIndex, meta: dict[str, str] | None = None) -> None:
+        """Replace the file atomically, then record its checksum (with ``meta``) in the catalog."""
+        if not self.writing:
+            raise StorageError(f"{self.root.name}: saving {kind}.faiss needs the write lock")
+        path = self._path(kind)
+        try:
+            index.save(path)
+            fingerprint = _fingerprint(path)
+        except (OSError, StorageError) as exc:  # VectorIndex.save lets mkstemp's OSError out
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            hint = fs_hint(path)
+            if hint or "No space left" in detail:
+                detail = (hint or " (the disk is full)").strip(" ()")
+            elif isinstance(exc, StorageError):
+                raise
+            raise StorageError(f"cannot write {path}: {detail}") from exc
+        self.catalog.set_metas({f"{kind}_file": fingerprint, **(meta or {})})
+
+    # -- integrity ----------------------------------------------------------------
     def check(self) -> list[str]:
         """Problems found between catalog, FAISS files and disk; nothing is changed."""
         problems = self.catalog.integrity_problems()
         if problems:
             return problems
-        dim = self.dim
-        if self.model is None or dim is None:
-            return [] if self.catalog.image_count() == 0 else ["catalog has images but no model"]
+        try:
+            model, dim = self.model, self.dim
+        except CorruptIndexError as exc:
+            return [str(exc)]
+        if model is None or dim is None:
+            has_rows = self.catalog.image_count() or self.catalog.text_count()
+            return ["catalog has images but no model"] if has_rows else []
+        stored_dim = self._stored_dim()
+        if stored_dim is not None and stored_dim != dim:
+            return [f"the catalog records dimension {dim} but all its vectors have {stored_dim}"]
         bad = bad_embeddings(self.catalog, dim)
         if bad:
             problems.append(f"{len(bad)} stored vectors are damaged")
-        for kind in ("images", "texts"):
-            problems += self._check_vectors(kind, dim)
+        damaged_texts = bad_texts(self.catalog, dim)
+        if damaged_texts:
+            problems.append(f"{len(damaged_texts)} stored text vectors are damaged")
+        dangling = self.catalog.dangling_images()
+        if dangling:
+            problems.append(f"{len(dangling)} images have no stored vector")
+        if not bad and not damaged_texts:
+            for kind in KINDS:
+                problems += self._check_vectors(kind, dim)
         gone = sum(1 for _, p in self.catalog.all_image_paths() if not os.path.lexists(p))
         if gone:
             problems.append(f"{gone} indexed files no longer exist on disk")
+        temp = self._temp_files()
+        if temp and lock_holder(self.root) is None:
+            problems.append(f"{len(temp)} temporary files left by an interrupted save")
         return problems
 
     def _check_vectors(self, kind: Kind, dim: int) -> list[str]:
@@ -216,41 +353,123 @@ class Store:
         want = self._catalog_ids(kind)
         if not path.is_file():
             return [f"{path.name} is missing"] if want.size else []
-        try:
-            index = VectorIndex.load(path)
-        except CorruptIndexError as exc:
-            return [str(exc)]
-        if index.dim != dim:
-            return [f"{path.name} has dimension {index.dim}, the model {dim}"]
+        index, problem = self._read_file(kind)
+        if index is None:
+            return [problem or f"{path.name} is unreadable"]
         have = index.ids()
         missing = np.setdiff1d(want, have).size
         extra = np.setdiff1d(have, want).size
-        dupes = have.size - np.unique(have).size
-        if missing or extra or dupes:
-            return [f"{path.name}: {missing} vectors missing, {extra} unknown, {dupes} duplicated"]
+        if missing or extra:
+            return [f"{path.name} is behind the catalog: {missing} vectors missing, {extra} "
+                    "unknown (an interrupted run; the next `index` or `check --repair` "
+                    "brings it up to date)"]
+        wrong = self._compare_vectors(kind, index, want)
+        if wrong:
+            return [f"{path.name}: {wrong} vectors differ from the catalog's"]
         return []
+
+    def _compare_vectors(self, kind: Kind, index: VectorIndex, ids: np.ndarray) -> int:
+        """How many of (a sample of) ``ids`` hold another vector in FAISS than in the catalog."""
+        if ids.size > CHECK_SAMPLE:
+            ids = np.random.default_rng(0).choice(ids, CHECK_SAMPLE, replace=False)
+        ids, stored = self._catalog_vectors(kind, ids)
+        if not ids.size:
+            return 0
+        try:  # exact for Flat and HNSW-over-Flat; IVF without a direct map cannot
+            held = index._index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+        except (RuntimeError, AttributeError):
+            return 0
+        tolerance = 1e-5 if "Flat" in index.description and "IVF" not in index.description else 0.5
+        return int((np.abs(held - stored).max(axis=1) > tolerance).sum())
 
     def repair(self) -> list[str]:
         """Fix what :meth:`check` finds; returns paths whose vectors must be embedded again.
 
         The caller holds the write lock. Damaged vectors are forgotten (their
-        files are re-embedded by the caller), FAISS files are rebuilt from the
-        catalog, rows of files gone from disk are removed.
+        files are re-embedded by the caller), rows without a vector likewise,
+        FAISS files are rebuilt from the catalog, rows of files gone from disk
+        are removed, temporary files left by a killed save are deleted.
         """
         dim = self.dim or 0
+        stored_dim = self._stored_dim()
+        if stored_dim is not None and stored_dim != dim:  # the vectors agree: the record is wrong
+            self.catalog.set_meta("dim", str(stored_dim))
+            dim = stored_dim
         redo = forget_embeddings(self.catalog, bad_embeddings(self.catalog, dim))
+        damaged_texts = bad_texts(self.catalog, dim)
+        forget_texts(self.catalog, damaged_texts)
+        self.texts_to_embed = list(damaged_texts.values())
+        dangling = self.catalog.dangling_images()
         gone = [i for i, p in self.catalog.all_image_paths() if not os.path.lexists(p)]
-        self.catalog.commit_images({}, [], delete_ids=gone)
+        self.catalog.commit_images({}, [], delete_ids=sorted(set(gone) | set(dangling)))
+        redo += list(dangling.values())
         self.catalog.drop_orphan_embeddings()
-        for kind in ("images", "texts"):
+        for kind in KINDS:
             self.rebuild(kind, note=False, index_type=self.catalog.get_meta(f"{kind}_index"))
+        self._remove_temp_files()
         return [p for p in redo if os.path.lexists(p)]
+
+    def _stored_dim(self) -> int | None:
+        """The dimension every stored vector has, if they all agree (None if none or mixed)."""
+        sizes = vector_sizes(self.catalog)
+        if len(sizes) == 1:
+            size, count = next(iter(sizes.items()))
+            if count >= 2 and size and size % 4 == 0:  # one vector alone proves nothing
+                return size // 4
+        return None
 
     def files(self) -> Iterator[tuple[str, Path, int]]:
         for name in (CATALOG, "images.faiss", "texts.faiss"):
             path = self.root / name
             if path.is_file():
                 yield name, path, path.stat().st_size
+
+
+def lock_holder(root: Path) -> int | None:
+    """The pid (0 if unknown) of the process holding ``root``'s write lock, None if free."""
+    try:
+        fd = os.open(root / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_pid(fd) or 0
+    except OSError:
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        raw = os.pread(fd, 32, 0).strip()
+    except OSError:
+        return None
+    return int(raw) if raw.isdigit() else None
+
+
+def _fingerprint(path: Path) -> str:
+    """``size:crc32`` of a file (whole up to FULL_CRC_LIMIT, else its size, head and tail)."""
+    crc = 0
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= FULL_CRC_LIMIT:
+                while chunk := f.read(16 << 20):
+                    crc = zlib.crc32(chunk, crc)
+            else:
+                crc = zlib.crc32(f.read(CRC_EDGE))
+                f.seek(size - CRC_EDGE)
+                crc = zlib.crc32(f.read(CRC_EDGE), crc)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return f"{size}:{crc:08x}"
 
 
 def _sample(vecs: np.ndarray, limit: int = 100_000) -> np.ndarray | None:
