@@ -290,8 +290,19 @@ class Catalog:
             ids = conn.execute(select(ImageRow.id).where(_under(root))).scalars().all()
         return np.asarray(ids, dtype=np.int64)
 
+    def images_at(self, paths: Iterable[str]) -> dict[str, StoredImage]:
+        """The stored rows of exactly these paths (one query per 900, not one per path)."""
+        out: dict[str, StoredImage] = {}
+        with self._read() as conn:
+            for chunk in _chunks(list(paths), 900):
+                rows = conn.execute(select(ImageRow.id, ImageRow.path, ImageRow.size,
+                                           ImageRow.mtime_ns, ImageRow.content_hash)
+                                    .where(ImageRow.path.in_(chunk)))
+                out.update({self._str(r.path): StoredImage(*r) for r in rows})
+        return out
+
     def image_paths(self, ids: Iterable[int]) -> dict[int, str]:
-        ids = list(ids)
+        ids = [int(i) for i in ids]
         out: dict[int, str] = {}
         with self._read() as conn:
             for chunk in _chunks(ids, 900):
@@ -428,7 +439,7 @@ class Catalog:
     def texts_by_id(self, ids: Iterable[int]) -> dict[int, tuple[str, str]]:
         out: dict[int, tuple[str, str]] = {}
         with self._read() as conn:
-            for chunk in _chunks(list(ids), 900):
+            for chunk in _chunks([int(i) for i in ids], 900):
                 rows = conn.execute(select(TextRow.id, TextRow.key, TextRow.text)
                                     .where(TextRow.id.in_(chunk)))
                 out.update({r.id: (self._str(r.key), self._str(r.text)) for r in rows})

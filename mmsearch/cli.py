@@ -115,6 +115,7 @@ class _stop_on_sigint:
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.stop.is_set():
+            _err("aborted: what was committed is kept; run the same command to resume")
             raise KeyboardInterrupt
         self.stop.set()
         _err("stopping after the current batch (Ctrl-C again to abort)...")
@@ -159,6 +160,8 @@ def query(
             hits = engine.search_texts(text, image=image, k=k)
         else:
             hits = engine.search(text, image=image, k=k, within=within)
+        for note in engine.store.repairs:
+            _err(f"repaired: {note}")
     if as_json:
         _print_json([h.__dict__ for h in hits])
         return

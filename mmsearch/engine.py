@@ -122,7 +122,8 @@ class Engine:
         s = self.settings
         with _Writing(self.store):
             self._ensure_model_recorded()
-            report = ingest.run(self.store, self.embedder, [Path(p).expanduser() for p in paths],
+            report = ingest.run(self.store, lambda: self.embedder,
+                                [Path(p).expanduser() for p in paths],
                                 batch_size=s.batch_size, workers=s.workers, draft=s.draft,
                                 progress=progress or ingest._noop, stop=stop)
             self.store.retype(s.index_type)
@@ -141,6 +142,10 @@ class Engine:
                 report = ingest.run(self.store, self.embedder, [Path(p) for p in redo],
                                     batch_size=self.settings.batch_size, draft=self.settings.draft)
                 done.append(f"re-embedded {report.embedded} images whose vectors were damaged")
+        texts = list(self.store.texts_to_embed)
+        if texts:
+            self.add_texts(texts)
+            done.append(f"re-embedded {len(texts)} texts whose vectors were damaged")
         return problems, done
 
     def remove(self, path: str | Path) -> int:

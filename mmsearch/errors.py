@@ -19,6 +19,10 @@ class UsageError(MMSearchError):
     exit_code = 2
 
 
+class TrainingError(UsageError):
+    """An approximate index type cannot be trained on the vectors at hand (too few)."""
+
+
 class IndexNotFoundError(MMSearchError):
     """The named index does not exist under the data directory."""
 

@@ -114,8 +114,9 @@ def plan(store: "Store", found: list[FoundFile], roots: list[str], keep: list[st
          report: IndexReport, progress: Progress, workers: int,
          stop: threading.Event | None = None) -> _Plan:
     """Decide, per file, whether it is unchanged, reusable, to embed, or gone."""
-    stored: dict[str, StoredImage] = {}
-    for root in roots:
+    folders = [r for r in roots if os.path.isdir(r)]
+    stored = store.catalog.images_at([r for r in roots if r not in folders])
+    for root in folders:
         stored.update(store.catalog.images_under(root))
     todo: list[tuple[FoundFile, StoredImage | None]] = []
     for f in found:
@@ -171,7 +172,7 @@ def _hash_all(paths: list[Path], workers: int, progress: Progress, report: Index
     return out + [None] * (len(paths) - len(out))
 
 
-def run(store: "Store", embedder: "Embedder", roots: Iterable[Path], *, batch_size: int = 32,
+def run(store: "Store", embedder: "Embedder | Callable[[], Embedder]", roots: Iterable[Path], *, batch_size: int = 32,
         workers: int = 0, draft: bool = True, progress: Progress = _noop,
         stop: threading.Event | None = None, commit_every: int | None = None,
         save_every: float | None = None) -> IndexReport:
@@ -272,13 +273,17 @@ def _apply_reuse(store: "Store", entries: list[tuple[FoundFile, str, StoredImage
     _commit(store, pending, report, saver, embedded=False)
 
 
-def _embed_new(store: "Store", embedder: "Embedder", todo: _Plan, ids: _IdAllocator,
+def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", todo: _Plan, ids: _IdAllocator,
                report: IndexReport, progress: Progress, stop: threading.Event | None,
                saver: _Saver, commit_every: int, **options) -> None:
     if _stopped(stop):
         report.interrupted = True
         return
     jobs = {f.path: (f, h, row) for f, h, row in todo.embed}
+    if not jobs:
+        return
+    if callable(embedder):  # loaded only now: a run with nothing new never loads a model
+        embedder = embedder()
     pending: list[tuple[StoredImage, np.ndarray, int | None]] = []
     done = 0
     progress("embed", 0, len(jobs))

@@ -39,7 +39,7 @@ import numpy as np
 from mmsearch.catalog import (Catalog, EmptyCatalogError, bad_embeddings, bad_texts,
                               forget_embeddings, forget_texts, fs_hint, vector_sizes)
 from mmsearch.errors import (CorruptIndexError, EmptyIndexError, IndexLockedError,
-                             IndexNotFoundError, StorageError, UsageError)
+                             IndexNotFoundError, StorageError, TrainingError)
 from mmsearch.models import ModelIdentity
 from mmsearch.vectors import VectorIndex, factory_string
 
@@ -139,7 +139,8 @@ class Store:
         if dim is None:
             return
         wanted = factory_string(self.requested_type, n, dim)
-        if wanted != (self.catalog.get_meta("images_index") or "Flat"):
+        built_for = self.catalog.get_meta("images_index_asked") or self.catalog.get_meta("images_index")
+        if wanted != (built_for or "Flat"):
             self.rebuild("images", note=False)
 
     # -- the writer lock ---------------------------------------------------------
@@ -274,9 +275,10 @@ class Store:
         ids, vecs = self._catalog_vectors(kind)
         wanted = index_type or (self.requested_type if kind == "images" else "flat")
         dim = self.dim or (vecs.shape[1] if vecs.size else 1)
+        asked = factory_string(wanted, len(ids), dim)
         try:
             index = VectorIndex.create(dim, wanted, expected=len(ids), train=_sample(vecs))
-        except UsageError:
+        except TrainingError:
             if ids.size >= 10_000:
                 raise
             wanted = "flat"  # too few vectors to train an approximate index: exact is fast here
@@ -287,7 +289,8 @@ class Store:
         self._vectors[kind] = index
         if self.writing:
             self._save_index(kind, index,
-                             {f"{kind}_index": factory_string(wanted, len(ids), dim)})
+                             {f"{kind}_index": factory_string(wanted, len(ids), dim),
+                              f"{kind}_index_asked": asked})
         return index
 
     def save(self, kind: Kind) -> None:
