@@ -1,14 +1,32 @@
 """The vector index: the one module that knows FAISS.
 
-Every index is an ``IndexIDMap2`` over some FAISS index with inner-product
-metric, so ids are the catalog's row ids and scores are cosine similarities of
-L2-normalised vectors. The stored index is always a CPU index; when FAISS sees
-a GPU, searches run on a GPU copy of it (a transform of the CPU index, as in
-``faiss.contrib``), and the CPU one stays the thing written to disk.
+Ids are the catalog's row ids and scores are cosine similarities of
+L2-normalised vectors (inner-product metric). Exact and graph indexes are an
+``IndexIDMap2`` over the FAISS index; IVF indexes keep the catalog ids in their
+inverted lists themselves (no id map: a 10M-vector IVF opens in milliseconds
+instead of rebuilding a 10M-entry hash table, and uses ~60 bytes less per vector).
+
+The type is picked from the collection size (:func:`auto_type`): exact search
+while one query scans at most :data:`EXACT_FLOATS` floats, then an HNSW graph
+over the float32 vectors while they fit in :data:`FLOAT_BYTES`, then IVF over
+8-bit scalar-quantised codes, then IVF over 4-bit product-quantised codes.
+
+FAISS graphs cannot forget a vector, so removing from an HNSW index marks its id
+dead in the id map (-1) and searches skip it; past :data:`MAX_DEAD_FRACTION`
+dead vectors ``remove`` returns False and the caller rebuilds.
+
+Files can be opened memory-mapped (:meth:`VectorIndex.load` with ``mmap=True``):
+the vectors, graph and inverted lists stay in the page cache instead of being
+copied, so a big index opens in milliseconds. A mapped index is read-only to
+FAISS; the first ``add``/``remove`` quietly reads it into memory first.
+
+The stored index is always a CPU index; when FAISS sees a GPU, searches run on
+a GPU copy of it, and the CPU one stays the thing written to disk.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -17,13 +35,30 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmsearch.errors import CorruptIndexError, StorageError, UsageError
+from mmsearch.errors import CorruptIndexError, StorageError, TrainingError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import faiss
 
-EXACT_LIMIT = 250_000   # beyond this many vectors "auto" picks an approximate index
-NAMED_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
+# -- automatic choice (see benchmarks/results/index_scale_*.txt for the measurements) --
+EXACT_FLOATS = 1 << 25          # exact search while n*dim <= 32 Mi floats: a 128 MiB scan, ~8-15 ms
+EXACT_LIMIT = EXACT_FLOATS // 512   # = 65_536 vectors at dim 512 (131_072 at dim 256)
+FLOAT_BYTES = 4 << 30           # HNSW over float32 vectors while they take up to 4 GiB (2M at 512)
+SQ8_BYTES = 16 << 30            # IVF over 8-bit codes up to 16 GiB of them (32M at dim 512)
+HNSW_QUANTIZER_NLIST = 2048     # from this many lists the coarse quantizer is an HNSW graph
+NAMED_TYPES = ("flat", "hnsw", "ivf", "ivfsq", "ivfpq")
+
+# -- default search effort ----------------------------------------------------------------
+HNSW_EF_SEARCH = 128            # efSearch of "hnsw" up to HNSW_EF_LARGE_N vectors
+HNSW_EF_SEARCH_LARGE = 192      # ... and beyond
+HNSW_EF_LARGE_N = 1_000_000
+IVF_NPROBE_FRACTION = 32        # nprobe = nlist / this, clamped to [IVF_NPROBE_MIN, IVF_NPROBE_MAX]
+IVF_NPROBE_MIN = 16
+IVF_NPROBE_MAX = 512
+REFINE_K_FACTOR = 4             # a ",Refine(...)" index re-ranks this many times k candidates
+MIN_POINTS_PER_CENTROID = 5     # k-means on fewer training points per list than this warns
+TRAIN_POINTS_PER_LIST = 8       # training sample: max(100k, this * nlist) vectors
+MAX_DEAD_FRACTION = 0.2         # HNSW: beyond this share of removed vectors, remove() asks for a rebuild
 
 
 @dataclass(frozen=True)
@@ -32,26 +67,90 @@ class SearchResult:
     ids: np.ndarray     # (nq, k) int64; -1 where fewer than k exist
 
 
+def auto_type(n: int, dim: int) -> str:
+    """The named type ``"auto"`` resolves to for ``n`` vectors of dimension ``dim``.
+
+    Exact while one query scans at most EXACT_FLOATS floats; then an HNSW graph
+    over the float32 vectors (at 1M x 512: recall@10 0.97 at ~200x the exact QPS,
+    against ~20x for IVF at the same recall) while they take at most FLOAT_BYTES;
+    then IVF over 8-bit codes (10M x 512 in ~5.3 GB); then IVF over 4-bit PQ codes.
+    """
+    if n * dim <= EXACT_FLOATS:
+        return "flat"
+    if n * dim * 4 <= FLOAT_BYTES:
+        return "hnsw"
+    if n * dim <= SQ8_BYTES:
+        return "ivfsq"
+    return "ivfpq"
+
+
+def nlist_for(n: int) -> int:
+    """Inverted lists for ``n`` vectors: a power of two near 4 sqrt(n), >= 39 vectors per list.
+
+    Powers of two, so that the factory string (and with it the store's decision to
+    rebuild, ``Store.retype``) changes only when the collection grows or shrinks ~4x,
+    not on every run that adds a photo.
+    """
+    n = max(n, 1)
+    near = 2 ** round(math.log2(4 * math.sqrt(n)))
+    most = 2 ** int(math.log2(n // 39)) if n >= 39 else 1
+    return int(max(1, min(65536, near, most)))
+
+
+def train_size(n: int, index_type: str = "auto", dim: int = 512) -> int:
+    """How many of ``n`` vectors to train ``index_type`` on: all up to 100k, else 16 per list.
+
+    k-means costs train_size * nlist * dim per iteration, so more points per list
+    would make a 10M-vector build spend most of an hour training on 2 cores.
+    """
+    desc = factory_string(index_type, n, dim)
+    nlist = _nlist_of(desc)
+    return min(n, max(100_000, TRAIN_POINTS_PER_LIST * nlist)) if nlist else min(n, 100_000)
+
+
 def factory_string(index_type: str, n: int, dim: int) -> str:
-    """The FAISS factory string (without the IDMap2 prefix) for a named type or a raw string."""
+    """The FAISS factory string (without any IDMap prefix) for a named type or a raw string."""
     kind = index_type.lower()
     if kind == "auto":
-        kind = "flat" if n <= EXACT_LIMIT else ("ivfpq" if n * dim * 4 > 8 << 30 else "hnsw")
-    nlist = max(1, min(65536, int(4 * np.sqrt(max(n, 1))), n // 39))
+        kind = auto_type(n, dim)
+    nlist = nlist_for(n)
+    ivf = f"IVF{nlist}" + ("_HNSW32" if nlist >= HNSW_QUANTIZER_NLIST else "")
     if kind == "flat":
         return "Flat"
     if kind == "hnsw":
         return "HNSW32,Flat"
     if kind == "ivf":
-        return f"IVF{nlist},Flat"
+        return f"{ivf},Flat"
+    if kind == "ivfsq":
+        return f"{ivf},SQ8"
     if kind == "ivfpq":
-        return f"IVF{nlist},PQ{_pq_m(dim)}"
+        return f"{ivf},PQ{_pq_m(dim)}x4fs"
     return index_type.removeprefix("IDMap2,").removeprefix("IDMap,")
 
 
+def default_effort(index: "faiss.Index") -> int | None:
+    """nprobe (IVF) or efSearch (HNSW) used when a search does not give ``effort``."""
+    faiss = _faiss()
+    inner = _base(index)
+    if isinstance(inner, faiss.IndexIVF):
+        return min(inner.nlist, max(IVF_NPROBE_MIN, min(IVF_NPROBE_MAX, inner.nlist // IVF_NPROBE_FRACTION)))
+    if isinstance(inner, faiss.IndexHNSW):
+        return HNSW_EF_SEARCH if inner.ntotal <= HNSW_EF_LARGE_N else HNSW_EF_SEARCH_LARGE
+    return None
+
+
+def _nlist_of(desc: str) -> int:
+    head = desc.split(",")[0]
+    if not head.startswith("IVF"):
+        return 0
+    digits = "".join(c for c in head[3:].split("_")[0] if c.isdigit())
+    return int(digits) if digits else 0
+
+
 def _pq_m(dim: int) -> int:
-    for m in (dim // 8, dim // 4, dim // 2, dim):
-        if m and dim % m == 0 and m <= 96:
+    """Sub-quantisers of 4 bits for ``dim``: dim/4 of them (dim/8 bytes per vector)."""
+    for m in (dim // 4, dim // 2, dim // 8, dim):
+        if m and dim % m == 0 and m % 2 == 0:
             return m
     return dim
 
@@ -62,13 +161,46 @@ def _faiss():
     return faiss
 
 
+def _base(index: Any) -> Any:
+    """The searched FAISS index inside our wrappers (IDMap2, Refine), downcast."""
+    faiss = _faiss()
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap):
+        index = faiss.downcast_index(index.index)
+    if isinstance(index, faiss.IndexRefine):
+        index = faiss.downcast_index(index.base_index)
+    return index
+
+
+def _describe(index: Any) -> str:
+    """A factory string for a loaded index (its class name where FAISS cannot say)."""
+    faiss = _faiss()
+    index = faiss.downcast_index(index)
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    try:
+        from faiss.contrib.factory_tools import reverse_index_factory
+
+        desc = reverse_index_factory(inner)
+    except Exception:  # noqa: BLE001 - a type the reverse factory does not know
+        return type(inner).__name__
+    return "HNSW32,Flat" if desc == "HNSW32" else desc
+
+
 class VectorIndex:
     """A FAISS index of (id, vector) pairs with inner-product search."""
 
-    def __init__(self, index: "faiss.Index", description: str) -> None:
+    def __init__(self, index: "faiss.Index", description: str, *,
+                 mapped_from: tuple[Path, os.stat_result] | None = None) -> None:
         self._index = index
         self.description = description
         self._gpu: Any = None
+        self._mapped_from = mapped_from  # (path, its stat) while the index is a read-only mapping
+        self._dead = self._count_dead()  # removed from an HNSW graph: id -1 in the id map
+
+    def _count_dead(self) -> int:
+        if not isinstance(self._index, _faiss().IndexIDMap) or self._index.ntotal == 0:
+            return 0
+        return int((_faiss().vector_to_array(self._index.id_map) < 0).sum())
 
     # -- construction ----------------------------------------------------------
     @classmethod
@@ -81,42 +213,105 @@ class VectorIndex:
             inner = faiss.index_factory(dim, desc, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
             raise UsageError(f"invalid index type {index_type!r}: {_first_line(exc)}") from exc
+        base = _base(inner)
+        if isinstance(base, faiss.IndexIVF):
+            base.cp.min_points_per_centroid = MIN_POINTS_PER_CENTROID
+            base.cp.spherical = True  # unit vectors: centroids stay on the sphere
         if not inner.is_trained:
             if train is None or len(train) < 1:
-                raise UsageError(f"index type {desc} needs training vectors")
+                raise TrainingError(f"index type {desc} needs training vectors")
+            pq = getattr(base, "pq", None)
+            if pq is not None and len(train) < 39 * (1 << pq.nbits):
+                raise TrainingError(f"index type {desc} needs at least {39 * (1 << pq.nbits)} "
+                                 f"training vectors for its PQ codebooks, not {len(train)}")
             try:
                 inner.train(np.ascontiguousarray(train, dtype=np.float32))
             except RuntimeError as exc:
-                raise UsageError(f"index type {desc} cannot be trained on {len(train)} vectors: "
+                raise TrainingError(f"index type {desc} cannot be trained on {len(train)} vectors: "
                                  f"{_first_line(exc)}") from exc
-        return cls(faiss.IndexIDMap2(inner), desc)
+        # index_factory and read_index return owning, already downcast objects: keep those
+        # (a second downcast_index would be a non-owning view of something freed with them).
+        index = inner if isinstance(inner, faiss.IndexIVF) else faiss.IndexIDMap2(inner)
+        return cls(index, desc)
 
     @classmethod
     def load(cls, path: Path, *, mmap: bool = False) -> "VectorIndex":
+        """Read ``path``; ``mmap`` maps the vectors instead of copying them (read-only until changed).
+
+        Every type FAISS 1.15 writes can be read mapped (``IO_FLAG_MMAP_IFC``: flat
+        codes, HNSW graphs and array inverted lists become views of the file); a
+        type that cannot be is read normally instead.
+        """
         faiss = _faiss()
-        try:
-            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-            index = faiss.read_index(str(path), flags)
-        except RuntimeError as exc:
-            raise CorruptIndexError(f"vector file {path} is unreadable: {_first_line(exc)}") from exc
-        if not isinstance(index, faiss.IndexIDMap2):
+        index, mapped = None, None
+        if mmap:
+            try:
+                stat = os.stat(path)
+                index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+                mapped = (Path(path), stat)
+            except (RuntimeError, OSError):
+                index = None  # fall back to a normal read, which says what is wrong
+        if index is None:
+            try:
+                index = faiss.read_index(str(path))
+            except (RuntimeError, MemoryError) as exc:  # a damaged size field asks for terabytes
+                raise CorruptIndexError(f"vector file {path} is unreadable: {_first_line(exc)}") from exc
+        if not isinstance(index, (faiss.IndexIDMap2, faiss.IndexIVF)):
             raise CorruptIndexError(f"vector file {path} is not an mmsearch index")
-        inner = faiss.downcast_index(index.index)
-        return cls(index, type(inner).__name__)
+        return cls(index, _describe(index), mapped_from=mapped)
 
     def save(self, path: Path) -> None:
         """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
         faiss = _faiss()
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+            os.close(fd)
             faiss.write_index(self._index, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            tmp = None
         except (RuntimeError, OSError) as exc:
-            Path(tmp).unlink(missing_ok=True)
             raise StorageError(f"cannot write {path}: {_first_line(exc)}") from exc
+        finally:  # also on Ctrl-C: never leave a half-written temporary file behind
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+    @property
+    def mapped(self) -> bool:
+        """True while the vectors are a read-only memory map of the file."""
+        return self._mapped_from is not None
+
+    def _writable(self) -> None:
+        """Turn a mapped index into an ordinary in-memory one before FAISS changes it.
+
+        (Changing a mapped FAISS index aborts the process.) The file is read again
+        when it is still the one mapped, else the mapped index is copied through
+        FAISS's serialiser.
+        """
+        if self._mapped_from is None:
+            return
+        faiss = _faiss()
+        path, stat = self._mapped_from
+        try:
+            now = os.stat(path)
+            same = (now.st_ino, now.st_size, now.st_mtime_ns) == (stat.st_ino, stat.st_size,
+                                                                  stat.st_mtime_ns)
+        except OSError:
+            same = False
+        index = None
+        if same:
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError:
+                index = None
+        if index is None:
+            index = faiss.deserialize_index(faiss.serialize_index(self._index))
+        self._index = index
+        self._mapped_from = None
+        self._gpu = None
+        self._dead = self._count_dead()
 
     # -- contents --------------------------------------------------------------
     @property
@@ -125,17 +320,33 @@ class VectorIndex:
 
     @property
     def ntotal(self) -> int:
-        return int(self._index.ntotal)
+        """Vectors held (removed ones not counted)."""
+        return int(self._index.ntotal) - self._dead
 
     @property
     def is_exact(self) -> bool:
         return self.description in ("Flat", "IndexFlatIP", "IndexFlat")
 
+    @property
+    def _has_id_map(self) -> bool:
+        return isinstance(self._index, _faiss().IndexIDMap)
+
     def ids(self) -> np.ndarray:
-        return _faiss().vector_to_array(self._index.id_map).astype(np.int64)
+        faiss = _faiss()
+        if self._has_id_map:
+            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            return ids[ids >= 0] if self._dead else ids
+        invlists = self._index.invlists
+        parts = []
+        for lst in range(self._index.nlist):
+            size = invlists.list_size(lst)
+            if size:
+                parts.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
+            self._writable()
             self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                      np.ascontiguousarray(ids, dtype=np.int64))
             self._gpu = None
@@ -145,15 +356,48 @@ class VectorIndex:
         if not len(ids):
             return True
         faiss = _faiss()
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if isinstance(_base(self._index), faiss.IndexHNSW):
+            return self._remove_from_graph(ids)
+        self._writable()
         try:
-            self._index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
+            self._index.remove_ids(faiss.IDSelectorBatch(ids))
         except RuntimeError:
             return False
         self._gpu = None
         return True
 
+    def _remove_from_graph(self, ids: np.ndarray) -> bool:
+        """Mark ``ids`` dead in the id map (-1): the graph keeps them as waypoints, searches
+        skip them. False (nothing changed) once too many would be dead: rebuild then."""
+        faiss = _faiss()
+        id_map = faiss.vector_to_array(self._index.id_map)
+        gone = np.isin(id_map, ids) & (id_map >= 0)
+        if not gone.any():
+            return True
+        if self._dead + int(gone.sum()) > MAX_DEAD_FRACTION * len(id_map):
+            return False
+        self._writable()
+        id_map[gone] = -1
+        faiss.copy_array_to_vector(id_map, self._index.id_map)
+        self._index.construct_rev_map()
+        self._dead = int((id_map < 0).sum())
+        self._gpu = None
+        return True
+
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) reconstructed from the index (exact only for Flat)."""
+        if not self._has_id_map:
+            index = self._index
+            ids, vecs = [], []
+            for lst in range(index.nlist):
+                for offset in range(index.invlists.list_size(lst)):
+                    ids.append(index.invlists.get_single_id(lst, offset))
+                    out = np.empty(self.dim, np.float32)
+                    index.reconstruct_from_offset(lst, offset, _faiss().swig_ptr(out))
+                    vecs.append(out)
+            return (np.asarray(ids, np.int64),
+                    np.vstack(vecs) if vecs else np.zeros((0, self.dim), np.float32))
         ids = self.ids()
         vecs = np.vstack([self._index.reconstruct(int(i)) for i in ids]) if len(ids) else \
             np.zeros((0, self.dim), np.float32)
@@ -162,36 +406,82 @@ class VectorIndex:
     # -- search ------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, *, subset: np.ndarray | None = None,
                effort: int | None = None) -> SearchResult:
-        """Top-``k`` by inner product; ``subset`` restricts to those ids."""
+        """Top-``k`` by inner product; ``subset`` restricts to those ids.
+
+        ``effort`` is nprobe (IVF) or efSearch (HNSW); by default :func:`default_effort`,
+        raised in proportion when ``subset`` keeps only a fraction of the index so
+        that a restricted search still finds its ``k``.
+        """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = min(k, self.ntotal)
         if k <= 0:
             empty = np.zeros((len(queries), 0))
             return SearchResult(empty.astype(np.float32), empty.astype(np.int64))
-        params = self._params(subset, effort)
+        params, keep = self._params(subset, effort, k)
         if params is None and self._gpu_index() is not None:
             scores, ids = self._gpu_search(queries, k)
         else:
             scores, ids = self._index.search(queries, k, params=params)
+        del keep
         return SearchResult(np.where(ids < 0, -np.inf, scores).astype(np.float32), ids)
 
-    def _params(self, subset: np.ndarray | None, effort: int | None) -> Any:
+    def _params(self, subset: np.ndarray | None, effort: int | None, k: int) -> tuple[Any, list]:
+        """FAISS search parameters and the Python objects they point to (kept alive by the caller)."""
         faiss = _faiss()
-        inner = faiss.downcast_index(self._index.index)
-        sel = None if subset is None else faiss.IDSelectorBatch(np.ascontiguousarray(subset, np.int64))
+        outer = faiss.downcast_index(self._index.index) if self._has_id_map else self._index
+        inner = _base(self._index)
+        keep: list = []
+        sel = None
+        if subset is not None:
+            subset = np.ascontiguousarray(subset, np.int64)
+            sel = faiss.IDSelectorBatch(subset)
+            keep += [subset, sel]
+        elif self._dead:  # removed vectors have id -1 in the id map: keep ids >= 0
+            sel = faiss.IDSelectorRange(0, np.iinfo(np.int64).max)
+            keep.append(sel)
+        scale = 1.0 if subset is None else self.ntotal / max(len(subset), 1)
+        params = None
         if isinstance(inner, faiss.IndexIVF):
-            nprobe = effort or min(inner.nlist, max(16, inner.nlist // 16))
-            return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
-        if isinstance(inner, faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(sel=sel, efSearch=effort or 128)
-        return None if sel is None else faiss.SearchParameters(sel=sel)
+            nprobe = effort or default_effort(inner)
+            nprobe = int(min(inner.nlist, math.ceil(nprobe * scale)))
+            params = faiss.SearchParametersIVF()
+            params.nprobe = nprobe
+            quantizer = faiss.downcast_index(inner.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):
+                qp = faiss.SearchParametersHNSW()
+                qp.efSearch = max(64, 2 * nprobe)
+                params.quantizer_params = qp
+                keep.append(qp)
+        elif isinstance(inner, faiss.IndexHNSW):
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = int(min(1 << 16, max(k, math.ceil((effort or default_effort(inner)) * scale))))
+        if params is not None and sel is not None:
+            params.sel = sel
+        if isinstance(outer, faiss.IndexRefine):
+            refine = faiss.IndexRefineSearchParameters()
+            refine.k_factor = float(max(outer.k_factor, REFINE_K_FACTOR))
+            if params is None and sel is not None:
+                params = faiss.SearchParameters()
+                params.sel = sel
+            if params is not None:
+                refine.base_index_params = params
+                keep.append(params)
+            if sel is not None:
+                refine.sel = sel
+            params = refine
+        if params is None and sel is not None:
+            params = faiss.SearchParameters()
+            params.sel = sel
+        keep.append(params)
+        return params, keep
 
     def _gpu_index(self) -> Any:
         faiss = _faiss()
         if self._gpu is None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             try:
                 res = faiss.StandardGpuResources()
-                self._gpu = (res, faiss.index_cpu_to_gpu(res, 0, self._index.index))
+                cpu = self._index.index if self._has_id_map else self._index
+                self._gpu = (res, faiss.index_cpu_to_gpu(res, 0, cpu))
             except RuntimeError:
                 self._gpu = False  # this index type has no GPU version: stay on the CPU
         return self._gpu or None
@@ -199,6 +489,8 @@ class VectorIndex:
     def _gpu_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         _, gpu = self._gpu
         scores, pos = gpu.search(queries, k)
+        if not self._has_id_map:
+            return scores, pos  # IVF lists hold the catalog ids themselves
         id_map = self.ids()
         return scores, np.where(pos >= 0, id_map[np.clip(pos, 0, None)], -1)
 
