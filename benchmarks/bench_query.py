@@ -249,6 +249,11 @@ t6 = time.perf_counter()
 for h in hits:
     print(f"{h.rank:>3}  {h.score:.4f}  {h.path}", file=sys.stderr)
 t7 = time.perf_counter()
+engine.embed_texts(["a blue bicycle"])
+t8 = time.perf_counter()
+torch.set_num_threads(1)
+engine.embed_texts(["a green tractor"])
+t9 = time.perf_counter()
 from mmsearch.vectors import VectorIndex
 t = time.perf_counter(); VectorIndex.load(engine.store.root / "images.faiss", mmap=True); mm = time.perf_counter() - t
 t = time.perf_counter(); VectorIndex.load(engine.store.root / "images.faiss"); rd = time.perf_counter() - t
@@ -256,8 +261,67 @@ print(json.dumps({"imports_s": t1 - t0, "import_torch_s": ta - t1, "import_open_
                   "store_open_s": t2 - tb, "faiss_load_and_check_s": t3 - t2,
                   "model_load_s": t4 - t3, "encode_s": t5 - t4, "search_s": t6 - t5, "print_s": t7 - t6,
                   "faiss_read_only_s": rd, "faiss_mmap_only_s": mm,
+                  "second_encode_default_threads_s": t8 - t7, "third_encode_1_thread_s": t9 - t8,
                   "image_tower_loaded": engine._embedder is not None,
                   "text_model_has_visual": getattr(emb._model, "visual", None) is not None}))
+"""
+
+# A prototype of a lean text-query path (not the engine's code): only torch is imported
+# (open_clip's tokenizer file is loaded by path, so neither open_clip nor torchvision nor
+# torch._dynamo get imported), the text weights are memory-mapped from the checkpoint, and
+# the text tower is ~20 lines of torch.nn.functional over them; it must give the engine's
+# vector to the last bit (checked below).
+LEAN = r"""
+import time, sys, json
+t0 = time.perf_counter()
+import importlib.util, os
+import torch
+torch.set_num_threads(int(os.environ.get("LEAN_THREADS", "1")))
+import torch.nn.functional as F
+t1 = time.perf_counter()
+spec = importlib.util.find_spec("open_clip")          # locates the package without importing it
+tok_path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
+tspec = importlib.util.spec_from_file_location("_oc_tokenizer", tok_path)
+tokmod = importlib.util.module_from_spec(tspec); tspec.loader.exec_module(tokmod)
+tokenizer = tokmod.SimpleTokenizer()
+t2 = time.perf_counter()
+sd = torch.load(sys.argv[1], map_location="cpu", mmap=True, weights_only=True)
+sd = sd.get("state_dict", sd)
+W = {k: v for k, v in sd.items() if not k.startswith("visual.")}
+layers = 1 + max(int(k.split(".")[2]) for k in W if k.startswith("transformer.resblocks."))
+width = W["positional_embedding"].shape[1]; heads = width // 64
+t3 = time.perf_counter()
+
+def encode(texts):
+    tokens = tokenizer(texts)
+    last = tokens.argmax(dim=-1)
+    n = int(last.max()) + 1
+    x = F.embedding(tokens[:, :n], W["token_embedding.weight"]) + W["positional_embedding"][:n]
+    b = x.shape[0]
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}."
+        y = F.layer_norm(x, (width,), W[p + "ln_1.weight"], W[p + "ln_1.bias"])
+        q, k, v = F.linear(y, W[p + "attn.in_proj_weight"], W[p + "attn.in_proj_bias"]).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, width)
+        x = x + F.linear(a, W[p + "attn.out_proj.weight"], W[p + "attn.out_proj.bias"])
+        y = F.layer_norm(x, (width,), W[p + "ln_2.weight"], W[p + "ln_2.bias"])
+        y = F.gelu(F.linear(y, W[p + "mlp.c_fc.weight"], W[p + "mlp.c_fc.bias"]))
+        x = x + F.linear(y, W[p + "mlp.c_proj.weight"], W[p + "mlp.c_proj.bias"])
+    x = F.layer_norm(x, (width,), W["ln_final.weight"], W["ln_final.bias"])
+    x = x[torch.arange(b), last] @ W["text_projection"]
+    return F.normalize(x, dim=-1).numpy()
+
+with torch.inference_mode():
+    t4 = time.perf_counter()
+    v = encode([sys.argv[2]])
+    t5 = time.perf_counter()
+    warm = []
+    for q in sys.argv[3:]:
+        t = time.perf_counter(); encode([q]); warm.append(time.perf_counter() - t)
+import numpy as np
+print(json.dumps({"vector": v[0].tolist(), "import_torch_s": t1 - t0, "tokenizer_s": t2 - t1, "weights_mmap_s": t3 - t2,
+                  "first_encode_s": t5 - t4, "warm_encode_p50_ms": float(np.median(warm)) * 1e3 if warm else None}))
 """
 
 MODEL_LOADS = r"""
@@ -290,7 +354,9 @@ def cold(home: Path, n: int, runs: int, ckpt: Path) -> dict:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         first = p.stdout.readline()  # the first result line: results are being printed
         walls.append(time.perf_counter() - t)
-        rest, err = p.communicate()
+        rest = p.stdout.read()
+        err = p.stderr.read()
+        p.wait()
         exits.append(time.perf_counter() - t)
         if p.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed: {err}")
@@ -314,6 +380,26 @@ def cold(home: Path, n: int, runs: int, ckpt: Path) -> dict:
             "to_exit_s": [round(w, 3) for w in exits], "median_to_exit_s": round(statistics.median(exits), 3),
             "python_startup_s": round(statistics.median(py), 3), "stages_median": med,
             "printed_lines": len(output.splitlines()), "first_line": output.splitlines()[0] if output else ""}
+
+
+def lean_path(ckpt: Path, runs: int) -> dict:
+    """The lean prototype in fresh processes (1 torch thread), checked against the engine's vector."""
+    from mmsearch.models import identify, load_embedder
+
+    out = []
+    for _ in range(runs):
+        p = subprocess.run([sys.executable, "-c", LEAN, str(ckpt), QUERY, "a dog on the beach",
+                            "two men play chess", "a man in a red jacket climbs a rock", QUERY],
+                           capture_output=True, text=True, env={**os.environ, "LEAN_THREADS": "1"})
+        if p.returncode != 0:
+            raise SystemExit(p.stderr)
+        out.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    emb = load_embedder(identify(ARCH, str(ckpt)), "cpu", image_tower=False)
+    ref = emb.encode_texts([QUERY])[0]
+    res = {k: round(statistics.median(o[k] for o in out), 4) for k in out[0] if k != "vector"}
+    res["max_abs_diff_to_engine_vector"] = float(np.abs(np.asarray(out[0]["vector"]) - ref).max())
+    res["runs"] = runs
+    return res
 
 
 def model_loads(ckpt: Path) -> dict:
@@ -365,7 +451,9 @@ def report(res: dict) -> str:
               f"{s['store_open_s']:.2f}s, FAISS load + checks {s['faiss_load_and_check_s']:.2f}s "
               f"(read alone {s['faiss_read_only_s']:.3f}s, mmap alone {s['faiss_mmap_only_s']:.3f}s), "
               f"text tower build {s['model_load_s']:.2f}s, encode {s['encode_s'] * 1e3:.1f} ms, search "
-              f"{s['search_s'] * 1e3:.1f} ms, print {s['print_s'] * 1e3:.1f} ms",
+              f"{s['search_s'] * 1e3:.1f} ms, print {s['print_s'] * 1e3:.1f} ms; then a 2nd encode "
+              f"{s['second_encode_default_threads_s'] * 1e3:.0f} ms ({res['machine'].get('torch_threads')} "
+              f"torch threads), a 3rd with 1 thread {s['third_encode_1_thread_s'] * 1e3:.0f} ms",
               f"  image tower loaded: {s['image_tower_loaded']}, text model holds a visual tower: "
               f"{s['text_model_has_visual']}; printed {c['printed_lines']} lines, first: {c['first_line']!r}",
               ""]
@@ -377,6 +465,23 @@ def report(res: dict) -> str:
               f"from checkpoint {m['full_clip_from_checkpoint_s']:.2f}s, full CLIP random init "
               f"(--pretrained none, no text-only path) {m['full_clip_random_init_pretrained_none_s']:.2f}s",
               ""]
+    lean = res.get("lean")
+    if lean:
+        L += ["## prototype: lean text-query path (fresh process, 1 torch thread; same vector as the "
+              f"engine's, max |diff| {lean['max_abs_diff_to_engine_vector']:.1e})",
+              f"  import torch {lean['import_torch_s']:.2f}s, open_clip tokenizer loaded by path "
+              f"{lean['tokenizer_s']:.2f}s, text weights memory-mapped {lean['weights_mmap_s']:.3f}s, "
+              f"first encode {lean['first_encode_s'] * 1e3:.0f} ms, warm encode p50 "
+              f"{lean['warm_encode_p50_ms']:.1f} ms (median of {lean['runs']} runs)"]
+        for c in res["cold"]:
+            s = c["stages_median"]
+            est = (c["python_startup_s"] + s["imports_s"] + lean["import_torch_s"] + lean["tokenizer_s"]
+                   + lean["weights_mmap_s"] + s["store_open_s"] + s["faiss_mmap_only_s"]
+                   + lean["first_encode_s"] + s["search_s"])
+            L.append(f"  estimated cold query at {c['n']:,} with it and a memory-mapped FAISS file "
+                     f"(measured stages added up, store checks left out): {est:.2f} s "
+                     f"(measured now: {c['median_s']:.2f} s)")
+        L.append("")
     for note in res.get("notes", []):
         L.append(f"note: {note}")
     return "\n".join(L) + "\n"
@@ -427,6 +532,8 @@ def main() -> None:
             _machine.write_results(args.stem, report(res), res)
     torch.set_num_threads(default_threads)
     res["model_loads"] = model_loads(ckpt)
+    progress("lean text path prototype")
+    res["lean"] = lean_path(ckpt, args.cold_runs)
     for n in [int(s) for s in args.cold_sizes.split(",") if s]:
         if n in sizes:
             progress(f"cold CLI at {n:,}")
