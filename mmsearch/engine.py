@@ -125,7 +125,7 @@ class Engine:
             report = ingest.run(self.store, lambda: self.embedder,
                                 [Path(p).expanduser() for p in paths],
                                 batch_size=s.batch_size, workers=s.workers, draft=s.draft,
-                                progress=progress or ingest._noop, stop=stop)
+                                progress=progress or ingest.no_progress, stop=stop)
             self.store.retype(s.index_type)
             return report
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from mmsearch import metrics
+from mmsearch.ingest import no_progress
 from mmsearch.errors import DatasetError, UsageError
 from mmsearch.models import NO_WEIGHTS, ModelIdentity, identify, pick_device
 
@@ -124,7 +125,7 @@ def evaluate(dataset: "RetrievalDataset", *, settings: "Settings", index_type: s
 
     start = time.perf_counter()
     cut_offs = _check_ks(ks)
-    progress = progress or _noop
+    progress = progress or no_progress
     identity = identify(settings.model, settings.pretrained)
     name = eval_index_name(dataset.name, dataset.split, identity, settings.draft)
     eval_settings = settings.with_(index=name, index_type="flat")
@@ -153,10 +154,6 @@ def evaluate(dataset: "RetrievalDataset", *, settings: "Settings", index_type: s
         search_seconds=search_seconds, eval_seconds=time.perf_counter() - start,
         approx_overlap=overlap,
         notes=[*_notes(identity, report.embedded, dataset.n_images), *filter(None, [index_note])])
-
-
-def _noop(stage: str, done: int, total: int) -> None:
-    pass
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:

@@ -75,7 +75,7 @@ class _Plan:
     remove: list[StoredImage] = field(default_factory=list)
 
 
-def _noop(stage: str, done: int, total: int) -> None:
+def no_progress(stage: str, done: int, total: int) -> None:
     pass
 
 
@@ -173,7 +173,7 @@ def _hash_all(paths: list[Path], workers: int, progress: Progress, report: Index
 
 
 def run(store: "Store", embedder: "Embedder | Callable[[], Embedder]", roots: Iterable[Path], *, batch_size: int = 32,
-        workers: int = 0, draft: bool = True, progress: Progress = _noop,
+        workers: int = 0, draft: bool = True, progress: Progress = no_progress,
         stop: threading.Event | None = None, commit_every: int | None = None,
         save_every: float | None = None) -> IndexReport:
     """Bring the index in line with ``roots``. The caller holds the store's write lock.
