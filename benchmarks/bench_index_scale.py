@@ -298,9 +298,17 @@ def main() -> None:
     ap.add_argument("--flat-from", type=Path, default=None,
                     help="a smaller run's JSON whose Flat QPS is extrapolated (when flat is not run)")
     ap.add_argument("--keep", action="store_true", help="keep the index files")
+    ap.add_argument("--note", action="append", default=[], help="a line added to the report")
+    ap.add_argument("--renote", type=Path, default=None,
+                    help="rewrite a results JSON's report with --note lines added (no measuring)")
     ap.add_argument("--measure", nargs=4, metavar=("INDEX", "GT", "EFFORTS", "THREADS"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.renote:
+        res = json.loads(args.renote.read_text())
+        res["notes"] = list(dict.fromkeys(res.get("notes", []) + args.note))
+        _machine.write_results(args.renote.stem, report(res), res)
+        return
     if args.measure:
         idx, gt, efforts, threads = args.measure
         print(json.dumps(measure(Path(idx), Path(gt), [int(e) for e in efforts.split(",") if e],
@@ -320,7 +328,7 @@ def main() -> None:
     res: dict = {"benchmark": "bench_index_scale", "n": n, "dim": dim, "queries": args.queries,
                  "k": K, "threads": args.threads, "machine": info, "distribution": mix.describe(),
                  "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "types": [],
-                 "notes": []}
+                 "notes": list(args.note)}
     progress(f"ground truth over {n:,} x {dim}")
     truth, truth_s, gt_search = ground_truth(mix, n, args.chunk, q)
     res["gt_search_s"], res["gt_qps"] = round(gt_search, 2), round(len(q) / gt_search, 3)
