@@ -14,7 +14,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from mmsearch.models import Embedder
+
+Identity = tuple[int, int]  # (size, mtime_ns) of a file, as the scan saw it
+CHANGED = "changed while being indexed; run index again"
 
 
 @dataclass
@@ -52,10 +55,18 @@ def default_workers() -> int:
     return max(1, min(8, cores))
 
 
-def prepare(path: Path, embedder: "Embedder", draft_size: int | None) -> tuple[Any, float, float]:
-    """Decode one file into the model's input; returns (input, decode s, prepare s)."""
+def prepare(path: Path, embedder: "Embedder", draft_size: int | None,
+            expect: Identity | None = None) -> tuple[Any, float, float]:
+    """Decode one file into the model's input; returns (input, decode s, prepare s).
+
+    ``expect``: the (size, mtime_ns) the scan recorded before hashing; a file that no
+    longer has it once decoded fails with `CHANGED`, so its vector is never stored
+    under the hash of other content.
+    """
     t0 = time.perf_counter()
     image = load_image(path, draft_size=draft_size)
+    if expect is not None:
+        check_unchanged(path, expect)
     t1 = time.perf_counter()
     try:
         return embedder.prepare(image), t1 - t0, time.perf_counter() - t1
@@ -63,14 +74,30 @@ def prepare(path: Path, embedder: "Embedder", draft_size: int | None) -> tuple[A
         raise DecodeError(f"preprocessing failed: {exc}") from exc
 
 
+def check_unchanged(path: Path, expect: Identity) -> None:
+    """Raise `DecodeError` unless ``path`` still has the (size, mtime_ns) ``expect``."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DecodeError(CHANGED) from exc
+    if (st.st_size, st.st_mtime_ns) != expect:
+        raise DecodeError(CHANGED)
+
+
 def embed_paths(embedder: "Embedder", paths: Sequence[Path], *, batch_size: int = 32,
-                workers: int = 0, draft: bool = True,
-                times: StageTimes | None = None) -> Iterator[Batch]:
-    """Yield :class:`Batch` es covering ``paths`` in order; undecodable files go to ``failed``."""
+                workers: int = 0, draft: bool = True, times: StageTimes | None = None,
+                expect: Mapping[Path, Identity] | None = None) -> Iterator[Batch]:
+    """Yield :class:`Batch` es covering ``paths`` in order; undecodable files go to ``failed``.
+
+    ``expect``: per path, the (size, mtime_ns) it must still have after decoding
+    (checked in the decode thread); a file that changed meanwhile goes to ``failed``.
+    """
     draft_size = embedder.image_size if draft else None
     workers = workers or default_workers()
+    expect = expect or {}
     with ThreadPoolExecutor(workers, thread_name_prefix="mmsearch-decode") as pool:
-        tensors = _prefetch(pool, paths, lambda p: prepare(p, embedder, draft_size),
+        tensors = _prefetch(pool, paths,
+                            lambda p: prepare(p, embedder, draft_size, expect.get(p)),
                             ahead=max(2 * batch_size, 4 * workers))
         times = times if times is not None else StageTimes()
         for chunk in _batches(tensors, batch_size):

@@ -11,6 +11,8 @@ saved at the end of the run (and every ``save_every`` seconds during a long one)
 so a run killed at any moment leaves every finished batch in the catalog, and the
 next open brings the FAISS file up to date from it. A changed file gets a new id
 (its old row is deleted in the same transaction), so an id never changes vector.
+A file rewritten between its scan and its decoding is reported, not stored (its
+vector would be filed under the old content's hash); the next run takes it.
 A ``stop`` event ends the run after the current batch, with everything done committed.
 """
 
@@ -287,7 +289,8 @@ def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", to
     pending: list[tuple[StoredImage, np.ndarray, int | None]] = []
     done = 0
     progress("embed", 0, len(jobs))
-    for batch in embed_paths(embedder, list(jobs), **options):
+    expect = {f.path: (f.size, f.mtime_ns) for f, _, _ in todo.embed}
+    for batch in embed_paths(embedder, list(jobs), expect=expect, **options):
         for path, reason in batch.failed:
             report.skipped.append(Skipped(str(path), reason))
         for path, vec in zip(batch.paths, batch.vectors):

@@ -12,7 +12,8 @@ from conftest import draw_shapes
 from PIL import Image
 
 import tinyclip
-from mmsearch import Engine
+from mmsearch import Engine, embed
+from mmsearch.decode import content_hash
 from mmsearch.errors import (EmptyIndexError, IndexNotFoundError, ModelMismatchError,
                              UsageError)
 
@@ -116,6 +117,44 @@ def test_incremental_reindex(engine: Engine, tmp_path: Path) -> None:
     assert engine.search("a yellow circle", k=1)[0].path.name == "yellow_square_0.png"
     info = engine.info()
     assert (info.images, info.distinct_images) == (13, 12)
+
+
+def stored_vector(engine: Engine, path: Path) -> np.ndarray:
+    ids = [i for i, p in engine.store.catalog.all_image_paths() if p == str(path)]
+    assert len(ids) == 1, f"{path} is not indexed once"
+    return engine.store.catalog.image_vectors(engine.store.dim, ids)[1][0]
+
+
+def test_a_file_rewritten_between_hash_and_decode_is_not_stored(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "lib"
+    draw_shapes(folder, per_combo=1)
+    victim = folder / "red_circle_0.png"
+    old_bytes, old_hash = victim.read_bytes(), content_hash(victim)
+    real_load = embed.load_image
+
+    def rewrite_then_load(path: Path, **kwargs: object) -> Image.Image:
+        if path == victim and content_hash(victim) == old_hash:  # hashed already: rewrite once
+            tinyclip.draw_shape("yellow", "triangle", seed=60).save(victim)
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(embed, "load_image", rewrite_then_load)
+    report = engine.index([folder])
+    monkeypatch.undo()
+    assert [(Path(s.path), s.reason) for s in report.skipped] == [(victim, embed.CHANGED)]
+    assert (report.added, report.embedded) == (11, 11)
+    assert victim not in {Path(p) for _, p in engine.store.catalog.all_image_paths()}
+    assert engine.store.catalog.known_vectors([old_hash], engine.store.dim) == {}
+
+    twin = folder / "twin.png"  # the old content again: it must get the old content's vector
+    twin.write_bytes(old_bytes)
+    again = engine.index([folder])
+    assert (again.added, again.unchanged, again.embedded, again.skipped) == (2, 11, 2, [])
+    np.testing.assert_allclose(stored_vector(engine, victim), engine.embed_image(victim)[0],
+                               atol=1e-5)
+    np.testing.assert_allclose(stored_vector(engine, twin), engine.embed_image(twin)[0],
+                               atol=1e-5)
+    assert engine.index([folder]).unchanged == 13
 
 
 def test_hostile_files_are_skipped_and_the_rest_indexed(engine: Engine, tmp_path: Path) -> None:
