@@ -233,7 +233,7 @@ class Store:
             return None, (f"{path.name} is not the file last saved (damaged, or replaced "
                           "while being read)")
         try:
-            index = VectorIndex.load(path)
+            index = VectorIndex.load(path, mmap=True)  # pages are read when searched, not at open
         except CorruptIndexError as exc:
             return None, str(exc)
         except MemoryError:  # a damaged size field: FAISS asked for absurd amounts of memory
@@ -256,7 +256,10 @@ class Store:
 
     def _sync(self, kind: Kind, index: VectorIndex) -> VectorIndex:
         """Bring ``index`` in line with the catalog's ids (ids never change vector)."""
-        have, want = index.ids(), self._catalog_ids(kind)
+        have = index.ids()
+        if _summary(have) == self.catalog.id_summary(kind):
+            return index  # ids are unique on both sides and never reused: the same set
+        want = self._catalog_ids(kind)
         extra = np.setdiff1d(have, want, assume_unique=True)
         missing = np.setdiff1d(want, have, assume_unique=True)
         if not extra.size and not missing.size:
@@ -473,6 +476,19 @@ def _fingerprint(path: Path) -> str:
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
     return f"{size}:{crc:08x}"
+
+
+def _summary(ids: np.ndarray) -> tuple[int, int, int, int]:
+    """(count, min, max, sum) of unique ids, as :meth:`Catalog.id_summary` gives them.
+
+    Ids are never reused and each new one is above all earlier ones, so additions
+    the file lacks raise the catalog's max and deletions it lacks change the count;
+    the sum guards the rest. Any difference sends :meth:`Store._sync` to the full
+    comparison of the id lists.
+    """
+    if not ids.size:
+        return 0, 0, 0, 0
+    return int(ids.size), int(ids.min()), int(ids.max()), int(ids.sum())
 
 
 def _sample(vecs: np.ndarray, limit: int = 100_000) -> np.ndarray | None:
