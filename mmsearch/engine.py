@@ -22,7 +22,8 @@ from mmsearch.decode import load_image, to_rgb
 from mmsearch.discover import canonical_root
 from mmsearch.errors import UsageError
 from mmsearch.ingest import IndexReport, Progress
-from mmsearch.models import Embedder, ModelIdentity, check_loaded, identify, load_embedder
+from mmsearch.models import (Embedder, ModelIdentity, TextEncoder, check_loaded, identify,
+                             load_embedder, load_text_encoder)
 from mmsearch.search import (ImageHit, TextHit, check_k, check_text_query, search_images,
                              search_texts)
 from mmsearch.settings import Settings, resolve
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Engine", "ImageHit", "TextHit", "IndexReport", "IndexInfo", "TextReport"]
 ImageQuery = "str | Path | Image.Image"
+WEIGHTS_FILE = "weights_file"  # catalog meta: the cached file of a tag's weights
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Engine:
         stored = self.store.model
         self.identity = check_loaded(stored, asked) if stored else (asked or identify(None, None))
         self._embedder: Embedder | None = None
-        self._text_embedder: Embedder | None = None
+        self._text_embedder: TextEncoder | None = None
 
     @classmethod
     def open(cls, index: str = "default", *, home: str | Path | None = None,
@@ -96,18 +98,28 @@ class Engine:
         return self._embedder
 
     @property
-    def text_embedder(self) -> Embedder:
+    def text_embedder(self) -> TextEncoder:
         """The model for text queries: the full one if loaded, else the text tower alone."""
         if self._embedder is not None:
             return self._embedder
         if self._text_embedder is None:
-            self._text_embedder = load_embedder(self.identity, self.settings.device,
-                                                image_tower=False)
+            self._text_embedder = load_text_encoder(
+                self.identity, self.settings.device,
+                weights_path=self.store.catalog.get_meta(WEIGHTS_FILE))
         return self._text_embedder
 
     def _ensure_model_recorded(self) -> None:
         if self.store.model is None:
             self.store.set_model(self.identity, self.embedder.embed_dim)
+        self._record_weights_file()
+
+    def _record_weights_file(self) -> None:
+        """Remember where a tag's weights were cached, for text queries that skip open_clip."""
+        if self._embedder is None or not self.identity.fingerprint.startswith("tag:"):
+            return
+        path = self._embedder.weights_path
+        if path and self.store.catalog.get_meta(WEIGHTS_FILE) != path:
+            self.store.catalog.set_meta(WEIGHTS_FILE, path)
 
     # -- writing ---------------------------------------------------------------
     def index(self, paths: Sequence[str | Path], *, progress: Progress | None = None,
@@ -126,6 +138,7 @@ class Engine:
                                 [Path(p).expanduser() for p in paths],
                                 batch_size=s.batch_size, workers=s.workers, draft=s.draft,
                                 progress=progress or ingest.no_progress, stop=stop)
+            self._record_weights_file()
             self.store.retype(s.index_type)
             return report
 

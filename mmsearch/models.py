@@ -122,19 +122,64 @@ def pick_device(device: str) -> str:
     return device
 
 
-class Embedder:
+class TextEncoder:
+    """Texts in, vectors out, with a small cache for repeated texts (shared by both loaders)."""
+
+    identity: ModelIdentity
+    device: str
+    has_image_tower = False
+
+    def __init__(self, identity: ModelIdentity, device: str) -> None:
+        self.identity = identity
+        self.device = device
+        self._text_cache: OrderedDict[str, "np.ndarray"] = OrderedDict()
+
+    def encode_texts(self, texts: Sequence[str]) -> "np.ndarray":
+        """Embed texts; returns (N, D) float32, L2-normalised. Repeated texts hit a small cache."""
+        import numpy as np
+
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            for text, vec in zip(missing, self._encode_uncached(missing)):
+                self._text_cache[text] = vec
+        for t in texts:
+            self._text_cache.move_to_end(t)
+        while len(self._text_cache) > 1024:
+            self._text_cache.popitem(last=False)
+        return np.stack([self._text_cache[t] for t in texts]).astype(np.float32, copy=False)
+
+    def _encode_uncached(self, texts: list[str]) -> "np.ndarray":
+        raise NotImplementedError
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.encode_texts([""]).shape[1])
+
+
+class _PlainTextEncoder(TextEncoder):
+    """Text queries through :mod:`mmsearch.texttower` (no open_clip import)."""
+
+    def __init__(self, identity: ModelIdentity, tower: Any) -> None:
+        super().__init__(identity, "cpu")
+        self._tower = tower
+
+    def _encode_uncached(self, texts: list[str]) -> "np.ndarray":
+        return self._tower.encode(texts)
+
+
+class Embedder(TextEncoder):
     """A loaded open_clip model: ``encode_images`` and ``encode_texts``."""
 
     def __init__(self, identity: ModelIdentity, model: Any, preprocess: Callable,
-                 tokenizer: Callable, device: str) -> None:
+                 tokenizer: Callable, device: str, weights_path: str | None = None) -> None:
         import open_clip
 
-        self.identity = identity
-        self.device = device
+        super().__init__(identity, device)
+        #: the checkpoint file the weights came from (a tag's: where open_clip cached it)
+        self.weights_path = weights_path
         self._model = model
         self.preprocess: Callable[["Image.Image"], "torch.Tensor"] = preprocess
         self._tokenizer = tokenizer
-        self._text_cache: OrderedDict[str, "np.ndarray"] = OrderedDict()
         self.has_image_tower = preprocess is not None
         cfg = open_clip.get_model_preprocess_cfg(model) if self.has_image_tower else {}
         size = cfg.get("size", 224)
@@ -163,10 +208,6 @@ class Embedder:
         batch = torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).float().div_(255)
         return batch.sub_(mean).div_(std).contiguous()
 
-    @property
-    def embed_dim(self) -> int:
-        return int(self.encode_texts([""]).shape[1])
-
     def _autocast(self):
         import contextlib
 
@@ -184,20 +225,6 @@ class Embedder:
             feats = self._model.encode_image(batch.to(self.device, non_blocking=True))
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy()
-
-    def encode_texts(self, texts: Sequence[str]) -> "np.ndarray":
-        """Embed texts; returns (N, D) float32, L2-normalised. Repeated texts hit a small cache."""
-        import numpy as np
-
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        if missing:
-            for text, vec in zip(missing, self._encode_uncached(missing)):
-                self._text_cache[text] = vec
-        for t in texts:
-            self._text_cache.move_to_end(t)
-        while len(self._text_cache) > 1024:
-            self._text_cache.popitem(last=False)
-        return np.stack([self._text_cache[t] for t in texts]).astype(np.float32, copy=False)
 
     def _encode_uncached(self, texts: list[str]) -> "np.ndarray":
         import torch
@@ -276,12 +303,47 @@ def load_embedder(identity: ModelIdentity, device: str = "auto", *,
         raise ModelError(f"unknown model architecture {identity.arch!r} "
                          "(see `python -c 'import open_clip; print(open_clip.list_models())'`)")
     dev = pick_device(device)
+    if identity.fingerprint.startswith("file:"):
+        _checked_file(identity)
     pretrained = None if identity.pretrained == NO_WEIGHTS else identity.pretrained
     text_only = None if image_tower or pretrained is None else _create_text_only(identity, dev)
     model, preprocess = (text_only, None) if text_only is not None else _create(identity, pretrained, dev)
     model.eval()
     tokenizer = open_clip.get_tokenizer(identity.arch)
-    return Embedder(identity, model, preprocess, tokenizer, dev)
+    weights = identity.pretrained if identity.fingerprint.startswith("file:") else (
+        _tag_file(identity) if pretrained else None)
+    return Embedder(identity, model, preprocess, tokenizer, dev, weights)
+
+
+def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,
+                      weights_path: str | None = None) -> TextEncoder:
+    """What text queries need, loaded the cheapest way that gives the same vectors.
+
+    On the CPU, for a plain CLIP text tower whose weights are a file (a local
+    checkpoint, or ``weights_path``: where a tag's download was cached), that is
+    :mod:`mmsearch.texttower` -- torch only, weights memory-mapped, open_clip not
+    imported. Otherwise it is open_clip's model with the text tower alone.
+    """
+    if identity.fingerprint.startswith("file:"):
+        weights_path = _checked_file(identity)
+    if weights_path and Path(weights_path).is_file() and pick_device(device) == "cpu":
+        from mmsearch import texttower
+
+        tower = texttower.load(identity.arch, identity.config_path, weights_path)
+        if tower is not None:
+            return _PlainTextEncoder(identity, tower)
+    return load_embedder(identity, device, image_tower=False)
+
+
+def _checked_file(identity: ModelIdentity) -> str:
+    """The checkpoint path of a file identity, refusing a file whose weights have changed."""
+    path = Path(identity.pretrained)
+    if not path.is_file():
+        raise ModelError(f"checkpoint file not found: {path} (pass --pretrained with its new place)")
+    if _file_fingerprint(path) != identity.fingerprint:
+        raise ModelMismatchError(f"checkpoint {path} is not the file this index was built with "
+                                 "(its contents changed); pass --pretrained with the original file")
+    return str(path)
 
 
 def _create(identity: ModelIdentity, pretrained: str | None, device: str) -> tuple[Any, Callable]:
@@ -316,13 +378,9 @@ def _create_text_only(identity: ModelIdentity, device: str) -> Any:
     from open_clip.model import CLIP
 
     if identity.fingerprint.startswith("tag:"):
-        cfg = open_clip.get_pretrained_cfg(identity.arch, identity.pretrained)
-        if not cfg or identity.pretrained == "openai":  # OpenAI's are TorchScript archives
-            return None
-        try:
-            path = open_clip.download_pretrained(cfg)
-        except Exception:
-            return None  # the full path reports the download error
+        path = _tag_file(identity)
+        if path is None or identity.pretrained == "openai":  # OpenAI's are TorchScript archives
+            return None  # (and a failed download is reported by the full path)
     else:
         path = identity.pretrained
     with torch.device("meta"), _quiet_open_clip():
@@ -342,6 +400,18 @@ def _create_text_only(identity: ModelIdentity, device: str) -> Any:
     length = model.positional_embedding.shape[0]
     model.attn_mask = torch.full((length, length), float("-inf")).triu_(1)
     return model.to(device)
+
+
+def _tag_file(identity: ModelIdentity) -> str | None:
+    """The local file of a tag's weights (downloading them if needed), or None."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(identity.arch, identity.pretrained)
+    try:
+        path = open_clip.download_pretrained(cfg) if cfg else None
+    except Exception:  # noqa: BLE001 - offline, or an unusual hub layout
+        return None
+    return str(path) if path and Path(path).is_file() else None
 
 
 @contextlib.contextmanager
@@ -365,4 +435,4 @@ def check_loaded(stored: ModelIdentity, asked: ModelIdentity | None) -> ModelIde
 
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "NO_WEIGHTS", "ModelIdentity", "Embedder",
-           "identify", "load_embedder", "check_loaded", "pick_device", "ModelMismatchError"]
+           "TextEncoder", "identify", "load_embedder", "load_text_encoder", "check_loaded", "pick_device", "ModelMismatchError"]
