@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import threading
@@ -248,7 +249,26 @@ app.command("eval")(eval_command)
 
 
 def main() -> None:
-    app(prog_name="mmsearch")
+    """The console script. Once a command has finished and its output is flushed, a process
+    that loaded torch ends at once: tearing torch and FAISS down costs ~0.7 s after the
+    results are on screen, and there is nothing left to save (every write is committed,
+    files are closed, the kernel releases the write lock)."""
+    try:
+        app(prog_name="mmsearch")
+        code: int | str | None = 0
+    except SystemExit as exc:
+        code = exc.code
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe (e.g. `| head`): nothing more to say
+        pass
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -242,7 +242,7 @@ class Store:
         if dim is not None and index.dim != dim:
             return None, f"{path.name} has dimension {index.dim}, the catalog {dim}"
         have = index.ids()
-        if have.size != index.ntotal or np.unique(have).size != have.size:
+        if have.size != index.ntotal or not _all_distinct(have):
             return None, f"{path.name} has duplicated or inconsistent ids"
         return index, None
 
@@ -476,6 +476,12 @@ def _fingerprint(path: Path) -> str:
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
     return f"{size}:{crc:08x}"
+
+
+def _all_distinct(ids: np.ndarray) -> bool:
+    """No id twice (sorting: numpy 2's ``unique`` is ~70x slower on a million ids)."""
+    ordered = np.sort(ids)
+    return bool((ordered[1:] != ordered[:-1]).all())
 
 
 def _summary(ids: np.ndarray) -> tuple[int, int, int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,16 @@ def test_help_and_import_do_not_load_heavy_libraries() -> None:
             "heavy = [m for m in ('torch', 'open_clip', 'faiss') if m in sys.modules]\n"
             "sys.exit(1 if heavy else 0)")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_the_console_script_keeps_exit_codes_and_output(indexed: Path, home: Path) -> None:
+    """`mmsearch` as a real process (it ends without tearing torch down once output is flushed)."""
+    exe = Path(sys.executable).parent / "mmsearch"
+    env = {**os.environ, "MMSEARCH_HOME": str(home)}
+    ok = subprocess.run([str(exe), "query", "a red circle", "-k", "2", "--json"], env=env,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and len(json.loads(ok.stdout)) == 2, ok.stderr
+    bad = subprocess.run([str(exe), "query", "a red circle", "--index", "nope"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert subprocess.run([str(exe), "--help"], capture_output=True).returncode == 0
