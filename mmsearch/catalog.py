@@ -24,7 +24,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import quote
 
 import numpy as np
@@ -137,6 +137,15 @@ def fs_hint(path: Path) -> str:
 
 def to_blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def _vector_select(kind: str) -> tuple[Any, Any]:
+    """(SELECT id, vector ... ORDER BY id, the id column) for ``kind``: images or texts."""
+    if kind == "images":
+        return (select(ImageRow.id, EmbeddingRow.vector)
+                .join(EmbeddingRow, ImageRow.content_hash == EmbeddingRow.content_hash)
+                .order_by(ImageRow.id)), ImageRow.id
+    return select(TextRow.id, TextRow.vector).order_by(TextRow.id), TextRow.id
 
 
 def from_blobs(blobs: Iterable[bytes], dim: int) -> np.ndarray:
@@ -364,10 +373,20 @@ class Catalog:
 
     def image_vectors(self, dim: int, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of stored images, all or the given ids, ordered by id."""
-        query = (select(ImageRow.id, EmbeddingRow.vector)
-                 .join(EmbeddingRow, ImageRow.content_hash == EmbeddingRow.content_hash)
-                 .order_by(ImageRow.id))
-        return self._vectors(query, ImageRow.id, dim, ids)
+        return self._vectors(*_vector_select("images"), dim, ids)
+
+    def vector_chunks(self, kind: str, dim: int,
+                      size: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of every stored image (or text) in id order, ``size`` at a time,
+        so building an index over millions of vectors never holds them all in memory."""
+        query, id_col = _vector_select(kind)
+        last = -(1 << 62)
+        while True:
+            ids, vecs = self._vectors(query.where(id_col > last).limit(size), id_col, dim, None)
+            if not ids.size:
+                return
+            yield ids, vecs
+            last = int(ids[-1])
 
     def _vectors(self, query, id_col, dim: int, ids: Iterable[int] | None):
         chunks = [None] if ids is None else list(_chunks(sorted({int(i) for i in ids}), 900))
@@ -443,8 +462,7 @@ class Catalog:
             return {(r.key, r.text) for r in conn.execute(select(TextRow.key, TextRow.text))}
 
     def text_vectors(self, dim: int, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        query = select(TextRow.id, TextRow.vector).order_by(TextRow.id)
-        return self._vectors(query, TextRow.id, dim, ids)
+        return self._vectors(*_vector_select("texts"), dim, ids)
 
     def texts_by_id(self, ids: Iterable[int]) -> dict[int, tuple[str, str]]:
         out: dict[int, tuple[str, str]] = {}

@@ -41,7 +41,7 @@ from mmsearch.catalog import (Catalog, EmptyCatalogError, bad_embeddings, bad_te
 from mmsearch.errors import (CorruptIndexError, EmptyIndexError, IndexLockedError,
                              IndexNotFoundError, StorageError, TrainingError)
 from mmsearch.models import ModelIdentity
-from mmsearch.vectors import VectorIndex, factory_string
+from mmsearch.vectors import VectorIndex, factory_string, train_size
 
 Kind = Literal["images", "texts"]
 KINDS: tuple[Kind, ...] = ("images", "texts")
@@ -50,6 +50,7 @@ LOCK = "write.lock"
 FULL_CRC_LIMIT = 1 << 30   # files up to 1 GiB are checksummed whole (~0.3 s/GiB), larger ones
 CRC_EDGE = 64 << 20        # by their size and first and last 64 MiB
 CHECK_SAMPLE = 50_000      # vectors compared with the catalog by `check`
+REBUILD_CHUNK = 65_536     # vectors read from the catalog at a time when rebuilding (128 MiB at 512-d)
 
 
 @dataclass
@@ -274,19 +275,25 @@ class Store:
         return index
 
     def rebuild(self, kind: Kind, *, note: bool = True, index_type: str | None = None) -> VectorIndex:
-        """A fresh FAISS index from the catalog's vectors (trained if approximate), saved if writing."""
-        ids, vecs = self._catalog_vectors(kind)
+        """A fresh FAISS index from the catalog's vectors (trained if approximate), saved if writing.
+
+        Vectors are read and added a chunk at a time and an approximate index is trained
+        on a random sample, so memory holds the index being built, not the collection twice.
+        """
         wanted = index_type or (self.requested_type if kind == "images" else "flat")
-        dim = self.dim or (vecs.shape[1] if vecs.size else 1)
+        ids = self._catalog_ids(kind)
+        dim = self.dim or self._stored_dim() or 1
         asked = factory_string(wanted, len(ids), dim)
         try:
-            index = VectorIndex.create(dim, wanted, expected=len(ids), train=_sample(vecs))
+            index = VectorIndex.create(dim, wanted, expected=len(ids),
+                                       train=self._training_sample(kind, ids, wanted, dim))
         except TrainingError:
             if ids.size >= 10_000:
                 raise
             wanted = "flat"  # too few vectors to train an approximate index: exact is fast here
             index = VectorIndex.create(dim, wanted)
-        index.add(ids, vecs)
+        for chunk_ids, vecs in self.catalog.vector_chunks(kind, dim, REBUILD_CHUNK):
+            index.add(chunk_ids, vecs)
         if note and ids.size:
             self.repairs.append(f"{kind}.faiss rebuilt from {ids.size} stored vectors")
         self._vectors[kind] = index
@@ -295,6 +302,15 @@ class Store:
                              {f"{kind}_index": factory_string(wanted, len(ids), dim),
                               f"{kind}_index_asked": asked})
         return index
+
+    def _training_sample(self, kind: Kind, ids: np.ndarray, wanted: str,
+                         dim: int) -> np.ndarray | None:
+        """Vectors to train ``wanted`` on: a random sample of ``ids`` (None for exact types)."""
+        if not ids.size or not VectorIndex.needs_training(wanted, len(ids), dim):
+            return None
+        size = train_size(len(ids), wanted, dim)
+        chosen = ids if size >= ids.size else np.random.default_rng(0).choice(ids, size, replace=False)
+        return self._catalog_vectors(kind, chosen)[1]
 
     def save(self, kind: Kind) -> None:
         if kind in self._vectors:
@@ -495,12 +511,3 @@ def _summary(ids: np.ndarray) -> tuple[int, int, int, int]:
     if not ids.size:
         return 0, 0, 0, 0
     return int(ids.size), int(ids.min()), int(ids.max()), int(ids.sum())
-
-
-def _sample(vecs: np.ndarray, limit: int = 100_000) -> np.ndarray | None:
-    if not vecs.size:
-        return None
-    if len(vecs) <= limit:
-        return vecs
-    rng = np.random.default_rng(0)
-    return vecs[rng.choice(len(vecs), limit, replace=False)]

@@ -234,6 +234,16 @@ class VectorIndex:
         index = inner if isinstance(inner, faiss.IndexIVF) else faiss.IndexIDMap2(inner)
         return cls(index, desc)
 
+    @staticmethod
+    def needs_training(index_type: str, n: int, dim: int) -> bool:
+        """Whether ``index_type`` for ``n`` vectors must be trained (IVF, PQ, SQ): builds it empty."""
+        faiss = _faiss()
+        desc = factory_string(index_type, n, dim)
+        try:
+            return not faiss.index_factory(dim, desc, faiss.METRIC_INNER_PRODUCT).is_trained
+        except RuntimeError as exc:
+            raise UsageError(f"invalid index type {index_type!r}: {_first_line(exc)}") from exc
+
     @classmethod
     def load(cls, path: Path, *, mmap: bool = False) -> "VectorIndex":
         """Read ``path``; ``mmap`` maps the vectors instead of copying them (read-only until changed).

@@ -56,3 +56,42 @@ def test_rows_vectors_and_subtrees(tmp_path: Path) -> None:
     assert cat.images_under("/a/b")["/a/b/y.jpg"].size == 9
     assert cat.images_under("/a")["/a"].size == 1  # the update touched only its row
     cat.close()
+
+
+def test_rebuild_reads_the_catalog_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked reads cover every vector once, in id order, across gaps; the rebuilt
+    indexes (exact, and IVF trained on a sample) hold exactly the catalog's vectors."""
+    from mmsearch import store as store_module
+    from mmsearch.models import ModelIdentity
+    from mmsearch.store import Store
+
+    rng = np.random.default_rng(1)
+    vecs = rng.standard_normal((2_500, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    store = Store.open(tmp_path / "idx", create=True)
+    store.lock()
+    store.set_model(ModelIdentity("x", "none", "none"), 16)
+    rows = [StoredImage(i + 1, f"/p/{i}.jpg", 1, 1, f"h{i}") for i in range(len(vecs))]
+    store.catalog.commit_images({f"h{i}": v for i, v in enumerate(vecs)}, rows)
+    store.catalog.commit_images({}, [], delete_ids=np.arange(100, 400))  # a gap in the ids
+    store.catalog.upsert_texts([(f"k{i}", f"text {i}", vecs[i]) for i in range(150)])
+    want_ids, want = store.catalog.image_vectors(16)
+
+    chunks = list(store.catalog.vector_chunks("images", 16, size=97))
+    assert max(len(i) for i, _ in chunks) == 97
+    np.testing.assert_array_equal(np.concatenate([i for i, _ in chunks]), want_ids)
+    np.testing.assert_array_equal(np.vstack([v for _, v in chunks]), want)
+    assert sum(len(i) for i, _ in store.catalog.vector_chunks("texts", 16, size=40)) == 150
+
+    monkeypatch.setattr(store_module, "REBUILD_CHUNK", 97)
+    flat = store.rebuild("images", index_type="flat")
+    got_ids, got = flat.vectors()
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_array_equal(got, want)
+    ivf = store.rebuild("images", index_type="ivf")
+    assert not ivf.is_exact
+    np.testing.assert_array_equal(np.sort(ivf.ids()), want_ids)
+    hits = ivf.search(want[:50], 1, effort=1 << 20)  # every list probed: exact
+    np.testing.assert_array_equal(hits.ids[:, 0], want_ids[:50])
+    assert store.rebuild("texts").ntotal == 150
+    store.close()
