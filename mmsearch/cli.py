@@ -84,7 +84,7 @@ def index(
     workers: Annotated[int, typer.Option(help="Decode threads (0 = auto).")] = 0,
     draft: Annotated[bool, typer.Option(help="Fast reduced-size JPEG decoding before the "
                                         "resize (--no-draft: decode in full).")] = True,
-    index_type: Annotated[Optional[str], typer.Option(help="auto, flat, hnsw, ivf, ivfpq or a "
+    index_type: Annotated[Optional[str], typer.Option(help="auto, flat, hnsw, ivf, ivfsq, ivfpq or a "
                                                       "FAISS factory string.")] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -50,7 +50,7 @@ def eval_command(
         "--pretrained", "-p", help="open_clip pretrained tag, a local checkpoint file, or 'none' "
         "(random weights: timings only); default laion2b_s34b_b79k.")] = None,
     index_type: Annotated[str, typer.Option(
-        help="Image index searched: flat, hnsw, ivf, ivfpq or a FAISS factory string; an "
+        help="Image index searched: flat, hnsw, ivf, ivfsq, ivfpq or a FAISS factory string; an "
         "approximate one is also compared with exact search.")] = "flat",
     home: Annotated[Optional[Path], typer.Option(
         help="Data directory for the (reused) evaluation index (env MMSEARCH_HOME).")] = None,

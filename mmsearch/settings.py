@@ -44,7 +44,7 @@ class Settings:
     workers: int = 0              # decode threads; 0 -> chosen from the core count
     draft: bool = True            # JPEG reduced-size DCT decoding before the resize
     index_type: str | None = None  # None: keep the index's; "auto", "flat", "hnsw", "ivf",
-                                   # "ivfpq" or a FAISS factory string
+                                   # "ivfsq", "ivfpq" or a FAISS factory string
 
     @property
     def index_dir(self) -> Path:
