@@ -5,16 +5,17 @@
 
 Model: ViT-B-32 with random weights (no pretrained weights offline; the speed is
 the same). They are saved once as a checkpoint file (torch.manual_seed(0)), so
-that queries take the engine's real path for a checkpoint: text queries build
-the text tower alone. Indexes: embedding 1M images is impossible here, so the
+that queries take the engine's real path for a checkpoint: text queries run the
+plain-torch text tower (mmsearch/texttower.py, no open_clip import); the same
+captions are also timed through open_clip's own text modules for comparison. Indexes: embedding 1M images is impossible here, so the
 catalog is filled directly with synthetic clustered vectors (the distribution of
 bench_index_scale.py) under fake paths through ``Catalog.commit_images``, and the
 FAISS index is built by ``Store.rebuild("images")`` -- the type the engine picks
 automatically for that size. They are written under ``<home>/bench_query_<n>``
 (gitignored) and reused by later runs.
 
-Warm numbers go through the public ``Engine`` API in one process, after one
-warm-up query: text encoding (``Engine.embed_texts``, cache cleared before each
+Warm numbers go through the public ``Engine`` API in one process, with the index
+file in the page cache (read once first) and after one warm-up query: text encoding (``Engine.embed_texts``, cache cleared before each
 caption so every query is really encoded) and search (``search_images``, what
 ``Engine.search`` calls) are timed separately, over distinct Flickr8k captions;
 image queries embed Flickr8k photos from disk. The baseline in the same run is
@@ -144,7 +145,7 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
     import torch
 
     from mmsearch.engine import Engine
-    from mmsearch.models import encode_text_trimmed  # noqa: F401 - the path measured
+    from mmsearch.models import load_embedder
     from mmsearch.search import search_images
     from mmsearch.vectors import VectorIndex
 
@@ -153,13 +154,16 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
     out: dict = {"threads": threads}
     with Engine.open(f"bench_query_{label(n)}", home=home, create=False) as engine:
         store = engine.store
+        with open(store.root / "images.faiss", "rb") as f:  # page cache warm, as "warm" means
+            while f.read(64 << 20):
+                pass
         t = time.perf_counter()
         index = store.vectors("images")
         out["faiss_open_s"] = round(time.perf_counter() - t, 3)
         out["index"] = index.description
         engine.search("warm up", k=K)
         emb = engine.text_embedder
-        out["text_only_model"] = engine._embedder is None and getattr(emb._model, "visual", 1) is None
+        out["text_encoder"] = type(emb).__name__
         enc, srch, total, cached = [], [], [], []
         for c in caps:
             emb._text_cache.clear()
@@ -185,6 +189,16 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
         out["text_encode"], out["text_search"] = stats(enc), stats(srch)
         out["text_total"], out["text_total_cached_repeat"] = stats(total), stats(cached)
         out["text_only_model_after"] = engine._embedder is None
+        # the same captions through open_clip's own modules (text tower alone, trimmed context)
+        oc = load_embedder(engine.identity, "cpu", image_tower=False)
+        oc.encode_texts(["warm up"])
+        oc_enc = []
+        for c in caps:
+            t0 = time.perf_counter()
+            oc._encode_uncached([c])
+            oc_enc.append(time.perf_counter() - t0)
+        out["text_encode_open_clip"] = stats(oc_enc)
+        del oc
         # image -> image: decode + preprocess + image tower + search
         engine.search(image=imgs[0], k=K)
         emb_t, srch_i, total_i = [], [], []
@@ -233,7 +247,6 @@ import numpy as np
 t1 = time.perf_counter()
 import torch
 ta = time.perf_counter()
-import open_clip
 tb = time.perf_counter()
 engine = open_engine(index=sys.argv[1], home=sys.argv[2])
 t2 = time.perf_counter()
@@ -257,71 +270,14 @@ t9 = time.perf_counter()
 from mmsearch.vectors import VectorIndex
 t = time.perf_counter(); VectorIndex.load(engine.store.root / "images.faiss", mmap=True); mm = time.perf_counter() - t
 t = time.perf_counter(); VectorIndex.load(engine.store.root / "images.faiss"); rd = time.perf_counter() - t
-print(json.dumps({"imports_s": t1 - t0, "import_torch_s": ta - t1, "import_open_clip_s": tb - ta,
+print(json.dumps({"imports_s": t1 - t0, "import_torch_s": ta - t1,
                   "store_open_s": t2 - tb, "faiss_load_and_check_s": t3 - t2,
                   "model_load_s": t4 - t3, "encode_s": t5 - t4, "search_s": t6 - t5, "print_s": t7 - t6,
                   "faiss_read_only_s": rd, "faiss_mmap_only_s": mm,
                   "second_encode_default_threads_s": t8 - t7, "third_encode_1_thread_s": t9 - t8,
-                  "image_tower_loaded": engine._embedder is not None,
-                  "text_model_has_visual": getattr(emb._model, "visual", None) is not None}))
-"""
-
-# A prototype of a lean text-query path (not the engine's code): only torch is imported
-# (open_clip's tokenizer file is loaded by path, so neither open_clip nor torchvision nor
-# torch._dynamo get imported), the text weights are memory-mapped from the checkpoint, and
-# the text tower is ~20 lines of torch.nn.functional over them; it must give the engine's
-# vector to the last bit (checked below).
-LEAN = r"""
-import time, sys, json
-t0 = time.perf_counter()
-import importlib.util, os
-import torch
-torch.set_num_threads(int(os.environ.get("LEAN_THREADS", "1")))
-import torch.nn.functional as F
-t1 = time.perf_counter()
-spec = importlib.util.find_spec("open_clip")          # locates the package without importing it
-tok_path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
-tspec = importlib.util.spec_from_file_location("_oc_tokenizer", tok_path)
-tokmod = importlib.util.module_from_spec(tspec); tspec.loader.exec_module(tokmod)
-tokenizer = tokmod.SimpleTokenizer()
-t2 = time.perf_counter()
-sd = torch.load(sys.argv[1], map_location="cpu", mmap=True, weights_only=True)
-sd = sd.get("state_dict", sd)
-W = {k: v for k, v in sd.items() if not k.startswith("visual.")}
-layers = 1 + max(int(k.split(".")[2]) for k in W if k.startswith("transformer.resblocks."))
-width = W["positional_embedding"].shape[1]; heads = width // 64
-t3 = time.perf_counter()
-
-def encode(texts):
-    tokens = tokenizer(texts)
-    last = tokens.argmax(dim=-1)
-    n = int(last.max()) + 1
-    x = F.embedding(tokens[:, :n], W["token_embedding.weight"]) + W["positional_embedding"][:n]
-    b = x.shape[0]
-    for i in range(layers):
-        p = f"transformer.resblocks.{i}."
-        y = F.layer_norm(x, (width,), W[p + "ln_1.weight"], W[p + "ln_1.bias"])
-        q, k, v = F.linear(y, W[p + "attn.in_proj_weight"], W[p + "attn.in_proj_bias"]).chunk(3, dim=-1)
-        q, k, v = (t.reshape(b, n, heads, width // heads).transpose(1, 2) for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, width)
-        x = x + F.linear(a, W[p + "attn.out_proj.weight"], W[p + "attn.out_proj.bias"])
-        y = F.layer_norm(x, (width,), W[p + "ln_2.weight"], W[p + "ln_2.bias"])
-        y = F.gelu(F.linear(y, W[p + "mlp.c_fc.weight"], W[p + "mlp.c_fc.bias"]))
-        x = x + F.linear(y, W[p + "mlp.c_proj.weight"], W[p + "mlp.c_proj.bias"])
-    x = F.layer_norm(x, (width,), W["ln_final.weight"], W["ln_final.bias"])
-    x = x[torch.arange(b), last] @ W["text_projection"]
-    return F.normalize(x, dim=-1).numpy()
-
-with torch.inference_mode():
-    t4 = time.perf_counter()
-    v = encode([sys.argv[2]])
-    t5 = time.perf_counter()
-    warm = []
-    for q in sys.argv[3:]:
-        t = time.perf_counter(); encode([q]); warm.append(time.perf_counter() - t)
-import numpy as np
-print(json.dumps({"vector": v[0].tolist(), "import_torch_s": t1 - t0, "tokenizer_s": t2 - t1, "weights_mmap_s": t3 - t2,
-                  "first_encode_s": t5 - t4, "warm_encode_p50_ms": float(np.median(warm)) * 1e3 if warm else None}))
+                  "image_tower_loaded": engine._embedder is not None, "text_encoder": type(emb).__name__,
+                  "open_clip_imported": "open_clip" in sys.modules,
+                  "torchvision_imported": "torchvision" in sys.modules}))
 """
 
 MODEL_LOADS = r"""
@@ -382,26 +338,6 @@ def cold(home: Path, n: int, runs: int, ckpt: Path) -> dict:
             "printed_lines": len(output.splitlines()), "first_line": output.splitlines()[0] if output else ""}
 
 
-def lean_path(ckpt: Path, runs: int) -> dict:
-    """The lean prototype in fresh processes (1 torch thread), checked against the engine's vector."""
-    from mmsearch.models import identify, load_embedder
-
-    out = []
-    for _ in range(runs):
-        p = subprocess.run([sys.executable, "-c", LEAN, str(ckpt), QUERY, "a dog on the beach",
-                            "two men play chess", "a man in a red jacket climbs a rock", QUERY],
-                           capture_output=True, text=True, env={**os.environ, "LEAN_THREADS": "1"})
-        if p.returncode != 0:
-            raise SystemExit(p.stderr)
-        out.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    emb = load_embedder(identify(ARCH, str(ckpt)), "cpu", image_tower=False)
-    ref = emb.encode_texts([QUERY])[0]
-    res = {k: round(statistics.median(o[k] for o in out), 4) for k in out[0] if k != "vector"}
-    res["max_abs_diff_to_engine_vector"] = float(np.abs(np.asarray(out[0]["vector"]) - ref).max())
-    res["runs"] = runs
-    return res
-
-
 def model_loads(ckpt: Path) -> dict:
     p = subprocess.run([sys.executable, "-c", MODEL_LOADS, str(ckpt)], capture_output=True, text=True)
     if p.returncode != 0:
@@ -427,6 +363,8 @@ def report(res: dict) -> str:
               line("  3-word queries (~5 tokens), total", w["short_text_total"]),
               line("  3-word queries, encode", w["short_text_encode"]),
               line("  text encode (trimmed, uncached)", w["text_encode"]),
+              *([line("  same, through open_clip's modules", w["text_encode_open_clip"])]
+                if "text_encode_open_clip" in w else []),
               line("  search", w["text_search"]),
               line("text->image, same text again (cached)", w["text_total_cached_repeat"]),
               line("image->image total (decode+embed+search)", w["image_total"]),
@@ -437,7 +375,8 @@ def report(res: dict) -> str:
               line("  baseline exact Flat search", w["baseline_search_flat"]),
               f"  speed-up of text p50 over the baseline: {w['speedup_p50']}x; recall@10 of the "
               f"index vs Flat on these queries: {w['recall@10_vs_flat_on_text_queries']}; "
-              f"text queries loaded the image tower: {'no' if w['text_only_model_after'] else 'YES'}",
+              f"text queries loaded the image tower: {'no' if w['text_only_model_after'] else 'YES'}"
+              f"; text encoder: {w.get('text_encoder', '?')}",
               ""]
     for c in res["cold"]:
         s = c["stages_median"]
@@ -447,15 +386,16 @@ def report(res: dict) -> str:
               f"to process exit: median {c['median_to_exit_s']:.2f} s",
               f"  breakdown (median of {c['runs']} instrumented runs of the same path): python start "
               f"{c['python_startup_s']:.2f}s + CLI imports {s['imports_s']:.2f}s, import torch "
-              f"{s['import_torch_s']:.2f}s, import open_clip (torchvision...) {s['import_open_clip_s']:.2f}s, store open "
+              f"{s['import_torch_s']:.2f}s, store open "
               f"{s['store_open_s']:.2f}s, FAISS load + checks {s['faiss_load_and_check_s']:.2f}s "
               f"(read alone {s['faiss_read_only_s']:.3f}s, mmap alone {s['faiss_mmap_only_s']:.3f}s), "
-              f"text tower build {s['model_load_s']:.2f}s, encode {s['encode_s'] * 1e3:.1f} ms, search "
+              f"text encoder load {s['model_load_s']:.2f}s, encode {s['encode_s'] * 1e3:.1f} ms, search "
               f"{s['search_s'] * 1e3:.1f} ms, print {s['print_s'] * 1e3:.1f} ms; then a 2nd encode "
               f"{s['second_encode_default_threads_s'] * 1e3:.0f} ms ({res['machine'].get('torch_threads')} "
               f"torch threads), a 3rd with 1 thread {s['third_encode_1_thread_s'] * 1e3:.0f} ms",
-              f"  image tower loaded: {s['image_tower_loaded']}, text model holds a visual tower: "
-              f"{s['text_model_has_visual']}; printed {c['printed_lines']} lines, first: {c['first_line']!r}",
+              f"  text encoder: {s['text_encoder']}; image tower loaded: {s['image_tower_loaded']}; "
+              f"open_clip imported: {s['open_clip_imported']}, torchvision imported: "
+              f"{s['torchvision_imported']}; printed {c['printed_lines']} lines, first: {c['first_line']!r}",
               ""]
     m = res.get("model_loads")
     if m:
@@ -465,25 +405,6 @@ def report(res: dict) -> str:
               f"from checkpoint {m['full_clip_from_checkpoint_s']:.2f}s, full CLIP random init "
               f"(--pretrained none, no text-only path) {m['full_clip_random_init_pretrained_none_s']:.2f}s",
               ""]
-    lean = res.get("lean")
-    if lean:
-        L += ["## prototype: lean text-query path (fresh process, 1 torch thread; same vector as the "
-              f"engine's, max |diff| {lean['max_abs_diff_to_engine_vector']:.1e})",
-              f"  import torch {lean['import_torch_s']:.2f}s, open_clip tokenizer loaded by path "
-              f"{lean['tokenizer_s']:.2f}s, text weights memory-mapped {lean['weights_mmap_s']:.3f}s, "
-              f"first encode {lean['first_encode_s'] * 1e3:.0f} ms, warm encode p50 "
-              f"{lean['warm_encode_p50_ms']:.1f} ms (median of {lean['runs']} runs)"]
-        for c in res["cold"]:
-            s = c["stages_median"]
-            est = (c["python_startup_s"] + s["imports_s"] + lean["import_torch_s"] + lean["tokenizer_s"]
-                   + lean["weights_mmap_s"] + s["store_open_s"] + s["faiss_mmap_only_s"]
-                   + lean["first_encode_s"] + s["search_s"])
-            checks = max(0.0, s["faiss_load_and_check_s"] - s["faiss_read_only_s"])
-            L.append(f"  estimated cold query at {c['n']:,} with it and a memory-mapped FAISS file "
-                     f"(measured stages added up): {est:.2f} s without the store's open-time checks, "
-                     f"{est + checks:.2f} s with them as measured now (+{checks:.2f} s: file CRC, id "
-                     f"lists from FAISS and SQLite); measured now: {c['median_s']:.2f} s")
-        L.append("")
     for note in res.get("notes", []):
         L.append(f"note: {note}")
     return "\n".join(L) + "\n"
@@ -514,15 +435,16 @@ def main() -> None:
     info = _machine.machine_info()
     res: dict = {"benchmark": "bench_query", "machine": info, "built": {}, "warm": [], "cold": [],
                  "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "notes": []}
-    res["notes"] += [
+    if info.get("load_avg_start", [0])[0] > 0.5:
+        res["notes"].append("other processes shared the 2 cores at the start (see the load "
+                            "average); with 2 threads torch/FAISS can lose badly to that "
+                            "competition, hence the 1-thread rows.")
+    res["notes"].append(
         "recall@10 vs Flat on the text queries is a worst case, not the engine's recall: with "
         "random weights the text vectors bear no relation to the synthetic image vectors (every "
         "query is far out of distribution, its top 10 nearly tied). In-distribution recall is in "
         "index_scale_1M.txt; with real weights, `mmsearch eval` reports the approximate-vs-exact "
-        "overlap on real captions.",
-        "other processes shared the 2 cores during the run (see the load average); with 2 threads "
-        "torch/FAISS can lose badly to that competition, hence the 1-thread rows.",
-        "the index-scale 10M build ran at nice 10 in the background during this run."]
+        "overlap on real captions.")
     ckpt = checkpoint(home)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     for n in sizes:
@@ -540,8 +462,6 @@ def main() -> None:
             _machine.write_results(args.stem, report(res), res)
     torch.set_num_threads(default_threads)
     res["model_loads"] = model_loads(ckpt)
-    progress("lean text path prototype")
-    res["lean"] = lean_path(ckpt, args.cold_runs)
     for n in [int(s) for s in args.cold_sizes.split(",") if s]:
         if n in sizes:
             progress(f"cold CLI at {n:,}")
