@@ -199,6 +199,7 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
             oc_enc.append(time.perf_counter() - t0)
         out["text_encode_open_clip"] = stats(oc_enc)
         del oc
+        out["weight_stream_floor"] = weight_floor(emb)
         # image -> image: decode + preprocess + image tower + search
         engine.search(image=imgs[0], k=K)
         emb_t, srch_i, total_i = [], [], []
@@ -235,6 +236,28 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
         out["baseline_total"] = stats(b_total)
         out["recall@10_vs_flat_on_text_queries"] = round(float(np.mean(agree)), 4)
         out["speedup_p50"] = round(out["baseline_total"]["p50_ms"] / out["text_total"]["p50_ms"], 2)
+    return out
+
+
+def weight_floor(emb) -> dict | None:
+    """p50 of one pass of a single token through every matrix of the text tower's layers:
+    what reading the weights from memory costs, a floor for any fp32 text encoding."""
+    import torch
+
+    weights = getattr(getattr(emb, "_tower", None), "_w", None)
+    if weights is None:
+        return None
+    mats = [w for k, w in weights.items() if k.startswith("transformer.") and w.dim() == 2]
+    x = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
+    times = []
+    with torch.inference_mode():
+        for _ in range(30):
+            t = time.perf_counter()
+            for w in mats:
+                torch.nn.functional.linear(x[w.shape[1]], w)
+            times.append(time.perf_counter() - t)
+    out = stats(times[5:])
+    out["megabytes"] = round(sum(w.numel() * w.element_size() for w in mats) / 1e6, 1)
     return out
 
 
@@ -373,6 +396,9 @@ def report(res: dict) -> str:
               line("BASELINE total (77-token encode + Flat)", w["baseline_total"]),
               line("  baseline encode_text, 77 tokens", w["baseline_encode_full77"]),
               line("  baseline exact Flat search", w["baseline_search_flat"]),
+              *([f"  floor: one token through the {w['weight_stream_floor']['megabytes']} MB of "
+                 f"transformer weights (memory bandwidth bound) p50 "
+                 f"{w['weight_stream_floor']['p50_ms']:.2f} ms"] if w.get("weight_stream_floor") else []),
               f"  speed-up of text p50 over the baseline: {w['speedup_p50']}x; recall@10 of the "
               f"index vs Flat on these queries: {w['recall@10_vs_flat_on_text_queries']}; "
               f"text queries loaded the image tower: {'no' if w['text_only_model_after'] else 'YES'}"
