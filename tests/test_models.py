@@ -36,6 +36,10 @@ def test_offline_download_gives_the_offline_alternative(monkeypatch: pytest.Monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from huggingface_hub import constants  # read the variable at import: earlier tests imported it
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(ModelError, match="--pretrained /path/to/checkpoint"):
         load_embedder(identify("RN50", "openai"))
     with pytest.raises(ModelError, match="no pretrained tag"):
