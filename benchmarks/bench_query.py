@@ -462,7 +462,7 @@ def main() -> None:
     info = _machine.machine_info()
     res: dict = {"benchmark": "bench_query", "machine": info, "built": {}, "warm": [], "cold": [],
                  "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "notes": []}
-    if info.get("load_avg_start", [0])[0] > 0.5:
+    if info.get("load_avg_start", [0])[0] >= 1.0:
         res["notes"].append("other processes shared the 2 cores at the start (see the load "
                             "average); with 2 threads torch/FAISS can lose badly to that "
                             "competition, hence the 1-thread rows.")
