@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ingest.py                       # ViT-B-32, random weights
     python benchmarks/bench_ingest.py --pretrained /path/to/ViT-B-32.pt --n 1000
+    python benchmarks/bench_ingest.py --device cuda --n 1000 --big 0 --batch-size 256 --workers 16
 
 Sets: real Flickr8k photos from ../shared (about 500x375) and the same photos
 re-encoded as 12-megapixel JPEGs (4000x3000, quality 90), the size phones make.
@@ -100,7 +101,8 @@ def mmsearch_run(folder: Path, args: argparse.Namespace) -> tuple[float, dict[st
     home = Path(tempfile.mkdtemp(prefix="mmsearch-bench-"))
     try:
         with Engine.open("bench", home=home, model=args.model, pretrained=args.pretrained,
-                         batch_size=args.batch_size, workers=args.workers, draft=args.draft) as e:
+                         batch_size=args.batch_size, workers=args.workers, draft=args.draft,
+                         device=args.device) as e:
             e.embedder  # load the model outside the timed run, as naive does
             t = time.perf_counter()
             report = e.index([folder])
@@ -121,7 +123,7 @@ def peak_rss_mb(folder: Path, args: argparse.Namespace) -> float:
     code = (f"from mmsearch import Engine; import tempfile, resource\n"
             f"with Engine.open('b', home=tempfile.mkdtemp(), model={args.model!r}, "
             f"pretrained={args.pretrained!r}, batch_size={args.batch_size}, "
-            f"draft={args.draft!r}) as e:\n    e.index([{str(folder)!r}])\n"
+            f"draft={args.draft!r}, device={args.device!r}) as e:\n    e.index([{str(folder)!r}])\n"
             f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -142,7 +144,8 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--pretrained", default="none")
     parser.add_argument("--n", type=int, default=256, help="Flickr-sized photos")
-    parser.add_argument("--big", type=int, default=64, help="12-megapixel photos")
+    parser.add_argument("--big", type=int, default=64, help="12-megapixel photos (0: skip that set)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda ... (as `mmsearch index`)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--no-draft", dest="draft", action="store_false")
@@ -153,11 +156,13 @@ def main() -> None:
         sys.exit(f"photos not found: {FLICKR} (see ../shared/README.md)")
     from mmsearch.models import identify, load_embedder
 
-    emb = load_embedder(identify(args.model, args.pretrained))
+    emb = load_embedder(identify(args.model, args.pretrained), args.device)
     print(header())
-    print(f"# model {args.model} / {args.pretrained}, batch {args.batch_size}, draft {args.draft}")
-    results = [bench_set("flickr (~500x375)", flickr_set(args.n), emb, args),
-               bench_set("12 MP (4000x3000)", big_set(args.big), emb, args)]
+    print(f"# model {args.model} / {args.pretrained}, device {emb.device}, batch {args.batch_size}, "
+          f"draft {args.draft}")
+    results = [bench_set("flickr (~500x375)", flickr_set(args.n), emb, args)]
+    if args.big:
+        results.append(bench_set("12 MP (4000x3000)", big_set(args.big), emb, args))
     for r in results:
         print(f"\n{r['set']}: {r['images']} images")
         print(f"  model only  {r['model_only_ips']:7.2f} images/s")
@@ -165,7 +170,7 @@ def main() -> None:
         print(f"  mmsearch    {r['mmsearch_ips']:7.2f} images/s   stages {_fmt(r['mmsearch_stages_s'])}")
         print(f"  mmsearch / naive = {r['vs_naive']:.2f}x   mmsearch / model only = "
               f"{r['vs_model_only']:.0%}")
-    if args.rss:
+    if args.rss and args.big:
         rss = {n: peak_rss_mb(big_set(n), args) for n in (args.big, 2 * args.big)}
         print(f"\npeak RSS indexing 12 MP photos: " +
               ", ".join(f"{n} images {mb:.0f} MB" for n, mb in rss.items()))
