@@ -338,6 +338,15 @@ class VectorIndex:
         return self.description in ("Flat", "IndexFlatIP", "IndexFlat")
 
     @property
+    def is_compressed(self) -> bool:
+        """True when the index keeps lossy codes (SQ, PQ) instead of the vectors, with no
+        refine stage of its own: its scores are approximate."""
+        desc = self.description.upper().replace(" ", "")
+        if "RFLAT" in desc or "REFINE" in desc:
+            return False
+        return any(part.startswith(("PQ", "SQ", "OPQ")) for part in desc.split(","))
+
+    @property
     def _has_id_map(self) -> bool:
         return isinstance(self._index, _faiss().IndexIDMap)
 
