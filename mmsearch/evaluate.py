@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.datasets import RetrievalDataset
     from mmsearch.engine import Engine
     from mmsearch.settings import Settings
+    from mmsearch.store import Store
     from mmsearch.vectors import VectorIndex
 
 __all__ = ["EvalResult", "evaluate", "eval_index_name"]
@@ -256,7 +257,7 @@ def _rank(engine: "Engine", searched: "VectorIndex", exact: "VectorIndex | None"
     total = len(text_ids) * (1 if exact is None else 2) + len(image_ids)
     tracker = _Tracker(progress, total)
     k_images = max(k, OVERLAP_K) if exact is not None else k
-    found = _search(searched, text_queries, k_images, image_subset, tracker)
+    found = _search(searched, text_queries, k_images, image_subset, tracker, store)
     overlap = None
     if exact is not None:
         truth = _search(exact, text_queries, OVERLAP_K, image_subset, tracker)
@@ -275,12 +276,19 @@ class _Tracker:
 
 
 def _search(index: "VectorIndex", queries: np.ndarray, k: int, subset: np.ndarray | None,
-            tracker: _Tracker) -> np.ndarray:
-    """Top-``k`` catalog ids per query (``-1`` padded), through the engine's FAISS wrapper."""
+            tracker: _Tracker, store: "Store | None" = None) -> np.ndarray:
+    """Top-``k`` catalog ids per query (``-1`` padded), through the engine's FAISS wrapper
+    (and, for an index of compressed codes, its exact re-ranking from ``store``'s catalog)."""
+    from mmsearch.search import RERANK_FACTOR, RERANK_POOL, rerank
+
     out = np.full((len(queries), k), -1, dtype=np.int64)
     for start in range(0, len(queries), SEARCH_CHUNK):
         chunk = queries[start:start + SEARCH_CHUNK]
-        ids = index.search(chunk, k, subset=subset).ids
+        if store is not None and index.is_compressed:
+            pool = index.search(chunk, max(RERANK_POOL, RERANK_FACTOR * k), subset=subset)
+            ids = rerank(store, chunk, pool, k).ids
+        else:
+            ids = index.search(chunk, k, subset=subset).ids
         out[start:start + len(chunk), :ids.shape[1]] = ids
         tracker.advance(len(chunk))
     return out

@@ -229,6 +229,15 @@ def test_approximate_index_on_the_cache(first_run) -> None:
         assert info.images == N_TEST  # the train entries were never indexed
 
 
+def test_compressed_index_is_evaluated_with_the_engines_reranking(first_run) -> None:
+    """8-bit codes rank approximately; the engine re-scores a pool of max(100, 10k) candidates
+    exactly, which covers all 30 images here: the recalls are exact search's."""
+    dataset, settings, first = first_run
+    result = evaluate(dataset, settings=settings, index_type="IVF2,SQ4")
+    assert result.index_type == "IVF2,SQ4" and result.approx_overlap == 1.0
+    assert result.t2i == first.t2i and result.i2t == first.i2t
+
+
 def test_untrainable_index_type_is_reported_as_exact(first_run) -> None:
     """IVF-PQ needs 256 training vectors per codebook; the engine falls back to Flat."""
     dataset, settings, first = first_run
