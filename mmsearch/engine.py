@@ -117,8 +117,11 @@ class Engine:
         """Remember where a tag's weights were cached, for text queries that skip open_clip."""
         if self._embedder is None or not self.identity.fingerprint.startswith("tag:"):
             return
+        known = self.store.catalog.get_meta(WEIGHTS_FILE)
+        if known and Path(known).is_file():
+            return  # (asking open_clip where the file is may touch the network)
         path = self._embedder.weights_path
-        if path and self.store.catalog.get_meta(WEIGHTS_FILE) != path:
+        if path and path != known:
             self.store.catalog.set_meta(WEIGHTS_FILE, path)
 
     # -- writing ---------------------------------------------------------------

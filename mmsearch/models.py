@@ -10,6 +10,7 @@ vectors out; texts in, vectors out. Vectors are float32 and L2-normalised.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -171,12 +172,10 @@ class Embedder(TextEncoder):
     """A loaded open_clip model: ``encode_images`` and ``encode_texts``."""
 
     def __init__(self, identity: ModelIdentity, model: Any, preprocess: Callable,
-                 tokenizer: Callable, device: str, weights_path: str | None = None) -> None:
+                 tokenizer: Callable, device: str) -> None:
         import open_clip
 
         super().__init__(identity, device)
-        #: the checkpoint file the weights came from (a tag's: where open_clip cached it)
-        self.weights_path = weights_path
         self._model = model
         self.preprocess: Callable[["Image.Image"], "torch.Tensor"] = preprocess
         self._tokenizer = tokenizer
@@ -207,6 +206,13 @@ class Embedder(TextEncoder):
         mean, std = self._norm
         batch = torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).float().div_(255)
         return batch.sub_(mean).div_(std).contiguous()
+
+    @functools.cached_property
+    def weights_path(self) -> str | None:
+        """The checkpoint file the weights came from (a tag's: where open_clip cached it)."""
+        if self.identity.fingerprint.startswith("file:"):
+            return self.identity.pretrained
+        return _tag_file(self.identity) if self.identity.pretrained != NO_WEIGHTS else None
 
     def _autocast(self):
         import contextlib
@@ -310,9 +316,7 @@ def load_embedder(identity: ModelIdentity, device: str = "auto", *,
     model, preprocess = (text_only, None) if text_only is not None else _create(identity, pretrained, dev)
     model.eval()
     tokenizer = open_clip.get_tokenizer(identity.arch)
-    weights = identity.pretrained if identity.fingerprint.startswith("file:") else (
-        _tag_file(identity) if pretrained else None)
-    return Embedder(identity, model, preprocess, tokenizer, dev, weights)
+    return Embedder(identity, model, preprocess, tokenizer, dev)
 
 
 def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,
