@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
 
-# ViT-B-32 at 224 px runs at ~15 images/s on a 2-core laptop CPU and its LAION-2B
+# ViT-B-32 at 224 px runs at ~10-20 images/s on a 2-core CPU and its LAION-2B
 # weights are the most widely quoted open_clip baseline (Flickr30K text->image R@1 ~ 75).
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
