@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmsearch.discover import canonical_root
-from mmsearch.errors import EmptyIndexError, UsageError
+from mmsearch.errors import CorruptIndexError, EmptyIndexError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store
@@ -83,7 +83,10 @@ def rerank(store: "Store", query: np.ndarray, found: "SearchResult", k: int) -> 
     from mmsearch.vectors import SearchResult
 
     query = np.atleast_2d(query).astype(np.float32)
-    have, vecs = store.catalog.image_vectors(query.shape[1], np.unique(found.ids[found.ids >= 0]))
+    try:
+        have, vecs = store.catalog.image_vectors(query.shape[1], np.unique(found.ids[found.ids >= 0]))
+    except CorruptIndexError:  # a damaged stored vector: keep the index's own ranking
+        return SearchResult(found.scores[:, :k], found.ids[:, :k])
     col = np.clip(np.searchsorted(have, found.ids), 0, max(len(have) - 1, 0))
     known = (found.ids >= 0) & (have[col] == found.ids) if len(have) else found.ids < -1
     exact = np.einsum("qd,qkd->qk", query, vecs[col]) if len(have) else found.scores

@@ -133,4 +133,9 @@ def test_compressed_indexes_are_reranked_with_the_catalogs_exact_vectors(tmp_pat
         scores = [h.score for h in row]
         np.testing.assert_allclose(scores, [float(q @ vecs[h.id - 1]) for h in row], atol=1e-5)
         assert scores == sorted(scores, reverse=True)
+    with sqlite3.connect(store.catalog.path) as db:  # damage a stored vector the pool holds
+        db.execute("UPDATE embeddings SET vector = x'00' WHERE content_hash = ?",
+                   (f"h{hits[0][0].id - 1}",))
+    again = search_images(store, queries[:1], 10)[0]  # the index's own ranking, not an error
+    assert len(again) == 10 and [h.rank for h in again] == list(range(1, 11))
     store.close()
