@@ -224,40 +224,41 @@ class Store:
             return self.catalog.image_vectors(dim, ids)
         return self.catalog.text_vectors(dim, ids)
 
-    def _read_file(self, kind: Kind) -> tuple[VectorIndex | None, str | None]:
-        """(the FAISS file of ``kind`` if it can be trusted, else None; why not)."""
+    def _read_file(self, kind: Kind) -> tuple[VectorIndex | None, np.ndarray, str | None]:
+        """(the FAISS file of ``kind`` if it can be trusted, else None; its ids; why not)."""
         path = self._path(kind)
+        none = np.zeros(0, np.int64)
         if not path.is_file():
-            return None, None
+            return None, none, None
         recorded = self.catalog.get_meta(f"{kind}_file")
         if recorded is not None and recorded != _fingerprint(path):
-            return None, (f"{path.name} is not the file last saved (damaged, or replaced "
-                          "while being read)")
+            return None, none, (f"{path.name} is not the file last saved (damaged, or "
+                                "replaced while being read)")
         try:
             index = VectorIndex.load(path, mmap=True)  # pages are read when searched, not at open
         except CorruptIndexError as exc:
-            return None, str(exc)
+            return None, none, str(exc)
         except MemoryError:  # a damaged size field: FAISS asked for absurd amounts of memory
-            return None, f"vector file {path} is unreadable: damaged sizes"
+            return None, none, f"vector file {path} is unreadable: damaged sizes"
         dim = self.dim
         if dim is not None and index.dim != dim:
-            return None, f"{path.name} has dimension {index.dim}, the catalog {dim}"
+            return None, none, f"{path.name} has dimension {index.dim}, the catalog {dim}"
         have = index.ids()
         if have.size != index.ntotal or not _all_distinct(have):
-            return None, f"{path.name} has duplicated or inconsistent ids"
-        return index, None
+            return None, none, f"{path.name} has duplicated or inconsistent ids"
+        return index, have, None
 
     def _load_synced(self, kind: Kind) -> VectorIndex:
-        index, problem = self._read_file(kind)
+        index, have, problem = self._read_file(kind)
         if problem:
             self.repairs.append(f"{problem}; rebuilt from the catalog")
         if index is None:
             return self.rebuild(kind, note=not problem and self._catalog_ids(kind).size > 0)
-        return self._sync(kind, index)
+        return self._sync(kind, index, have)
 
-    def _sync(self, kind: Kind, index: VectorIndex) -> VectorIndex:
-        """Bring ``index`` in line with the catalog's ids (ids never change vector)."""
-        have = index.ids()
+    def _sync(self, kind: Kind, index: VectorIndex, have: np.ndarray) -> VectorIndex:
+        """Bring ``index`` (holding ids ``have``) in line with the catalog's ids (ids never
+        change vector)."""
         if _summary(have) == self.catalog.id_summary(kind):
             return index  # ids are unique on both sides and never reused: the same set
         want = self._catalog_ids(kind)
@@ -375,10 +376,9 @@ class Store:
         want = self._catalog_ids(kind)
         if not path.is_file():
             return [f"{path.name} is missing"] if want.size else []
-        index, problem = self._read_file(kind)
+        index, have, problem = self._read_file(kind)
         if index is None:
             return [problem or f"{path.name} is unreadable"]
-        have = index.ids()
         missing = np.setdiff1d(want, have).size
         extra = np.setdiff1d(have, want).size
         if missing or extra:
