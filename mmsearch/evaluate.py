@@ -279,14 +279,13 @@ def _search(index: "VectorIndex", queries: np.ndarray, k: int, subset: np.ndarra
             tracker: _Tracker, store: "Store | None" = None) -> np.ndarray:
     """Top-``k`` catalog ids per query (``-1`` padded), through the engine's FAISS wrapper
     (and, for an index of compressed codes, its exact re-ranking from ``store``'s catalog)."""
-    from mmsearch.search import RERANK_FACTOR, RERANK_POOL, rerank
+    from mmsearch.search import top_images
 
     out = np.full((len(queries), k), -1, dtype=np.int64)
     for start in range(0, len(queries), SEARCH_CHUNK):
         chunk = queries[start:start + SEARCH_CHUNK]
-        if store is not None and index.is_compressed:
-            pool = index.search(chunk, max(RERANK_POOL, RERANK_FACTOR * k), subset=subset)
-            ids = rerank(store, chunk, pool, k).ids
+        if store is not None:
+            ids = top_images(store, index, chunk, k, subset).ids
         else:
             ids = index.search(chunk, k, subset=subset).ids
         out[start:start + len(chunk), :ids.shape[1]] = ids

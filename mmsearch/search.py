@@ -13,7 +13,7 @@ from mmsearch.errors import CorruptIndexError, EmptyIndexError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store
-    from mmsearch.vectors import SearchResult
+    from mmsearch.vectors import SearchResult, VectorIndex
 
 MAX_QUERY_CHARS = 10_000
 RERANK_POOL, RERANK_FACTOR = 100, 10  # candidates re-scored exactly: max(100, 10 k)
@@ -62,15 +62,21 @@ def search_images(store: "Store", query: np.ndarray, k: int,
         subset = store.catalog.image_ids_under(str(canonical_root(within.expanduser())))
         if not subset.size:
             raise UsageError(f"no indexed images under {within}")
-    if index.is_compressed:  # approximate codes: re-score a wider pool with the exact vectors
-        result = rerank(store, query, index.search(query, max(RERANK_POOL, RERANK_FACTOR * k),
-                                                   subset=subset), k)
-    else:
-        result = index.search(query, k, subset=subset)
+    result = top_images(store, index, query, k, subset)
     paths = store.catalog.image_paths(int(i) for i in np.unique(result.ids) if i >= 0)
     return [ranked([ImageHit(0, float(s), int(i), Path(paths[i]))
                     for s, i in zip(row_s, row_i) if i in paths])
             for row_s, row_i in zip(result.scores, result.ids)]
+
+
+def top_images(store: "Store", index: "VectorIndex", query: np.ndarray, k: int,
+               subset: np.ndarray | None = None) -> "SearchResult":
+    """Top-``k`` image ids per query row from ``index``; an index of compressed codes
+    is asked for a wider pool, re-scored exactly by :func:`rerank`."""
+    if not index.is_compressed:
+        return index.search(query, k, subset=subset)
+    pool = index.search(query, max(RERANK_POOL, RERANK_FACTOR * k), subset=subset)
+    return rerank(store, query, pool, k)
 
 
 def rerank(store: "Store", query: np.ndarray, found: "SearchResult", k: int) -> "SearchResult":
