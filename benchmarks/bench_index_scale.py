@@ -121,7 +121,7 @@ def progress(msg: str) -> None:
 
 # -- building -------------------------------------------------------------------------
 def build(mix: Mixture, n: int, size: int, kind: str, path: Path, ntrain: int) -> dict:
-    from mmsearch.vectors import VectorIndex, factory_string
+    from mmsearch.store.vectors import VectorIndex, factory_string
 
     desc = factory_string(kind, n, mix.dim)
     rss0 = _machine.rss_mib()
@@ -165,7 +165,7 @@ def build(mix: Mixture, n: int, size: int, kind: str, path: Path, ntrain: int) -
 def measure(path: Path, gt_path: Path, efforts: list[int] | None, threads: int) -> dict:
     import faiss
 
-    from mmsearch.vectors import VectorIndex, default_effort
+    from mmsearch.store.vectors import VectorIndex, default_effort
 
     data = np.load(gt_path)
     q, truth = data["queries"], data["ids"]
@@ -315,7 +315,7 @@ def main() -> None:
                                  int(threads))))
         return
 
-    from mmsearch.vectors import factory_string, train_size
+    from mmsearch.store.vectors import factory_string, train_size
 
     n, dim = args.n, args.dim
     label = f"{n // 1_000_000}M" if n % 1_000_000 == 0 else (f"{n // 1000}k" if n % 1000 == 0 else str(n))

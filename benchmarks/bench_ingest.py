@@ -96,7 +96,7 @@ def naive(emb, files: list[Path], batch: int) -> tuple[float, dict[str, float]]:
 
 def mmsearch_run(folder: Path, args: argparse.Namespace) -> tuple[float, dict[str, float]]:
     from mmsearch import Engine
-    from mmsearch.embed import StageTimes, embed_paths
+    from mmsearch.ingest.embed import StageTimes, embed_paths
 
     home = Path(tempfile.mkdtemp(prefix="mmsearch-bench-"))
     try:

@@ -6,7 +6,7 @@
 Model: ViT-B-32 with random weights (no pretrained weights offline; the speed is
 the same). They are saved once as a checkpoint file (torch.manual_seed(0)), so
 that queries take the engine's real path for a checkpoint: text queries run the
-plain-torch text tower (mmsearch/texttower.py, no open_clip import); the same
+plain-torch text tower (mmsearch/models/texttower.py, no open_clip import); the same
 captions are also timed through open_clip's own text modules for comparison. Indexes: embedding 1M images is impossible here, so the
 catalog is filled directly with synthetic clustered vectors (the distribution of
 bench_index_scale.py) under fake paths through ``Catalog.commit_images``, and the
@@ -104,9 +104,8 @@ def build_index(home: Path, n: int, ckpt: Path) -> dict:
     """Fill a catalog with ``n`` synthetic vectors and let the store build its FAISS index."""
     from bench_index_scale import Mixture
 
-    from mmsearch.catalog import StoredImage
     from mmsearch.models import identify
-    from mmsearch.store import Store
+    from mmsearch.store import ImageFile, Store
 
     root = home / f"bench_query_{label(n)}"
     done = root / "bench_built.json"
@@ -121,16 +120,15 @@ def build_index(home: Path, n: int, ckpt: Path) -> dict:
     store = Store.open(root, create=True)
     store.lock()
     store.set_model(identify(ARCH, str(ckpt)), 512)
-    first = store.catalog.next_image_id()
     chunk = 20_000
     for start in range(0, n, chunk):
         vecs = mix.draw(start // chunk, min(chunk, n - start))
-        ids = range(first + start, first + start + len(vecs))
-        rows = [StoredImage(i, f"/bench/photos/{i:07d}.jpg", 1000, 0, f"bench{i:07d}") for i in ids]
-        store.catalog.commit_images({r.content_hash: v for r, v in zip(rows, vecs)}, rows)
+        rows = [ImageFile(f"/bench/photos/{i:07d}.jpg", 1000, 0, f"bench{i:07d}")
+                for i in range(start, start + len(vecs))]
+        store.put_images(rows, vecs)
         progress(f"catalog {start + len(vecs):,}/{n:,}")
     t1 = time.perf_counter()
-    index = store.rebuild("images", note=False)
+    index = store.rebuild("images")
     t2 = time.perf_counter()
     info = {"n": n, "root": str(root), "index": index.description, "catalog_s": round(t1 - t0, 1),
             "faiss_build_s": round(t2 - t1, 1), "distribution": mix.describe()}
@@ -147,7 +145,7 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
     from mmsearch.engine import Engine
     from mmsearch.models import load_embedder
     from mmsearch.search import search_images
-    from mmsearch.vectors import VectorIndex
+    from mmsearch.store.vectors import VectorIndex
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
@@ -266,7 +264,7 @@ def weight_floor(emb) -> dict | None:
 STAGES = r"""
 import time, sys, json
 t0 = time.perf_counter()
-from mmsearch.cli import open_engine
+from mmsearch.cli.common import open_engine
 import numpy as np
 t1 = time.perf_counter()
 import torch
@@ -290,7 +288,7 @@ t8 = time.perf_counter()
 torch.set_num_threads(1)
 engine.embed_texts(["a green tractor"])
 t9 = time.perf_counter()
-from mmsearch.vectors import VectorIndex
+from mmsearch.store.vectors import VectorIndex
 t = time.perf_counter(); VectorIndex.load(engine.store.root / "images.faiss", mmap=True); mm = time.perf_counter() - t
 t = time.perf_counter(); VectorIndex.load(engine.store.root / "images.faiss"); rd = time.perf_counter() - t
 print(json.dumps({"imports_s": t1 - t0, "import_torch_s": ta - t1,

@@ -34,15 +34,15 @@ import json, resource, sys, time
 import numpy as np
 from pathlib import Path
 from mmsearch.store import Store
-from mmsearch.vectors import VectorIndex, train_size
+from mmsearch.store.vectors import VectorIndex, train_size
 root, how, kind = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 store = Store.open(root, create=False)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 if how == "chunked":
-    index = store.rebuild("images", note=False, index_type=kind)
+    index = store.rebuild("images", index_type=kind)
 else:  # the earlier way: every vector in memory at once
-    ids, vecs = store.catalog.image_vectors(store.dim)
+    ids, vecs = store.read.image_vectors(store.dim)
     train = None
     if VectorIndex.needs_training(kind, len(ids), store.dim):
         size = train_size(len(ids), kind, store.dim)
@@ -89,7 +89,7 @@ def main() -> None:
     from mmsearch.store import Store
 
     with_store = Store.open(args.root, create=False)
-    n = with_store.catalog.image_count()
+    n = with_store.read.image_count()
     with_store.close()
     res: dict = {"benchmark": "bench_rebuild", "n": n, "machine": _machine.machine_info(),
                  "command": " ".join(["python"] + sys.argv), "rows": []}

@@ -37,7 +37,7 @@ def exact_top(store, queries: np.ndarray) -> np.ndarray:
     """Exact top-K ids by numpy, a catalog chunk at a time."""
     best_s = np.full((len(queries), K), -np.inf, np.float32)
     best_i = np.full((len(queries), K), -1, np.int64)
-    for ids, vecs in store.catalog.vector_chunks("images", store.dim):
+    for ids, vecs in store.read.vector_chunks("images", store.dim):
         s = np.concatenate([best_s, queries @ vecs.T], axis=1)
         i = np.concatenate([best_i, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
         top = np.argsort(-s, axis=1, kind="stable")[:, :K]
@@ -53,7 +53,7 @@ def measure(store, kind: str, queries: np.ndarray, truth: np.ndarray) -> dict:
     from mmsearch.search import search_images
 
     t = time.perf_counter()
-    index = store.rebuild("images", note=False, index_type=kind)
+    index = store.rebuild("images", index_type=kind)
     built = time.perf_counter() - t
     raw, raw_t, ours, ours_t = [], [], [], []
     for q in queries:
@@ -99,8 +99,8 @@ def main() -> None:
 
     store = Store.open(args.root, create=False)
     rng = np.random.default_rng(0)
-    all_ids = store.catalog.all_image_ids()
-    _, base = store.catalog.image_vectors(store.dim, rng.choice(all_ids, args.queries, replace=False))
+    all_ids = store.read.all_image_ids()
+    _, base = store.image_vectors(rng.choice(all_ids, args.queries, replace=False))
     queries = base + 0.02 * rng.standard_normal(base.shape).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     t = time.perf_counter()

@@ -4,7 +4,7 @@
     python benchmarks/eval_flickr8k.py --model ViT-B-32 --pretrained /models/vit-b-32.pt --out
     python benchmarks/eval_flickr8k.py ... --index-type hnsw     # reuses the embedded index
 
-Runs :func:`mmsearch.evaluate.evaluate` (the engine's own ingest and search) on
+Runs :func:`mmsearch.eval.evaluate.evaluate` (the engine's own ingest and search) on
 ../shared/data/flickr8k-1k: 1,000 photos, 5,000 captions. The index is kept in
 indexes/ so a second run (another --index-type, say) embeds nothing; --fresh
 embeds into a temporary index instead, to measure images/s again.
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def first_images(dataset, n: int | None):
     """The first ``n`` images of ``dataset`` with their captions (all of it for None)."""
-    from mmsearch.datasets import RetrievalDataset
+    from mmsearch.eval.datasets import RetrievalDataset
 
     if n is None or n >= dataset.n_images:
         return dataset
@@ -80,9 +80,9 @@ def _stage_printer():
 
 
 def run(args: argparse.Namespace, home: Path) -> dict:
-    from mmsearch.cli_eval import format_table
-    from mmsearch.datasets import load_karpathy
-    from mmsearch.evaluate import evaluate
+    from mmsearch.cli.eval import format_table
+    from mmsearch.eval.datasets import load_karpathy
+    from mmsearch.eval.evaluate import evaluate
     from mmsearch.settings import resolve
 
     dataset = first_images(load_karpathy(args.data / "dataset_flickr8k_1k.json",

@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING, Any
 from mmsearch.errors import MMSearchError
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "ImageHit", "TextHit", "IndexReport", "MMSearchError", "__version__"]
+__all__ = ["Engine", "ImageHit", "TextHit", "IndexReport", "Query", "Filters", "MMSearchError",
+           "__version__"]
+_LAZY = ("Engine", "ImageHit", "TextHit", "IndexReport", "Query", "Filters")
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mmsearch.engine import Engine, ImageHit, IndexReport, TextHit
+    from mmsearch.engine import Engine, Filters, ImageHit, IndexReport, Query, TextHit
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Engine", "ImageHit", "TextHit", "IndexReport"):
+    if name in _LAZY:
         from mmsearch import engine
 
         return getattr(engine, name)

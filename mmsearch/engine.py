@@ -4,12 +4,14 @@
         report = engine.index(["~/Pictures"])
         hits = engine.search("a dog on a beach", k=5)
         similar = engine.search(image="~/Pictures/dog.jpg")
+        mixed = engine.search(Query.text("dog", 2) + Query.image("beach.jpg") - Query.text("people"))
         engine.add_texts(["a dog on a beach", "a red car"])
         captions = engine.search_texts(image="~/Pictures/dog.jpg")
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,24 +19,28 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from mmsearch import ingest
-from mmsearch.decode import load_image, to_rgb
-from mmsearch.discover import canonical_root
 from mmsearch.errors import UsageError
-from mmsearch.ingest import IndexReport, Progress
-from mmsearch.models import (Embedder, ModelIdentity, TextEncoder, check_loaded, identify,
-                             load_embedder, load_text_encoder)
-from mmsearch.search import (ImageHit, TextHit, check_k, check_text_query, search_images,
-                             search_texts)
+from mmsearch.ingest.discover import canonical_root
+from mmsearch.ingest.run import IndexReport, index_files
+from mmsearch.models.device import faiss_gpu, resolve_device
+from mmsearch.models.identity import ModelIdentity, check_loaded, identify
+from mmsearch.progress import Progress, no_progress
+from mmsearch.search.hits import ImageHit, TextHit
+from mmsearch.search.query import Filters, Query, combine
+from mmsearch.search.search import (check_k, check_text_query, empty_index, search_images,
+                                    search_texts)
 from mmsearch.settings import Settings, resolve
 from mmsearch.store import Store
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-__all__ = ["Engine", "ImageHit", "TextHit", "IndexReport", "IndexInfo", "TextReport"]
+    from mmsearch.models.openclip import Embedder, TextEncoder
+
+__all__ = ["Engine", "ImageHit", "TextHit", "IndexReport", "IndexInfo", "TextReport", "Query",
+           "Filters"]
 ImageQuery = "str | Path | Image.Image"
-WEIGHTS_FILE = "weights_file"  # catalog meta: the cached file of a tag's weights
+TEXT_BATCH = 256  # texts per model call in add_texts
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ class Engine:
 
     def __init__(self, settings: Settings, *, create: bool = False) -> None:
         self.settings = settings
-        self.store = Store.open(settings.index_dir, create=create)
+        self.store = Store.open(settings.index_dir, create=create, gpu=faiss_gpu(settings.device))
         asked = None
         if settings.model is not None or settings.pretrained is not None:
             asked = identify(settings.model, settings.pretrained)
@@ -91,21 +97,29 @@ class Engine:
         self.store.close()
 
     # -- model -----------------------------------------------------------------
+    @functools.cached_property
+    def device(self) -> str:
+        """The torch device, resolved once from the settings (``auto`` -> cuda or cpu)."""
+        return resolve_device(self.settings.device)
+
     @property
-    def embedder(self) -> Embedder:
+    def embedder(self) -> "Embedder":
         if self._embedder is None:
-            self._embedder = load_embedder(self.identity, self.settings.device)
+            from mmsearch.models.openclip import load_embedder
+
+            self._embedder = load_embedder(self.identity, self.device)
         return self._embedder
 
     @property
-    def text_embedder(self) -> TextEncoder:
+    def text_embedder(self) -> "TextEncoder":
         """The model for text queries: the full one if loaded, else the text tower alone."""
         if self._embedder is not None:
             return self._embedder
         if self._text_embedder is None:
-            self._text_embedder = load_text_encoder(
-                self.identity, self.settings.device,
-                weights_path=self.store.catalog.get_meta(WEIGHTS_FILE))
+            from mmsearch.models.openclip import load_text_encoder
+
+            self._text_embedder = load_text_encoder(self.identity, self.device,
+                                                    weights_path=self.store.weights_file)
         return self._text_embedder
 
     def _ensure_model_recorded(self) -> None:
@@ -117,12 +131,12 @@ class Engine:
         """Remember where a tag's weights were cached, for text queries that skip open_clip."""
         if self._embedder is None or not self.identity.fingerprint.startswith("tag:"):
             return
-        known = self.store.catalog.get_meta(WEIGHTS_FILE)
+        known = self.store.weights_file
         if known and Path(known).is_file():
             return  # (asking open_clip where the file is may touch the network)
         path = self._embedder.weights_path
         if path and path != known:
-            self.store.catalog.set_meta(WEIGHTS_FILE, path)
+            self.store.set_weights_file(path)
 
     # -- writing ---------------------------------------------------------------
     def index(self, paths: Sequence[str | Path], *, progress: Progress | None = None,
@@ -137,10 +151,10 @@ class Engine:
         s = self.settings
         with _Writing(self.store):
             self._ensure_model_recorded()
-            report = ingest.run(self.store, lambda: self.embedder,
-                                [Path(p).expanduser() for p in paths],
-                                batch_size=s.batch_size, workers=s.workers, draft=s.draft,
-                                progress=progress or ingest.no_progress, stop=stop)
+            report = index_files(self.store, lambda: self.embedder,
+                                 [Path(p).expanduser() for p in paths],
+                                 batch_size=s.batch_size, workers=s.workers, draft=s.draft,
+                                 progress=progress or no_progress, stop=stop)
             self._record_weights_file()
             self.store.retype(s.index_type)
             return report
@@ -151,14 +165,13 @@ class Engine:
         if not repair or not problems:
             return problems, []
         with _Writing(self.store):
-            redo = self.store.repair()
-            done = [f"rebuilt the vector files from {self.store.catalog.image_count()} stored images"]
+            redo, texts = self.store.repair()
+            done = [f"rebuilt the vector files from {self.store.read.image_count()} stored images"]
             if redo:
                 self._ensure_model_recorded()
-                report = ingest.run(self.store, self.embedder, [Path(p) for p in redo],
-                                    batch_size=self.settings.batch_size, draft=self.settings.draft)
+                report = index_files(self.store, self.embedder, [Path(p) for p in redo],
+                                     batch_size=self.settings.batch_size, draft=self.settings.draft)
                 done.append(f"re-embedded {report.embedded} images whose vectors were damaged")
-        texts = list(self.store.texts_to_embed)
         if texts:
             self.add_texts(texts)
             done.append(f"re-embedded {len(texts)} texts whose vectors were damaged")
@@ -168,14 +181,7 @@ class Engine:
         """Forget every indexed image at or under ``path``; returns how many."""
         root = str(canonical_root(Path(path).expanduser()))
         with _Writing(self.store):
-            rows = self.store.catalog.images_under(root)
-            ids = np.asarray([r.id for r in rows.values()], dtype=np.int64)
-            self.store.catalog.commit_images({}, [], delete_ids=ids)
-            if ids.size and not self.store.vectors("images").remove(ids):
-                self.store.rebuild("images", note=False)
-            self.store.catalog.drop_orphan_embeddings()
-            self.store.save("images")
-        return len(ids)
+            return self.store.forget_under(root)
 
     def add_texts(self, items: Iterable[str | tuple[str, str]]) -> TextReport:
         """Index texts: plain strings (keyed by their text) or (key, text) pairs.
@@ -188,35 +194,63 @@ class Engine:
         pairs = list(dict(pairs).items())  # last one wins within the batch
         with _Writing(self.store):
             self._ensure_model_recorded()
-            stored = self.store.catalog.text_keys()
+            stored = self.store.read.text_keys()
             # similar lengths batch together, so little of each batch is padding
             fresh = sorted(((k, t) for k, t in pairs if (k, t) not in stored), key=lambda p: len(p[1]))
             rows = []
-            for i in range(0, len(fresh), 256):
-                chunk = fresh[i:i + 256]
+            for i in range(0, len(fresh), TEXT_BATCH):
+                chunk = fresh[i:i + TEXT_BATCH]
                 vecs = self.embedder.encode_texts([t for _, t in chunk])
                 rows += [(k, t, v) for (k, t), v in zip(chunk, vecs)]
-            added, replaced, _ = self.store.catalog.upsert_texts(rows)
-            self.store.rebuild("texts", note=False)
+            added, replaced = self.store.put_texts(rows)
         return TextReport(added, replaced, len(pairs) - len(fresh))
 
     # -- reading ---------------------------------------------------------------
-    def search(self, text: str | None = None, *, image: "ImageQuery | None" = None, k: int = 10,
-               within: str | Path | None = None) -> list[ImageHit]:
-        """Images ranked by similarity to ``text`` or to ``image`` (a path or PIL image)."""
-        query = self._query_vector(text, image)
-        if check_k(k) == 0:
+    def search(self, text: "str | Query | None" = None, *, image: "ImageQuery | None" = None,
+               k: int = 10, within: str | Path | None = None,
+               filters: Filters | None = None) -> list[ImageHit]:
+        """Images ranked by similarity to ``text``, to ``image`` (a path or PIL image), or
+        to a :class:`Query`; ``within`` (or ``filters.within``) keeps one folder."""
+        query = _checked(as_query(text, image))
+        check_k(k)
+        self.store.refresh()
+        if self.store.read.image_count() == 0:
+            raise empty_index(self.store, "images")  # before loading any model
+        vector = self.query_vector(query)
+        if k == 0:
             return []
-        folder = Path(within) if within is not None else None
-        return search_images(self.store, query, k, folder)[0]
+        folder = within if within is not None else (filters.within if filters else None)
+        return search_images(self.store, vector, k, Path(folder) if folder else None)[0]
 
-    def search_texts(self, text: str | None = None, *, image: "ImageQuery | None" = None,
-                     k: int = 10) -> list[TextHit]:
-        """Indexed texts ranked by similarity to ``image`` (or to ``text``)."""
-        query = self._query_vector(text, image)
-        if check_k(k) == 0:
-            return []
-        return search_texts(self.store, query, k)[0]
+    def search_texts(self, text: "str | Query | None" = None, *,
+                     image: "ImageQuery | None" = None, k: int = 10) -> list[TextHit]:
+        """Indexed texts ranked by similarity to ``image`` (or to ``text``, or a :class:`Query`)."""
+        query = _checked(as_query(text, image))
+        check_k(k)
+        self.store.refresh()
+        if self.store.read.text_count() == 0:
+            raise empty_index(self.store, "texts")
+        vector = self.query_vector(query)
+        return [] if k == 0 else search_texts(self.store, vector, k)[0]
+
+    def query_vector(self, query: Query) -> np.ndarray:
+        """The (1, D) vector a :class:`Query` searches with (see :mod:`mmsearch.search.query`)."""
+        if not query.terms:
+            raise UsageError("give a text, an image or an image id to search with")
+        vectors = [self._term_vector(t.kind, t.value) for t in query.terms]
+        if len(vectors) == 1 and query.terms[0].weight > 0:
+            return vectors[0]  # one term: its own embedding, exactly
+        return combine(np.vstack(vectors), [t.weight for t in query.terms])
+
+    def _term_vector(self, kind: str, value: object) -> np.ndarray:
+        if kind == "text":
+            return self.embed_texts([value])  # type: ignore[list-item]
+        if kind == "image":
+            return self.embed_image(value)  # type: ignore[arg-type]
+        ids, vectors = self.store.image_vectors([int(value)])  # type: ignore[call-overload]
+        if not ids.size:
+            raise UsageError(f"no indexed image has id {value}")
+        return vectors
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.text_embedder.encode_texts([check_text_query(t) for t in texts])
@@ -224,28 +258,43 @@ class Engine:
     def embed_image(self, image: "ImageQuery") -> np.ndarray:
         from PIL import Image
 
+        from mmsearch.ingest.decode import load_image, to_rgb
+
         emb = self.embedder
         if not isinstance(image, Image.Image):
             image = load_image(Path(image).expanduser(),
                                draft_size=emb.image_size if self.settings.draft else None)
         return emb.encode_images(emb.collate([emb.prepare(to_rgb(image))]))
 
-    def _query_vector(self, text: str | None, image: "ImageQuery | None") -> np.ndarray:
-        if (text is None) == (image is None):
-            raise UsageError("give either a text or an image to search with")
-        if text is not None:
-            return self.embed_texts([text])
-        return self.embed_image(image)
-
     def info(self) -> IndexInfo:
-        store = self.store
+        store, read = self.store, self.store.read
         return IndexInfo(
             name=self.settings.index, location=store.root, model=store.model, dim=store.dim,
-            images=store.catalog.image_count(), distinct_images=store.catalog.embedding_count(),
-            texts=store.catalog.text_count(),
-            image_index=store.catalog.get_meta("images_index") or "Flat",
+            images=read.image_count(), distinct_images=read.embedding_count(),
+            texts=read.text_count(), image_index=store.image_index,
             files={name: size for name, _, size in store.files()},
-            schema_version=store.catalog.schema_version, repairs=list(store.repairs))
+            schema_version=store.schema_version, repairs=list(store.repairs))
+
+
+def as_query(text: "str | Query | None", image: "ImageQuery | None") -> Query:
+    """The :class:`Query` for the convenience arguments: a text, a Query, or an image."""
+    if isinstance(text, Query):
+        if image is not None:
+            raise UsageError("give either a Query or an image, not both")
+        return text
+    if (text is None) == (image is None):
+        raise UsageError("give either a text or an image to search with")
+    return Query.text(text) if text is not None else Query.image(image)  # type: ignore[arg-type]
+
+
+def _checked(query: Query) -> Query:
+    """Refuse a query without terms or with an empty text before anything is loaded."""
+    if not query.terms:
+        raise UsageError("give a text, an image or an image id to search with")
+    for term in query.terms:
+        if term.kind == "text":
+            check_text_query(term.value)  # type: ignore[arg-type]
+    return query
 
 
 class _Writing:

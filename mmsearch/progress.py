@@ -1,14 +1,20 @@
-"""A progress bar for the CLI (the library only calls a plain callback)."""
+"""Progress: the plain callback the library calls, and the bar the CLI shows for it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: scan, hash, embed, ...
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    """A :data:`Progress` that reports nowhere."""
 
 _LABELS = {"scan": "scanning", "hash": "checking", "embed": "embedding"}
 
 
 class ProgressBar:
-    """Context manager whose :meth:`update` fits :data:`mmsearch.ingest.Progress`."""
+    """Context manager whose :meth:`update` is a :data:`Progress`."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled

@@ -52,7 +52,7 @@ def _imports() -> None:
 
 def _die_at(hook: str, count: int) -> None:
     """Patch the library so the process SIGKILLs itself at the ``count``-th pass through ``hook``."""
-    from mmsearch.catalog import Catalog
+    from mmsearch.store.catalog import Catalog
 
     seen = [0]
 
@@ -66,9 +66,10 @@ def _die_at(hook: str, count: int) -> None:
         original = Catalog.commit_images
 
         def commit_images(self, *args, **kwargs):
-            original(self, *args, **kwargs)
+            ids = original(self, *args, **kwargs)
             if args and (args[0] or (len(args) > 1 and args[1])):  # a batch, not a removal
                 hit()
+            return ids
 
         Catalog.commit_images = commit_images
     elif hook == "faiss-tmp":
@@ -97,7 +98,7 @@ def _die_at(hook: str, count: int) -> None:
 def run_job(job: dict) -> int:
     import torch
 
-    from mmsearch import ingest
+    from mmsearch.ingest import run as ingest
     from mmsearch.models import Embedder
 
     torch.set_num_threads(1)

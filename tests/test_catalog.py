@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmsearch.catalog import SCHEMA_VERSION, Catalog, StoredImage
+from mmsearch.store.catalog import SCHEMA_VERSION, Catalog, ImageFile, StoredImage
 from mmsearch.errors import CorruptIndexError
 
 
@@ -61,7 +61,7 @@ def test_rows_vectors_and_subtrees(tmp_path: Path) -> None:
 def test_rebuild_reads_the_catalog_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunked reads cover every vector once, in id order, across gaps; the rebuilt
     indexes (exact, and IVF trained on a sample) hold exactly the catalog's vectors."""
-    from mmsearch import store as store_module
+    from mmsearch.store import vectorfiles as store_module
     from mmsearch.models import ModelIdentity
     from mmsearch.store import Store
 
@@ -71,17 +71,17 @@ def test_rebuild_reads_the_catalog_in_chunks(tmp_path: Path, monkeypatch: pytest
     store = Store.open(tmp_path / "idx", create=True)
     store.lock()
     store.set_model(ModelIdentity("x", "none", "none"), 16)
-    rows = [StoredImage(i + 1, f"/p/{i}.jpg", 1, 1, f"h{i}") for i in range(len(vecs))]
-    store.catalog.commit_images({f"h{i}": v for i, v in enumerate(vecs)}, rows)
-    store.catalog.commit_images({}, [], delete_ids=np.arange(100, 400))  # a gap in the ids
-    store.catalog.upsert_texts([(f"k{i}", f"text {i}", vecs[i]) for i in range(150)])
-    want_ids, want = store.catalog.image_vectors(16)
+    rows = [ImageFile(f"/p/{i}.jpg", 1, 1, f"h{i}") for i in range(len(vecs))]
+    np.testing.assert_array_equal(store.put_images(rows, vecs), np.arange(1, len(vecs) + 1))
+    store.forget_images(np.arange(100, 400))  # a gap in the ids
+    store.put_texts([(f"k{i}", f"text {i}", vecs[i]) for i in range(150)])
+    want_ids, want = store.image_vectors()
 
-    chunks = list(store.catalog.vector_chunks("images", 16, size=97))
+    chunks = list(store.read.vector_chunks("images", 16, size=97))
     assert max(len(i) for i, _ in chunks) == 97
     np.testing.assert_array_equal(np.concatenate([i for i, _ in chunks]), want_ids)
     np.testing.assert_array_equal(np.vstack([v for _, v in chunks]), want)
-    assert sum(len(i) for i, _ in store.catalog.vector_chunks("texts", 16, size=40)) == 150
+    assert sum(len(i) for i, _ in store.read.vector_chunks("texts", 16, size=40)) == 150
 
     monkeypatch.setattr(store_module, "REBUILD_CHUNK", 97)
     flat = store.rebuild("images", index_type="flat")
@@ -112,8 +112,7 @@ def test_compressed_indexes_are_reranked_with_the_catalogs_exact_vectors(tmp_pat
     store = Store.open(tmp_path / "idx", create=True)
     store.lock()
     store.set_model(ModelIdentity("x", "none", "none"), 16)
-    rows = [StoredImage(i + 1, f"/p/{i}.jpg", 1, 1, f"h{i}") for i in range(len(vecs))]
-    store.catalog.commit_images({f"h{i}": v for i, v in enumerate(vecs)}, rows)
+    store.put_images([ImageFile(f"/p/{i}.jpg", 1, 1, f"h{i}") for i in range(len(vecs))], vecs)
     index = store.rebuild("images", index_type="IVF16,PQ4x4fs")
     assert index.is_compressed and not store.rebuild("images", index_type="flat").is_compressed
     store.rebuild("images", index_type="IVF16,PQ4x4fs")
@@ -133,7 +132,7 @@ def test_compressed_indexes_are_reranked_with_the_catalogs_exact_vectors(tmp_pat
         scores = [h.score for h in row]
         np.testing.assert_allclose(scores, [float(q @ vecs[h.id - 1]) for h in row], atol=1e-5)
         assert scores == sorted(scores, reverse=True)
-    with sqlite3.connect(store.catalog.path) as db:  # damage a stored vector the pool holds
+    with sqlite3.connect(store.read.path) as db:  # damage a stored vector the pool holds
         db.execute("UPDATE embeddings SET vector = x'00' WHERE content_hash = ?",
                    (f"h{hits[0][0].id - 1}",))
     again = search_images(store, queries[:1], 10)[0]  # the index's own ranking, not an error

@@ -131,3 +131,32 @@ def test_the_console_script_keeps_exit_codes_and_output(indexed: Path, home: Pat
                          capture_output=True, text=True)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert subprocess.run([str(exe), "--help"], capture_output=True).returncode == 0
+
+
+def test_offline_first_run_fails_at_once_then_queries_say_the_index_is_empty(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default model is a download; offline (no DNS here, as on a plane) the first
+    `index` says so in one line instead of retrying, and `query` answers at once."""
+    import socket
+
+    from huggingface_hub import constants
+
+    real = socket.getaddrinfo
+
+    def no_dns(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    photos = tmp_path / "photos"
+    draw_shapes(photos, per_combo=1)
+    lines = run("index", photos, code=1).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "mmsearch: cannot download weights ViT-B-32 / laion2b_s34b_b79k: huggingface.co is "
+        "unreachable"), lines
+    assert "--pretrained /path/to/checkpoint.pt" in lines[0]
+    out = run("query", "red sports car", code=1)
+    assert out.strip() == "mmsearch: index 'default' is empty; run `mmsearch index FOLDER`"

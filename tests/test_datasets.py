@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mmsearch.datasets import (
+from mmsearch.eval.datasets import (
     KNOWN_DATASETS,
     RetrievalDataset,
     check_expected,

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from mmsearch import decode
-from mmsearch.decode import DEFAULT_MAX_PIXELS, content_hash, load_image, to_rgb
+from mmsearch.ingest import decode
+from mmsearch.ingest.decode import DEFAULT_MAX_PIXELS, content_hash, load_image, to_rgb
 from mmsearch.errors import DecodeError, UsageError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mmsearch import discover
-from mmsearch.discover import (
+from mmsearch.ingest import discover
+from mmsearch.ingest.discover import (
     HEIF_EXTENSIONS,
     IMAGE_EXTENSIONS,
     FoundFile,

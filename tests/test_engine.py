@@ -12,8 +12,9 @@ from conftest import draw_shapes
 from PIL import Image
 
 import tinyclip
-from mmsearch import Engine, embed
-from mmsearch.decode import content_hash
+from mmsearch import Engine
+from mmsearch.ingest import embed
+from mmsearch.ingest.decode import content_hash
 from mmsearch.errors import (EmptyIndexError, IndexNotFoundError, ModelMismatchError,
                              UsageError)
 
@@ -120,9 +121,9 @@ def test_incremental_reindex(engine: Engine, tmp_path: Path) -> None:
 
 
 def stored_vector(engine: Engine, path: Path) -> np.ndarray:
-    ids = [i for i, p in engine.store.catalog.all_image_paths() if p == str(path)]
+    ids = [i for i, p in engine.store.read.all_image_paths() if p == str(path)]
     assert len(ids) == 1, f"{path} is not indexed once"
-    return engine.store.catalog.image_vectors(engine.store.dim, ids)[1][0]
+    return engine.store.read.image_vectors(engine.store.dim, ids)[1][0]
 
 
 def test_a_file_rewritten_between_hash_and_decode_is_not_stored(
@@ -143,8 +144,8 @@ def test_a_file_rewritten_between_hash_and_decode_is_not_stored(
     monkeypatch.undo()
     assert [(Path(s.path), s.reason) for s in report.skipped] == [(victim, embed.CHANGED)]
     assert (report.added, report.embedded) == (11, 11)
-    assert victim not in {Path(p) for _, p in engine.store.catalog.all_image_paths()}
-    assert engine.store.catalog.known_vectors([old_hash], engine.store.dim) == {}
+    assert victim not in {Path(p) for _, p in engine.store.read.all_image_paths()}
+    assert engine.store.read.known_vectors([old_hash], engine.store.dim) == {}
 
     twin = folder / "twin.png"  # the old content again: it must get the old content's vector
     twin.write_bytes(old_bytes)
@@ -246,7 +247,7 @@ def test_stale_or_damaged_vector_file_is_rebuilt_from_the_catalog(
 
 def test_search_vectors_match_numpy_brute_force(engine: Engine, shapes: dict[Path, str]) -> None:
     engine.index([next(iter(shapes)).parent])
-    ids, vecs = engine.store.catalog.image_vectors(engine.store.dim)
+    ids, vecs = engine.store.read.image_vectors(engine.store.dim)
     q = engine.embed_texts(["a green square"])[0]
     scores = vecs @ q
     order = np.argsort(-scores, kind="stable")[:5]

@@ -17,11 +17,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mmsearch.cli_eval import eval_command
-from mmsearch.datasets import RetrievalDataset, load_karpathy
+from mmsearch.cli.eval import eval_command
+from mmsearch.eval.datasets import RetrievalDataset, load_karpathy
 from mmsearch.errors import DatasetError
-from mmsearch.evaluate import EvalResult, _positions, eval_index_name, evaluate
-from mmsearch.metrics import DEFAULT_KS, recalls_from_similarity
+from mmsearch.eval.evaluate import EvalResult, _positions, eval_index_name, evaluate
+from mmsearch.eval.metrics import DEFAULT_KS, recalls_from_similarity
 from mmsearch.models import identify
 from mmsearch.settings import Settings, resolve
 
@@ -142,7 +142,7 @@ def test_recalls_match_plain_open_clip(first_run, random_model) -> None:
     from mmsearch.engine import Engine
 
     with Engine(settings.with_(index=result.index_name)) as engine:
-        catalog = engine.store.catalog
+        catalog = engine.store.read
         ids = {path: i for i, path in catalog.all_image_paths()}
         order = [ids[str(p.resolve())] for p in dataset.image_paths]
         got_ids, got = catalog.image_vectors(engine.store.dim, order)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmsearch import metrics
+from mmsearch.eval import metrics
 from mmsearch.errors import UsageError
-from mmsearch.metrics import (
+from mmsearch.eval.metrics import (
     image_to_text_recall,
     mean_recall,
     overlap_recall,

@@ -49,7 +49,7 @@ def test_offline_download_gives_the_offline_alternative(monkeypatch: pytest.Monk
 def test_trimmed_text_encoding_equals_full_context() -> None:
     import torch
 
-    from mmsearch.models import encode_text_trimmed
+    from mmsearch.models.openclip import encode_text_trimmed
 
     emb = load_embedder(identify("ViT-B-32", "none"))
     texts = ["red sports car", "a dog running on the beach with a ball in its mouth", "",

@@ -34,15 +34,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import tinyclip
-from mmsearch import Engine, ingest
-from mmsearch.catalog import Catalog
+from mmsearch import Engine
+from mmsearch.ingest import run as ingest
+from mmsearch.store.catalog import Catalog
 from mmsearch.cli import app
-from mmsearch.decode import content_hash, load_image
+from mmsearch.ingest.decode import content_hash, load_image
 from mmsearch.errors import (CorruptIndexError, DecodeError, EmptyIndexError, IndexLockedError,
                              MMSearchError, StorageError, UsageError)
 from mmsearch.search import search_images, search_texts
 from mmsearch.store import Store, lock_holder
-from mmsearch.vectors import VectorIndex
+from mmsearch.store.vectors import VectorIndex
 
 SOAK = os.environ.get("MMSEARCH_SOAK") == "1"
 soak = pytest.mark.soak
@@ -156,7 +157,7 @@ def catalog_count(root: Path) -> int:
 
 def reference_vectors(engine: Engine, files: list[Path]) -> dict[str, np.ndarray]:
     """content hash -> the vector the model gives that content (computed apart from any index)."""
-    from mmsearch.embed import embed_paths
+    from mmsearch.ingest.embed import embed_paths
 
     out = {}
     for batch in embed_paths(engine.embedder, files, batch_size=64):
@@ -188,13 +189,13 @@ def assert_consistent(root: Path, refs: dict[str, np.ndarray], allowed_paths: se
             assert problems == []
         else:
             assert [p for p in problems if not any(s in p for s in stale)] == [], problems
-        paths = dict(store.catalog.all_image_paths())
+        paths = dict(store.read.all_image_paths())
         assert len(set(paths.values())) == len(paths)
         assert set(paths.values()) <= allowed_paths
         if store.dim is None:
             assert not paths
             return 0
-        ids, vecs = store.catalog.image_vectors(store.dim)
+        ids, vecs = store.read.image_vectors(store.dim)
         index = store.vectors("images")
         held = index.ids()
         assert np.unique(held).size == held.size, "duplicate ids in FAISS"
@@ -202,7 +203,7 @@ def assert_consistent(root: Path, refs: dict[str, np.ndarray], allowed_paths: se
         if ids.size:
             got = index._index.reconstruct_batch(ids)
             np.testing.assert_allclose(got, vecs, atol=1e-6, err_msg="FAISS holds another vector")
-            with store.catalog._read() as conn:
+            with store.read._read() as conn:
                 hashes = dict(conn.exec_driver_sql("SELECT id, content_hash FROM images").all())
             expected = np.stack([refs[hashes[int(i)]] for i in ids])
             np.testing.assert_allclose(vecs, expected, atol=1e-4,
@@ -421,7 +422,7 @@ def test_queries_work_during_a_run_and_a_second_writer_is_refused(
     while not forker.done():
         with closing(Store.open(root, create=False)) as store:  # as each CLI query does
             hits = search_images(store, query, 10)[0]
-            paths = {p for _, p in store.catalog.all_image_paths()}
+            paths = {p for _, p in store.read.all_image_paths()}
             seen.append(len(paths))
             assert len(hits) == 10 and {str(h.path) for h in hits} <= paths
             problems = store.check()  # at most: the writer has not saved its latest batches yet
@@ -443,7 +444,7 @@ def test_queries_work_during_a_run_and_a_second_writer_is_refused(
     assert seen == sorted(seen) and seen[0] >= 24
     assert lock_holder(root) is None
     with closing(Store.open(root, create=False)) as store:
-        assert store.check() == [] and store.catalog.image_count() == 72
+        assert store.check() == [] and store.read.image_count() == 72
 
 
 def test_a_lock_left_by_a_killed_writer_does_not_block(
@@ -652,8 +653,8 @@ def test_catalog_records_that_disagree_are_reported_and_repaired(
         problems, done = e.check(repair=True)
         assert problems and done
         assert e.check() == ([], [])
-        assert e.store.texts_to_embed == ([("a red circle", "a red circle")]
-                                          if damage == "text vector" else [])
+        assert ("re-embedded 1 texts whose vectors were damaged" in done) == (
+            damage == "text vector")
         assert e.info().images == len(files) and e.info().dim == 64
 
 
@@ -744,13 +745,13 @@ def test_read_only_index_directory(model: dict[str, str], embedder_engine: Engin
             with closing(Store.open(root, create=False)) as store:  # queries keep working
                 assert len(search_images(store, query, 3)[0]) == 3
                 assert store.check() == []
-                for write in (lambda: store.catalog.set_meta("x", "y"),
-                              lambda: store.catalog.commit_images({}, [], delete_ids=[1]),
-                              lambda: store.catalog.touch_images(
-                                  [store.catalog.images_under("/")[str(files[0])]]),
-                              lambda: store.catalog.drop_orphan_embeddings(),
-                              lambda: store.catalog.upsert_texts([("k", "t", np.ones(64))]),
-                              lambda: store.catalog.delete_texts(),
+                for write in (lambda: store._catalog.set_meta("x", "y"),
+                              lambda: store._catalog.commit_images({}, [], delete_ids=[1]),
+                              lambda: store._catalog.touch_images(
+                                  [store.read.images_under("/")[str(files[0])]]),
+                              lambda: store._catalog.drop_orphan_embeddings(),
+                              lambda: store._catalog.upsert_texts([("k", "t", np.ones(64))]),
+                              lambda: store._catalog.delete_texts(),
                               lambda: store.lock()):
                     with pytest.raises(StorageError):
                         write()
@@ -786,11 +787,11 @@ def test_every_write_path_raises_a_typed_storage_error(
         monkeypatch.setattr(faiss, "write_index", lambda *a: (_ for _ in ()).throw(
             RuntimeError("Error: fwrite failed: No space left on device")))
         with pytest.raises(StorageError, match="cannot write"):
-            store.save("images")
+            store.flush("images")
         monkeypatch.undo()
         monkeypatch.setattr("tempfile.mkstemp", enospc)
         with pytest.raises(StorageError, match="disk is full"):
-            store.save("images")
+            store.flush("images")
         with pytest.raises(StorageError):
             store.rebuild("images")
         monkeypatch.undo()
@@ -876,7 +877,7 @@ def test_hostile_files_are_indexed_or_skipped_with_a_reason(
         report = e.index([folder])
         skipped = {Path(s.path).name: s.reason for s in report.skipped}
         indexed = {p.name for _, p in map(lambda r: (r[0], Path(r[1])),
-                                             e.store.catalog.all_image_paths())}
+                                             e.store.read.all_image_paths())}
         assert indexed == {p.name for p in good} | set(ok) | {"transparent.png"}, skipped
         assert set(skipped) >= set(bad) | {"pipe.jpg", "broken.png", "again", "vanish_early.png",
                                            "vanish_late.png", "secret.png"}

@@ -154,7 +154,7 @@ def test_a_tagged_model_records_its_cached_file_for_open_clip_free_queries(
     with Engine.open("t", model=str(config), pretrained="shapes_v1") as engine:
         assert engine.identity.fingerprint == "tag:shapes_v1"
         engine.index([tmp_path / "photos"])
-        assert engine.store.catalog.get_meta("weights_file") == str(ckpt)
+        assert engine.store.weights_file == str(ckpt)
         expected = [(str(h.path), round(h.score, 5)) for h in engine.search("a red circle", k=3)]
     code = ("import json, sys\nfrom mmsearch.engine import Engine\n"
             f"e = Engine.open('t', home={str(home)!r}, create=False)\n"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mmsearch.errors import CorruptIndexError, UsageError
-from mmsearch.vectors import (EXACT_FLOATS, FLOAT_BYTES, SQ8_BYTES, VectorIndex, auto_type,
+from mmsearch.store.vectors import (EXACT_FLOATS, FLOAT_BYTES, SQ8_BYTES, VectorIndex, auto_type,
                               default_effort, factory_string, nlist_for, train_size)
 
 
@@ -243,7 +243,7 @@ def test_mmap_load_searches_like_a_normal_load(kind: str, tmp_path: Path) -> Non
 _CHILD = """
 import sys, numpy as np
 from pathlib import Path
-from mmsearch.vectors import VectorIndex
+from mmsearch.store.vectors import VectorIndex
 path = Path(sys.argv[1])
 before = path.read_bytes()
 index = VectorIndex.load(path, mmap=True)

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 
 import numpy as np
 
-from mmsearch.decode import load_image
+from mmsearch.ingest.decode import load_image
 from mmsearch.errors import DecodeError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from mmsearch.models import Embedder
+    from mmsearch.models.openclip import Embedder
 
 Identity = tuple[int, int]  # (size, mtime_ns) of a file, as the scan saw it
 CHANGED = "changed while being indexed; run index again"

@@ -1,39 +1,35 @@
-"""Searching: a query vector in, ranked hits with catalog metadata out."""
+"""Searching: a query vector in, ranked hits with catalog metadata out.
+
+Compressed indexes (SQ, PQ) rank a wider pool of candidates, re-scored exactly
+from the catalog's vectors (:func:`top_images`, :func:`rerank`): one place
+decides on re-ranking, for queries and for ``mmsearch eval`` alike.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mmsearch.discover import canonical_root
 from mmsearch.errors import CorruptIndexError, EmptyIndexError, UsageError
+from mmsearch.ingest.discover import canonical_root
+from mmsearch.search.hits import ImageHit, TextHit
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store
-    from mmsearch.vectors import SearchResult, VectorIndex
+    from mmsearch.store.vectors import SearchResult, VectorIndex
 
 MAX_QUERY_CHARS = 10_000
 RERANK_POOL, RERANK_FACTOR = 100, 10  # candidates re-scored exactly: max(100, 10 k)
 
 
-@dataclass(frozen=True)
-class ImageHit:
-    rank: int       # 1 = best
-    score: float    # cosine similarity, -1..1
-    id: int
-    path: Path
-
-
-@dataclass(frozen=True)
-class TextHit:
-    rank: int
-    score: float
-    id: int
-    key: str
-    text: str
+def empty_index(store: "Store", kind: str) -> EmptyIndexError:
+    """The error for searching an index that holds no images (or no texts)."""
+    if kind == "images":
+        return EmptyIndexError(f"index {store.root.name!r} is empty; run `mmsearch index FOLDER`")
+    return EmptyIndexError(f"index {store.root.name!r} has no texts; run `mmsearch texts add FILE`")
 
 
 def check_text_query(text: str) -> str:
@@ -56,14 +52,14 @@ def search_images(store: "Store", query: np.ndarray, k: int,
     """Top-``k`` images for each row of ``query`` (optionally only under folder ``within``)."""
     index = store.vectors("images")
     if index.ntotal == 0:
-        raise EmptyIndexError(f"index {store.root.name!r} has no images: run `mmsearch index FOLDER`")
+        raise empty_index(store, "images")
     subset = None
     if within is not None:
-        subset = store.catalog.image_ids_under(str(canonical_root(within.expanduser())))
+        subset = store.read.image_ids_under(str(canonical_root(within.expanduser())))
         if not subset.size:
             raise UsageError(f"no indexed images under {within}")
     result = top_images(store, index, query, k, subset)
-    paths = store.catalog.image_paths(int(i) for i in np.unique(result.ids) if i >= 0)
+    paths = store.read.image_paths(int(i) for i in np.unique(result.ids) if i >= 0)
     return [ranked([ImageHit(0, float(s), int(i), Path(paths[i]))
                     for s, i in zip(row_s, row_i) if i in paths])
             for row_s, row_i in zip(result.scores, result.ids)]
@@ -86,11 +82,11 @@ def rerank(store: "Store", query: np.ndarray, found: "SearchResult", k: int) -> 
     catalog keeps every vector, so re-scoring a pool of candidates costs one SQLite
     read of ~100 vectors and gives exact scores and a better top ``k``.
     """
-    from mmsearch.vectors import SearchResult
+    from mmsearch.store.vectors import SearchResult
 
     query = np.atleast_2d(query).astype(np.float32)
     try:
-        have, vecs = store.catalog.image_vectors(query.shape[1], np.unique(found.ids[found.ids >= 0]))
+        have, vecs = store.read.image_vectors(query.shape[1], np.unique(found.ids[found.ids >= 0]))
     except CorruptIndexError:  # a damaged stored vector: keep the index's own ranking
         return SearchResult(found.scores[:, :k], found.ids[:, :k])
     col = np.clip(np.searchsorted(have, found.ids), 0, max(len(have) - 1, 0))
@@ -106,9 +102,9 @@ def rerank(store: "Store", query: np.ndarray, found: "SearchResult", k: int) -> 
 def search_texts(store: "Store", query: np.ndarray, k: int) -> list[list[TextHit]]:
     index = store.vectors("texts")
     if index.ntotal == 0:
-        raise EmptyIndexError(f"index {store.root.name!r} has no texts: run `mmsearch texts add FILE`")
+        raise empty_index(store, "texts")
     result = index.search(query, k)
-    rows = store.catalog.texts_by_id(int(i) for i in np.unique(result.ids) if i >= 0)
+    rows = store.read.texts_by_id(int(i) for i in np.unique(result.ids) if i >= 0)
     return [ranked([TextHit(0, float(s), int(i), *rows[i]) for s, i in zip(row_s, row_i) if i in rows])
             for row_s, row_i in zip(result.scores, result.ids)]
 

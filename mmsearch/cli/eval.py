@@ -1,35 +1,19 @@
-"""`mmsearch eval`: retrieval recall of the engine on a Karpathy-format benchmark.
-
-Registered in :mod:`mmsearch.cli` with ``app.command("eval")(eval_command)``.
-This module does not import :mod:`mmsearch.cli` at import time (cli.py imports
-this one to register the command), so the option types are declared here and
-:func:`mmsearch.cli.handle_errors` is looked up when the command runs.
-"""
+"""`mmsearch eval`: retrieval recall of the engine on a Karpathy-format benchmark."""
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from mmsearch.cli.common import (BatchSizeOpt, DeviceOpt, DraftOpt, ModelOpt, PretrainedOpt,
+                                 WorkersOpt, handle_errors)
+
 if TYPE_CHECKING:  # pragma: no cover
-    from mmsearch.datasets import RetrievalDataset
-    from mmsearch.evaluate import EvalResult
-
-
-def handle_errors(fn: Callable) -> Callable:
-    """:func:`mmsearch.cli.handle_errors`, imported when the command is called."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mmsearch.cli import handle_errors as handle
-
-        return handle(fn)(*args, **kwargs)
-
-    return wrapper
+    from mmsearch.eval.datasets import RetrievalDataset
+    from mmsearch.eval.evaluate import EvalResult
 
 
 @handle_errors
@@ -43,22 +27,15 @@ def eval_command(
         "--dataset", "-d", help="coco, flickr30k, flickr8k (sizes checked against the standard "
         "split) or any name (default: the JSON's 'dataset' value).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate: test, val, train...")] = "test",
-    model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="open_clip architecture name or model-config JSON "
-        "(default ViT-B-32).")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(
-        "--pretrained", "-p", help="open_clip pretrained tag, a local checkpoint file, or 'none' "
-        "(random weights: timings only); default laion2b_s34b_b79k.")] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
     index_type: Annotated[str, typer.Option(
         help="Image index searched: flat, hnsw, ivf, ivfsq, ivfpq or a FAISS factory string; an "
         "approximate one is also compared with exact search.")] = "flat",
     home: Annotated[Optional[Path], typer.Option(
         help="Data directory for the (reused) evaluation index (env MMSEARCH_HOME).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 32,
-    workers: Annotated[int, typer.Option(help="Decode threads (0 = auto).")] = 0,
-    draft: Annotated[bool, typer.Option(help="Fast reduced-size JPEG decoding, as `mmsearch "
-                                        "index` does (--no-draft: decode in full).")] = True,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = 32, workers: WorkersOpt = 0, draft: DraftOpt = True,
     json_out: Annotated[Optional[Path], typer.Option(
         "--json", help="Also write the results to this JSON file.")] = None,
 ) -> None:
@@ -68,8 +45,8 @@ def eval_command(
     named after the dataset and model under --home; a second run reuses it, so
     --index-type can be compared without embedding again.
     """
-    from mmsearch.datasets import load_karpathy
-    from mmsearch.evaluate import evaluate
+    from mmsearch.eval.datasets import load_karpathy
+    from mmsearch.eval.evaluate import evaluate
     from mmsearch.progress import ProgressBar
     from mmsearch.settings import resolve
 
@@ -88,7 +65,7 @@ def eval_command(
 
 def _expected_size_warnings(data: "RetrievalDataset", name: str | None) -> list[str]:
     """Differences from the published split size, when ``name`` is a known benchmark."""
-    from mmsearch.datasets import check_expected, resolve_known
+    from mmsearch.eval.datasets import check_expected, resolve_known
     from mmsearch.errors import UsageError
 
     if name is None:

@@ -35,21 +35,20 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from mmsearch import metrics
-from mmsearch.ingest import no_progress
 from mmsearch.errors import DatasetError, UsageError
-from mmsearch.models import NO_WEIGHTS, ModelIdentity, identify, pick_device
+from mmsearch.eval import metrics
+from mmsearch.models.identity import NO_WEIGHTS, ModelIdentity, identify
+from mmsearch.progress import Progress, no_progress
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mmsearch.datasets import RetrievalDataset
     from mmsearch.engine import Engine
+    from mmsearch.eval.datasets import RetrievalDataset
     from mmsearch.settings import Settings
     from mmsearch.store import Store
-    from mmsearch.vectors import VectorIndex
+    from mmsearch.store.vectors import VectorIndex
 
 __all__ = ["EvalResult", "evaluate", "eval_index_name"]
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total): scan, hash, embed, texts, search
 TEXT_CHUNK = 4096      # captions per add_texts call (one progress step each)
 OVERLAP_K = 10         # approximate vs exact: recall@10 of the top-10
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -141,6 +140,7 @@ def evaluate(dataset: "RetrievalDataset", *, settings: "Settings", index_type: s
                                 max(cut_offs), progress)
         search_seconds = time.perf_counter() - search_start
         model = {**asdict(engine.identity), "description": engine.identity.describe()}
+        device = engine.device
     t2i = metrics.text_to_image_recall(ranked[0], dataset.caption_image, cut_offs)
     i2t = metrics.image_to_text_recall(ranked[1], dataset.caption_image, cut_offs)
     return EvalResult(
@@ -149,7 +149,7 @@ def evaluate(dataset: "RetrievalDataset", *, settings: "Settings", index_type: s
         n_images=dataset.n_images, n_captions=dataset.n_captions, model=model,
         index_type="Flat" if exact is None else searched.description, index_name=name,
         index_dir=str(eval_settings.index_dir.absolute()),
-        device=pick_device(settings.device), draft=settings.draft, embedded=report.embedded,
+        device=device, draft=settings.draft, embedded=report.embedded,
         embed_seconds=report.seconds, images_per_second=report.images_per_second,
         text_seconds=text_seconds, texts_embedded=texts_embedded,
         search_seconds=search_seconds, eval_seconds=time.perf_counter() - start,
@@ -171,7 +171,7 @@ def _index_images(engine: "Engine", dataset: "RetrievalDataset",
     """Ingest the split's image files; their catalog ids in dataset order, and the report."""
     paths = _catalog_paths(dataset)
     report = engine.index(paths, progress=progress)
-    by_path = {path: image_id for image_id, path in engine.store.catalog.all_image_paths()}
+    by_path = {path: image_id for image_id, path in engine.store.read.all_image_paths()}
     missing = [i for i, p in enumerate(paths) if p not in by_path]
     if missing:
         reasons = {s.path: s.reason for s in report.skipped}
@@ -188,7 +188,7 @@ def _catalog_paths(dataset: "RetrievalDataset") -> list[str]:
     Entries that name the same file two ways (``a/../b.jpg`` and ``b.jpg``) would
     share one catalog row and could not both be found, so they are refused.
     """
-    from mmsearch.discover import canonical_root
+    from mmsearch.ingest.discover import canonical_root
 
     paths = [str(canonical_root(p)) for p in dataset.image_paths]
     first: dict[str, int] = {}
@@ -203,14 +203,14 @@ def _catalog_paths(dataset: "RetrievalDataset") -> list[str]:
 def _image_indexes(engine: "Engine",
                    index_type: str) -> tuple["VectorIndex", "VectorIndex | None", str | None]:
     """(index to search, exact index to compare it with or None, a note on the choice)."""
-    from mmsearch.vectors import factory_string
+    from mmsearch.store.vectors import plan_index
 
     exact = engine.store.vectors("images")
-    if factory_string(index_type, exact.ntotal, exact.dim) == "Flat":
+    if plan_index(index_type, exact.ntotal, exact.dim).factory == "Flat":
         return exact, None, None
-    # Built in memory from the stored vectors as the engine builds it (the store is
-    # not writing, so the cached exact images.faiss is left as it is).
-    approx = engine.store.rebuild("images", note=False, index_type=index_type)
+    # Built in memory from the stored vectors as the engine builds it; the store's
+    # exact index (and images.faiss) are left as they are.
+    approx = engine.store.build_index("images", index_type)
     if approx.is_exact:  # the engine falls back to Flat when it cannot train the type
         return exact, None, (f"index type {index_type!r} could not be built for "
                              f"{exact.ntotal} images; the engine used exact search (Flat)")
@@ -228,8 +228,8 @@ def _index_captions(engine: "Engine", dataset: "RetrievalDataset",
         report = engine.add_texts([(str(i), captions[i]) for i in range(start, stop)])
         embedded += report.added + report.replaced
         progress("texts", stop, len(captions))
-    catalog = engine.store.catalog
-    stored = catalog.texts_by_id(int(i) for i in catalog.all_text_ids())  # ints: not np.int64
+    read = engine.store.read
+    stored = read.texts_by_id(int(i) for i in read.all_text_ids())  # ints: not np.int64
     by_key = {key: (text_id, text) for text_id, (key, text) in stored.items()}
     ids = np.empty(len(captions), dtype=np.int64)
     for i, caption in enumerate(captions):
@@ -250,10 +250,10 @@ def _rank(engine: "Engine", searched: "VectorIndex", exact: "VectorIndex | None"
     """((caption -> image positions), (image -> caption positions)), and the approx overlap."""
     store = engine.store
     dim = store.dim or searched.dim
-    text_queries = _stored(store.catalog.text_vectors, dim, text_ids)
-    image_queries = _stored(store.catalog.image_vectors, dim, image_ids)
-    image_subset = None if store.catalog.image_count() == len(image_ids) else image_ids
-    text_subset = None if store.catalog.text_count() == len(text_ids) else text_ids
+    text_queries = _stored(store.read.text_vectors, dim, text_ids)
+    image_queries = _stored(store.read.image_vectors, dim, image_ids)
+    image_subset = None if store.read.image_count() == len(image_ids) else image_ids
+    text_subset = None if store.read.text_count() == len(text_ids) else text_ids
     total = len(text_ids) * (1 if exact is None else 2) + len(image_ids)
     tracker = _Tracker(progress, total)
     k_images = max(k, OVERLAP_K) if exact is not None else k
@@ -279,7 +279,7 @@ def _search(index: "VectorIndex", queries: np.ndarray, k: int, subset: np.ndarra
             tracker: _Tracker, store: "Store | None" = None) -> np.ndarray:
     """Top-``k`` catalog ids per query (``-1`` padded), through the engine's FAISS wrapper
     (and, for an index of compressed codes, its exact re-ranking from ``store``'s catalog)."""
-    from mmsearch.search import top_images
+    from mmsearch.search.search import top_images
 
     out = np.full((len(queries), k), -1, dtype=np.int64)
     for start in range(0, len(queries), SEARCH_CHUNK):

@@ -1,77 +1,28 @@
-"""The `mmsearch` command: a thin shell over :mod:`mmsearch.engine`.
-
-Each command resolves its settings once, calls the library, and prints. Every
-:class:`~mmsearch.errors.MMSearchError` becomes one line on stderr and its exit code.
-"""
+"""The `mmsearch` commands: index, query, texts add, info, remove, check (and eval, from
+:mod:`.eval`). Each resolves its settings once, calls the library, and prints."""
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from mmsearch.errors import MMSearchError, UsageError
-from mmsearch.settings import resolve
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mmsearch.engine import Engine
+from mmsearch.cli.common import (BatchSizeOpt, DeviceOpt, DraftOpt, HomeOpt, IndexOpt, JsonOpt,
+                                 ModelOpt, PretrainedOpt, WorkersOpt, err, handle_errors,
+                                 open_engine, print_json)
+from mmsearch.cli.eval import eval_command
+from mmsearch.errors import UsageError
 
 app = typer.Typer(help="Search photo folders and image-text collections by meaning.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 texts_app = typer.Typer(help="Index texts to search from an image (image -> text).",
                         no_args_is_help=True)
 app.add_typer(texts_app, name="texts")
-
-IndexOpt = Annotated[Optional[str], typer.Option(
-    "--index", "-i", help="Index name (env MMSEARCH_INDEX; default: default).")]
-HomeOpt = Annotated[Optional[Path], typer.Option(
-    help="Data directory holding the indexes (env MMSEARCH_HOME; default ~/.local/share/mmsearch).")]
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="open_clip architecture name or model-config JSON (default ViT-B-32, "
-    "or the index's model).")]
-PretrainedOpt = Annotated[Optional[str], typer.Option(
-    "--pretrained", "-p", help="open_clip pretrained tag (downloaded once) or a local checkpoint "
-    "file, or 'none' for random weights (default laion2b_s34b_b79k, or the index's).")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-
-
-def _err(message: str) -> None:
-    typer.echo(f"mmsearch: {message}", err=True)
-
-
-def handle_errors(fn: Callable) -> Callable:
-    """Turn library errors into one line on stderr and a non-zero exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except MMSearchError as exc:
-            _err(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            _err("interrupted")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def open_engine(*, create: bool = False, **flags: Any) -> "Engine":
-    from mmsearch.engine import Engine
-
-    return Engine(resolve(**flags), create=create)
-
-
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 @app.command()
@@ -80,10 +31,7 @@ def index(
     paths: Annotated[list[Path], typer.Argument(help="Folders or files to index.")],
     index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
     pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 32,
-    workers: Annotated[int, typer.Option(help="Decode threads (0 = auto).")] = 0,
-    draft: Annotated[bool, typer.Option(help="Fast reduced-size JPEG decoding before the "
-                                        "resize (--no-draft: decode in full).")] = True,
+    batch_size: BatchSizeOpt = 32, workers: WorkersOpt = 0, draft: DraftOpt = True,
     index_type: Annotated[Optional[str], typer.Option(help="auto, flat, hnsw, ivf, ivfsq, ivfpq or a "
                                                       "FAISS factory string.")] = None,
     as_json: JsonOpt = False,
@@ -98,12 +46,11 @@ def index(
             _stop_on_sigint(stop):
         report = engine.index(paths, progress=bar.update, stop=stop)
     if as_json:
-        _print_json({**report.__dict__, "skipped": [s.__dict__ for s in report.skipped],
-                     "images_per_second": report.images_per_second})
+        print_json(report)
     else:
         _print_report(report)
     if report.interrupted:
-        _err("interrupted: everything embedded so far is saved; run the same command to resume")
+        err("interrupted: everything embedded so far is saved; run the same command to resume")
         raise typer.Exit(130)
 
 
@@ -116,10 +63,10 @@ class _stop_on_sigint:
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.stop.is_set():
-            _err("aborted: what was committed is kept; run the same command to resume")
+            err("aborted: what was committed is kept; run the same command to resume")
             raise KeyboardInterrupt
         self.stop.set()
-        _err("stopping after the current batch (Ctrl-C again to abort)...")
+        err("stopping after the current batch (Ctrl-C again to abort)...")
 
     def __enter__(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -162,9 +109,9 @@ def query(
         else:
             hits = engine.search(text, image=image, k=k, within=within)
         for note in engine.store.repairs:
-            _err(f"repaired: {note}")
+            err(f"repaired: {note}")
     if as_json:
-        _print_json([h.__dict__ for h in hits])
+        print_json(hits)
         return
     if not hits:
         typer.echo("no results")
@@ -182,14 +129,14 @@ def texts_add(
     pretrained: PretrainedOpt = None, device: DeviceOpt = "auto", as_json: JsonOpt = False,
 ) -> None:
     """Embed texts so that images can find them (query --image X --texts)."""
-    from mmsearch.textfile import read_texts
+    from mmsearch.ingest.texts import read_texts
 
     items = read_texts(file)
     with open_engine(create=True, index=index, home=home, model=model, pretrained=pretrained,
                      device=device) as engine:
         report = engine.add_texts(items)
     if as_json:
-        _print_json(report.__dict__)
+        print_json(report)
     else:
         typer.echo(f"texts: added {report.added}, replaced {report.replaced}, "
                    f"unchanged {report.unchanged}")
@@ -202,7 +149,7 @@ def info(index: IndexOpt = None, home: HomeOpt = None, as_json: JsonOpt = False)
     with open_engine(index=index, home=home) as engine:
         data = engine.info()
     if as_json:
-        _print_json({**data.__dict__, "model": data.model.__dict__ if data.model else None})
+        print_json(data)
         return
     typer.echo(f"index      {data.name}\nlocation   {data.location}")
     typer.echo(f"model      {data.model.describe() if data.model else '-'} (dim {data.dim})")
@@ -242,8 +189,6 @@ def check(repair: Annotated[bool, typer.Option(help="Fix what can be fixed: rebu
         typer.echo("run `mmsearch check --repair` to fix")
         raise typer.Exit(1)
 
-
-from mmsearch.cli_eval import eval_command  # noqa: E402  (light: heavy imports run inside)
 
 app.command("eval")(eval_command)
 

@@ -1,127 +1,28 @@
-"""The model registry: which open_clip model embeds images and texts.
+"""The open_clip backend: load a :class:`ModelIdentity` into encoders.
 
-This is the only module that knows about open_clip. It resolves what the user
-asked for (an architecture name or a config JSON, a pretrained tag or a
-checkpoint file) into a :class:`ModelIdentity` that is stored with an index,
-and loads it into an :class:`Embedder` with two small methods: images in,
-vectors out; texts in, vectors out. Vectors are float32 and L2-normalised.
+This is the only module that imports open_clip. :func:`load_embedder` builds an
+:class:`Embedder` (images in, vectors out; texts in, vectors out);
+:func:`load_text_encoder` the cheapest thing that embeds text queries the same
+way. Vectors are float32 and L2-normalised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import logging
-import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from mmsearch.errors import ModelError, ModelMismatchError, UsageError
+from mmsearch.errors import ModelError
+from mmsearch.models.device import resolve_device
+from mmsearch.models.identity import NO_WEIGHTS, ModelIdentity, check_supported, checked_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
     from PIL import Image
-
-# ViT-B-32 at 224 px runs at ~10-20 images/s on a 2-core CPU and its LAION-2B
-# weights are the most widely quoted open_clip baseline (Flickr30K text->image R@1 66.8).
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
-NO_WEIGHTS = "none"  # random weights: only for speed benchmarks, never for search quality
-_FINGERPRINT_CHUNK = 4 << 20
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What an index was built with; stored in the catalog as JSON.
-
-    ``fingerprint`` identifies the weights: the tag for open_clip downloads, the
-    size plus a hash of the first and last 4 MiB for a local checkpoint file
-    (cheap enough for every query; moved or renamed files still match).
-    """
-
-    arch: str
-    pretrained: str
-    fingerprint: str
-    config_path: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ModelIdentity":
-        return cls(**json.loads(text))
-
-    def describe(self) -> str:
-        return f"{self.arch} / {self.pretrained}"
-
-    def check_same(self, other: "ModelIdentity") -> None:
-        """Raise :class:`ModelMismatchError` unless ``other`` is the same model and weights."""
-        if (self.arch, self.fingerprint) != (other.arch, other.fingerprint):
-            raise ModelMismatchError(
-                f"this index was built with {self.describe()}, not {other.describe()}; "
-                "use the same --model/--pretrained, or another --index"
-            )
-
-
-def identify(model: str | None, pretrained: str | None) -> ModelIdentity:
-    """Resolve user input into a :class:`ModelIdentity` without importing torch."""
-    if model is None and pretrained is None:
-        model, pretrained = DEFAULT_MODEL, DEFAULT_PRETRAINED
-    elif model is None:
-        model = DEFAULT_MODEL
-    elif pretrained is None:
-        if model != DEFAULT_MODEL:
-            raise UsageError(f"--model {model} needs --pretrained TAG or FILE (or '{NO_WEIGHTS}')")
-        pretrained = DEFAULT_PRETRAINED
-    arch, config_path = _resolve_arch(model)
-    return ModelIdentity(arch, *_resolve_weights(pretrained), config_path=config_path)
-
-
-def _resolve_arch(model: str) -> tuple[str, str | None]:
-    if model.endswith(".json") or os.sep in model:
-        path = Path(model).expanduser()
-        if not path.is_file():
-            raise ModelError(f"model config not found: {path}")
-        return path.stem, str(path.resolve())
-    return model, None
-
-
-def _resolve_weights(pretrained: str) -> tuple[str, str]:
-    if pretrained.lower() == NO_WEIGHTS:
-        return NO_WEIGHTS, NO_WEIGHTS
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        return str(path.resolve()), _file_fingerprint(path)
-    if os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
-        raise ModelError(f"checkpoint file not found: {path}")
-    return pretrained, f"tag:{pretrained}"
-
-
-def _file_fingerprint(path: Path) -> str:
-    size = path.stat().st_size
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        digest.update(f.read(_FINGERPRINT_CHUNK))
-        if size > 2 * _FINGERPRINT_CHUNK:
-            f.seek(size - _FINGERPRINT_CHUNK)
-            digest.update(f.read())
-    return f"file:{size}:{digest.hexdigest()}"
-
-
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available")
-    return device
-
 
 class TextEncoder:
     """Texts in, vectors out, with a small cache for repeated texts (shared by both loaders)."""
@@ -301,6 +202,7 @@ def load_embedder(identity: ModelIdentity, device: str = "auto", *,
     """
     import open_clip
 
+    check_supported(identity)
     if identity.config_path:
         if not Path(identity.config_path).is_file():
             raise ModelError(f"model config not found: {identity.config_path}")
@@ -308,9 +210,9 @@ def load_embedder(identity: ModelIdentity, device: str = "auto", *,
     if identity.arch not in open_clip.list_models():
         raise ModelError(f"unknown model architecture {identity.arch!r} "
                          "(see `python -c 'import open_clip; print(open_clip.list_models())'`)")
-    dev = pick_device(device)
+    dev = resolve_device(device)
     if identity.fingerprint.startswith("file:"):
-        _checked_file(identity)
+        checked_file(identity)
     pretrained = None if identity.pretrained == NO_WEIGHTS else identity.pretrained
     text_only = None if image_tower or pretrained is None else _create_text_only(identity, dev)
     model, preprocess = (text_only, None) if text_only is not None else _create(identity, pretrained, dev)
@@ -328,26 +230,16 @@ def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,
     :mod:`mmsearch.texttower` -- torch only, weights memory-mapped, open_clip not
     imported. Otherwise it is open_clip's model with the text tower alone.
     """
+    check_supported(identity)
     if identity.fingerprint.startswith("file:"):
-        weights_path = _checked_file(identity)
-    if weights_path and Path(weights_path).is_file() and pick_device(device) == "cpu":
-        from mmsearch import texttower
+        weights_path = checked_file(identity)
+    if weights_path and Path(weights_path).is_file() and resolve_device(device) == "cpu":
+        from mmsearch.models import texttower
 
         tower = texttower.load(identity.arch, identity.config_path, weights_path)
         if tower is not None:
             return _PlainTextEncoder(identity, tower)
     return load_embedder(identity, device, image_tower=False)
-
-
-def _checked_file(identity: ModelIdentity) -> str:
-    """The checkpoint path of a file identity, refusing a file whose weights have changed."""
-    path = Path(identity.pretrained)
-    if not path.is_file():
-        raise ModelError(f"checkpoint file not found: {path} (pass --pretrained with its new place)")
-    if _file_fingerprint(path) != identity.fingerprint:
-        raise ModelMismatchError(f"checkpoint {path} is not the file this index was built with "
-                                 "(its contents changed); pass --pretrained with the original file")
-    return str(path)
 
 
 def _create(identity: ModelIdentity, pretrained: str | None, device: str) -> tuple[Any, Callable]:
@@ -361,6 +253,10 @@ def _create(identity: ModelIdentity, pretrained: str | None, device: str) -> tup
                              f"known tags: {', '.join(tags) or 'none'}; or pass a checkpoint file")
     if pretrained is None:
         torch.manual_seed(0)  # random weights, but the same ones in every process
+    elif identity.fingerprint.startswith("tag:"):
+        from mmsearch.models.hub import check_download
+
+        check_download(identity.arch, pretrained)  # fails at once, in one line, when offline
     try:
         with _quiet_open_clip():
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -410,33 +306,32 @@ def _tag_file(identity: ModelIdentity) -> str | None:
     """The local file of a tag's weights (downloading them if needed), or None."""
     import open_clip
 
-    cfg = open_clip.get_pretrained_cfg(identity.arch, identity.pretrained)
+    from mmsearch.models.hub import cached_weights, check_download
+
     try:
-        path = open_clip.download_pretrained(cfg) if cfg else None
-    except Exception:  # noqa: BLE001 - offline, or an unusual hub layout
+        path = cached_weights(identity.arch, identity.pretrained)
+        if path is None and check_download(identity.arch, identity.pretrained) is None:
+            with _quiet_open_clip():
+                cfg = open_clip.get_pretrained_cfg(identity.arch, identity.pretrained)
+                path = open_clip.download_pretrained(cfg) if cfg else None
+    except Exception:  # noqa: BLE001 - offline (a failed download is reported by the full path)
         return None
     return str(path) if path and Path(path).is_file() else None
 
 
 @contextlib.contextmanager
 def _quiet_open_clip() -> Iterator[None]:
-    """open_clip logs to the root logger (e.g. 'No pretrained weights loaded'); the library stays quiet."""
+    """open_clip and huggingface_hub log warnings and progress; the library stays quiet."""
+    from mmsearch.models.hub import quiet_hub
+
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))
     try:
-        yield
+        with quiet_hub():
+            yield
     finally:
         root.setLevel(level)
 
 
-def check_loaded(stored: ModelIdentity, asked: ModelIdentity | None) -> ModelIdentity:
-    """The identity to load for an existing index, refusing a different model."""
-    if asked is not None:
-        stored.check_same(asked)
-        return asked  # same weights, possibly at a new path
-    return stored
-
-
-__all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "NO_WEIGHTS", "ModelIdentity", "Embedder",
-           "TextEncoder", "identify", "load_embedder", "load_text_encoder", "check_loaded", "pick_device", "ModelMismatchError"]
+__all__ = ["Embedder", "TextEncoder", "load_embedder", "load_text_encoder", "encode_text_trimmed"]

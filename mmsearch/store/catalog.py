@@ -14,10 +14,16 @@ module typed: :class:`CorruptIndexError` for a damaged file (checked before
 SQLite opens it: header, truncation), :class:`StorageError` for the rest.
 
 Schema changes go in ``_MIGRATIONS``: bump ``SCHEMA_VERSION`` and add a step.
+v1: the tables above. v2: the stored model identity names its backend and its
+text tower (``backend``, ``text_pretrained``, ``text_fingerprint``).
+
+:class:`CatalogReader` has every query and no write; :class:`Catalog` adds the
+writes, which only :class:`mmsearch.store.Store` calls.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import struct
@@ -36,7 +42,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from mmsearch.errors import CorruptIndexError, MMSearchError, StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Base(DeclarativeBase):
@@ -76,12 +82,41 @@ def _migrate_0_to_1(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 
 
+def _migrate_1_to_2(conn: Connection) -> None:
+    """The model record gains its backend (open_clip, the only one v1 knew) and text tower."""
+    row = conn.execute(select(MetaRow.value).where(MetaRow.key == "model")).first()
+    if not row:
+        return
+    try:
+        model = json.loads(row[0])
+    except (TypeError, ValueError):
+        return  # unreadable either way; `mmsearch check` reports it
+    if isinstance(model, dict):
+        model = {"backend": "open_clip", "text_pretrained": None, "text_fingerprint": None,
+                 **model}
+        conn.execute(update(MetaRow).where(MetaRow.key == "model")
+                     .values(value=json.dumps(model, sort_keys=True)))
+
+
 # version n -> n + 1; version 0 is an empty file.
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _migrate_0_to_1}
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2}
+READABLE_UNMIGRATED = 1  # older schemas this code still reads as they are (a read-only file)
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file as found on disk: what a new catalog row records (its id comes on commit)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str
 
 
 @dataclass(frozen=True)
 class StoredImage:
+    """An image row of the catalog."""
+
     id: int
     path: str
     size: int
@@ -159,71 +194,17 @@ class EmptyCatalogError(CorruptIndexError):
     """The catalog file exists but holds no schema: nothing was ever committed to it."""
 
 
-class Catalog:
-    """One SQLite file. Methods that write run in one transaction each.
+class CatalogReader:
+    """Every query of one SQLite catalog, and no write: what readers outside the store get.
 
     Every SQLite failure leaves this class as a typed error: a damaged file as
     :class:`CorruptIndexError`, anything else (disk full, read-only, I/O) as
-    :class:`StorageError`. ``require_schema`` refuses (with
-    :class:`EmptyCatalogError`) a file that was never initialised instead of
-    creating the tables in it: readers pass it, so they never write a schema.
+    :class:`StorageError`.
     """
 
-    def __init__(self, path: Path, *, create: bool, require_schema: bool = False) -> None:
-        if not create and not path.is_file():
-            raise CorruptIndexError(f"catalog missing: {path}")
+    def __init__(self, engine: Engine, path: Path) -> None:
+        self._engine = engine
         self.path = path
-        check_sqlite_file(path)
-        self._engine: Engine = _engine(path)
-        try:
-            try:
-                self._upgrade(require_schema)
-            except DBAPIError as exc:
-                if create or not _frozen(path) or isinstance(_translate(exc, "", path),
-                                                            CorruptIndexError):
-                    raise
-                # a reader on a read-only or full file system, where SQLite cannot create the
-                # WAL index (-shm): nobody can be writing, so read the file as it is
-                self._engine.dispose()
-                self._engine = _engine(path, immutable=True)
-                self._upgrade(require_schema)
-        except (DBAPIError, UnicodeDecodeError) as exc:
-            self._engine.dispose()
-            error = _translate(exc, "open", path)
-            if isinstance(error, CorruptIndexError):
-                error = CorruptIndexError(f"catalog {path} is not a readable SQLite database: "
-                                          f"{getattr(exc, 'orig', exc)}")
-            raise error from exc
-        except MMSearchError:
-            self._engine.dispose()
-            raise
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-    # -- schema --------------------------------------------------------------
-    def _upgrade(self, require_schema: bool) -> None:
-        for attempt in range(100):
-            try:
-                with self._engine.begin() as conn:
-                    version = self._version(conn)
-                    if version > SCHEMA_VERSION:
-                        raise CorruptIndexError(
-                            f"catalog {self.path} has schema v{version}; this mmsearch reads up to "
-                            f"v{SCHEMA_VERSION}: upgrade mmsearch")
-                    if version == 0 and require_schema:
-                        raise EmptyCatalogError(f"catalog {self.path} holds no index yet")
-                    while version < SCHEMA_VERSION:
-                        _MIGRATIONS[version](conn)
-                        version += 1
-                        self._put_meta(conn, "schema_version", str(version))
-                return
-            except OperationalError as exc:
-                # Two processes creating the same new index: the loser's snapshot is stale
-                # (SQLITE_BUSY_SNAPSHOT) or the lock is held; look again once it has committed.
-                if _primary_code(exc) not in (_SQLITE_BUSY, _SQLITE_LOCKED) or attempt == 99:
-                    raise
-                time.sleep(0.05)
 
     @staticmethod
     def _version(conn: Connection) -> int:
@@ -243,29 +224,10 @@ class Catalog:
         with self._read() as conn:
             return self._version(conn)
 
-    # -- meta ----------------------------------------------------------------
-    @staticmethod
-    def _put_meta(conn: Connection, key: str, value: str) -> None:
-        conn.execute(delete(MetaRow).where(MetaRow.key == key))
-        conn.execute(insert(MetaRow).values(key=key, value=value))
-
     def get_meta(self, key: str) -> str | None:
         with self._read() as conn:
             row = conn.execute(select(MetaRow.value).where(MetaRow.key == key)).first()
         return row[0] if row else None
-
-    def set_meta(self, key: str, value: str) -> None:
-        self.set_metas({key: value})
-
-    def set_metas(self, values: dict[str, str]) -> None:
-        """Several meta keys in one transaction (all or none survive a crash)."""
-        with self._write() as conn:
-            for key, value in values.items():
-                self._put_meta(conn, key, value)
-
-    # -- transactions ----------------------------------------------------------
-    def _write(self) -> "_WriteTxn":
-        return _WriteTxn(self._engine, self.path)
 
     def _read(self) -> "_ReadConn":
         return _ReadConn(self._engine, self.path)
@@ -278,14 +240,13 @@ class Catalog:
         given to a new row, that stale vector would pass for the new row's.
         """
         top = int(conn.execute(select(func.coalesce(func.max(table.id), 0))).scalar())
-        return max(top, Catalog._meta_int(conn, key))
+        return max(top, CatalogReader._meta_int(conn, key))
 
     @staticmethod
     def _meta_int(conn: Connection, key: str) -> int:
         row = conn.execute(select(MetaRow.value).where(MetaRow.key == key)).first()
         return int(row[0]) if row and isinstance(row[0], str) and row[0].isdigit() else 0
 
-    # -- images ----------------------------------------------------------------
     def images_under(self, root: str) -> dict[str, StoredImage]:
         """Every stored image whose path is ``root`` or below it."""
         with self._read() as conn:
@@ -335,41 +296,10 @@ class Catalog:
                 out.update({r.content_hash: np.frombuffer(r.vector, np.float32).copy() for r in rows})
         return {h: v for h, v in out.items() if v.shape == (dim,)}
 
-    def next_image_id(self) -> int:
+    def next_image_id(self) -> int:  # for messages and tests; commit_images allocates
         """An id no image row has ever had (see :meth:`_last_id`)."""
         with self._read() as conn:
             return self._last_id(conn, ImageRow, "images_last_id") + 1
-
-    def commit_images(self, new_vectors: dict[str, np.ndarray], upserts: list[StoredImage],
-                      delete_ids: Iterable[int] = ()) -> None:
-        """One transaction: store new embeddings, insert/replace image rows, delete rows."""
-        delete_ids = [int(i) for i in delete_ids]
-        with self._write() as conn:
-            if new_vectors:
-                conn.execute(insert(EmbeddingRow).prefix_with("OR IGNORE"),
-                             [{"content_hash": h, "vector": to_blob(v)} for h, v in new_vectors.items()])
-            for chunk in _chunks(delete_ids + [u.id for u in upserts], 900):
-                conn.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
-            if upserts:
-                conn.execute(insert(ImageRow), [u.__dict__ for u in upserts])
-                top = max(u.id for u in upserts)
-                if top > self._meta_int(conn, "images_last_id"):
-                    self._put_meta(conn, "images_last_id", str(top))
-
-    def touch_images(self, rows: list[StoredImage]) -> None:
-        """Record a new size/mtime for files whose content did not change."""
-        if rows:
-            with self._write() as conn:
-                stmt = (update(ImageRow).where(ImageRow.id == bindparam("row_id"))
-                        .values(size=bindparam("new_size"), mtime_ns=bindparam("new_mtime")))
-                conn.execute(stmt, [{"row_id": r.id, "new_size": r.size, "new_mtime": r.mtime_ns}
-                                    for r in rows])
-
-    def drop_orphan_embeddings(self) -> int:
-        with self._write() as conn:
-            used = select(ImageRow.content_hash)
-            return conn.execute(delete(EmbeddingRow).where(
-                EmbeddingRow.content_hash.not_in(used))).rowcount
 
     def image_vectors(self, dim: int, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of stored images, all or the given ids, ordered by id."""
@@ -433,30 +363,6 @@ class Catalog:
             for i, path in conn.execute(select(ImageRow.id, ImageRow.path).order_by(ImageRow.id)):
                 yield i, self._str(path)
 
-    # -- texts -----------------------------------------------------------------
-    def upsert_texts(self, rows: list[tuple[str, str, np.ndarray]]) -> tuple[int, int, int]:
-        """Insert (key, text, vector) rows; a key already stored with another text is replaced.
-
-        Returns (added, replaced, unchanged) counts. New rows get ids never used before.
-        """
-        keys = [k for k, _, _ in rows]
-        with self._write() as conn:
-            old = {}
-            for chunk in _chunks(keys, 900):
-                old.update({r.key: (r.id, r.text) for r in conn.execute(
-                    select(TextRow.key, TextRow.id, TextRow.text).where(TextRow.key.in_(chunk)))})
-            replaced = [old[k][0] for k, t, _ in rows if k in old and old[k][1] != t]
-            fresh = [(k, t, v) for k, t, v in rows if k not in old or old[k][1] != t]
-            first = self._last_id(conn, TextRow, "texts_last_id") + 1  # before the deletes
-            for chunk in _chunks(replaced, 900):
-                conn.execute(delete(TextRow).where(TextRow.id.in_(chunk)))
-            if fresh:
-                conn.execute(insert(TextRow), [{"id": first + i, "key": k, "text": t,
-                                                "vector": to_blob(v)}
-                                               for i, (k, t, v) in enumerate(fresh)])
-                self._put_meta(conn, "texts_last_id", str(first + len(fresh) - 1))
-        return len(fresh) - len(replaced), len(replaced), len(rows) - len(fresh)
-
     def text_keys(self) -> set[tuple[str, str]]:
         with self._read() as conn:
             return {(r.key, r.text) for r in conn.execute(select(TextRow.key, TextRow.text))}
@@ -481,13 +387,6 @@ class Catalog:
         with self._read() as conn:
             return np.asarray(conn.execute(select(TextRow.id)).scalars().all(), dtype=np.int64)
 
-    def delete_texts(self, keys: Iterable[str] | None = None) -> int:
-        with self._write() as conn:
-            if keys is None:
-                return conn.execute(delete(TextRow)).rowcount
-            return sum(conn.execute(delete(TextRow).where(TextRow.key.in_(c))).rowcount
-                       for c in _chunks(list(keys), 900))
-
     def integrity_problems(self) -> list[str]:
         try:
             with self._read() as conn:
@@ -495,6 +394,28 @@ class Catalog:
         except CorruptIndexError as exc:
             return [str(exc)]
         return [] if rows == ["ok"] else [f"sqlite: {r}" for r in rows]
+
+    def damaged_embeddings(self, dim: int) -> list[str]:
+        """Content hashes whose stored vector has the wrong length or is not finite."""
+        with self._read() as conn:
+            rows = conn.execute(select(EmbeddingRow.content_hash, EmbeddingRow.vector))
+            return [h for h, blob in rows if _damaged(blob, dim)]
+
+    def damaged_texts(self, dim: int) -> dict[int, tuple[str, str]]:
+        """Texts whose stored vector has the wrong length or is not finite: id -> (key, text)."""
+        with self._read() as conn:
+            rows = conn.execute(select(TextRow.id, TextRow.key, TextRow.text, TextRow.vector))
+            return {i: (key, txt) for i, key, txt, blob in rows if _damaged(blob, dim)}
+
+    def vector_sizes(self) -> dict[int, int]:
+        """Byte length -> how many stored vectors (images and texts) have it."""
+        sizes: dict[int, int] = {}
+        with self._read() as conn:
+            for table in ("embeddings", "texts"):
+                for size, n in conn.exec_driver_sql(
+                        f"SELECT length(vector), count(*) FROM {table} GROUP BY 1"):
+                    sizes[int(size or 0)] = sizes.get(int(size or 0), 0) + n
+        return sizes
 
     def dangling_images(self) -> dict[int, str]:
         """Image rows whose embedding row is missing (id -> path)."""
@@ -504,6 +425,184 @@ class Catalog:
                                            ImageRow.content_hash == EmbeddingRow.content_hash)
                                 .where(EmbeddingRow.content_hash.is_(None)))
             return {r.id: r.path for r in rows}
+
+
+class Catalog(CatalogReader):
+    """One SQLite file, opened (and migrated) for a :class:`~mmsearch.store.Store`.
+
+    The write methods run in one transaction each; only the store calls them.
+    ``require_schema`` refuses (with :class:`EmptyCatalogError`) a file that
+    was never initialised instead of creating the tables in it: readers pass
+    it, so they never write a schema.
+    """
+
+    def __init__(self, path: Path, *, create: bool, require_schema: bool = False) -> None:
+        if not create and not path.is_file():
+            raise CorruptIndexError(f"catalog missing: {path}")
+        self.path = path
+        check_sqlite_file(path)
+        self._engine: Engine = _engine(path)
+        try:
+            try:
+                self._upgrade(require_schema)
+            except DBAPIError as exc:
+                if create or not _frozen(path) or isinstance(_translate(exc, "", path),
+                                                            CorruptIndexError):
+                    raise
+                # a reader on a read-only or full file system, where SQLite cannot create the
+                # WAL index (-shm): nobody can be writing, so read the file as it is
+                self._engine.dispose()
+                self._engine = _engine(path, immutable=True)
+                self._upgrade(require_schema, migrate=False)
+        except (DBAPIError, UnicodeDecodeError) as exc:
+            self._engine.dispose()
+            error = _translate(exc, "open", path)
+            if isinstance(error, CorruptIndexError):
+                error = CorruptIndexError(f"catalog {path} is not a readable SQLite database: "
+                                          f"{getattr(exc, 'orig', exc)}")
+            raise error from exc
+        except MMSearchError:
+            self._engine.dispose()
+            raise
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def _upgrade(self, require_schema: bool, migrate: bool = True) -> None:
+        """Migrate to SCHEMA_VERSION (``migrate=False``: a read-only file is read as it is,
+        when its schema is at least READABLE_UNMIGRATED)."""
+        for attempt in range(100):
+            try:
+                with self._engine.begin() as conn:
+                    version = self._version(conn)
+                    if version > SCHEMA_VERSION:
+                        raise CorruptIndexError(
+                            f"catalog {self.path} has schema v{version}; this mmsearch reads up to "
+                            f"v{SCHEMA_VERSION}: upgrade mmsearch")
+                    if version == 0 and require_schema:
+                        raise EmptyCatalogError(f"catalog {self.path} holds no index yet")
+                    if not migrate and version >= READABLE_UNMIGRATED:
+                        return
+                    while version < SCHEMA_VERSION:
+                        _MIGRATIONS[version](conn)
+                        version += 1
+                        self._put_meta(conn, "schema_version", str(version))
+                return
+            except OperationalError as exc:
+                # Two processes creating the same new index: the loser's snapshot is stale
+                # (SQLITE_BUSY_SNAPSHOT) or the lock is held; look again once it has committed.
+                if _primary_code(exc) not in (_SQLITE_BUSY, _SQLITE_LOCKED) or attempt == 99:
+                    raise
+                time.sleep(0.05)
+
+    @staticmethod
+    def _put_meta(conn: Connection, key: str, value: str) -> None:
+        conn.execute(delete(MetaRow).where(MetaRow.key == key))
+        conn.execute(insert(MetaRow).values(key=key, value=value))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.set_metas({key: value})
+
+    def set_metas(self, values: dict[str, str]) -> None:
+        """Several meta keys in one transaction (all or none survive a crash)."""
+        with self._write() as conn:
+            for key, value in values.items():
+                self._put_meta(conn, key, value)
+
+    def _write(self) -> "_WriteTxn":
+        return _WriteTxn(self._engine, self.path)
+
+    def commit_images(self, new_vectors: dict[str, np.ndarray], files: list[ImageFile],
+                      delete_ids: Iterable[int] = ()) -> np.ndarray:
+        """One transaction: store new embeddings, add rows for ``files`` under fresh ids
+        (returned, in order), delete the rows ``delete_ids``."""
+        delete_ids = [int(i) for i in delete_ids]
+        with self._write() as conn:
+            first = self._last_id(conn, ImageRow, "images_last_id") + 1
+            ids = np.arange(first, first + len(files), dtype=np.int64)
+            if new_vectors:
+                conn.execute(insert(EmbeddingRow).prefix_with("OR IGNORE"),
+                             [{"content_hash": h, "vector": to_blob(v)} for h, v in new_vectors.items()])
+            for chunk in _chunks(delete_ids, 900):
+                conn.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
+            if files:
+                conn.execute(insert(ImageRow), [{"id": int(i), **f.__dict__}
+                                                for i, f in zip(ids, files)])
+                self._put_meta(conn, "images_last_id", str(int(ids[-1])))
+        return ids
+
+    def touch_images(self, rows: list[StoredImage]) -> None:
+        """Record a new size/mtime for files whose content did not change."""
+        if rows:
+            with self._write() as conn:
+                stmt = (update(ImageRow).where(ImageRow.id == bindparam("row_id"))
+                        .values(size=bindparam("new_size"), mtime_ns=bindparam("new_mtime")))
+                conn.execute(stmt, [{"row_id": r.id, "new_size": r.size, "new_mtime": r.mtime_ns}
+                                    for r in rows])
+
+    def drop_orphan_embeddings(self) -> int:
+        with self._write() as conn:
+            used = select(ImageRow.content_hash)
+            return conn.execute(delete(EmbeddingRow).where(
+                EmbeddingRow.content_hash.not_in(used))).rowcount
+
+    def upsert_texts(self, rows: list[tuple[str, str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Insert (key, text, vector) rows; a key already stored with another text is replaced.
+
+        Returns (the ids of the rows inserted, in order; the ids of the rows they replaced).
+        New rows get ids never used before; rows identical to a stored one are skipped.
+        """
+        keys = [k for k, _, _ in rows]
+        with self._write() as conn:
+            old = {}
+            for chunk in _chunks(keys, 900):
+                old.update({r.key: (r.id, r.text) for r in conn.execute(
+                    select(TextRow.key, TextRow.id, TextRow.text).where(TextRow.key.in_(chunk)))})
+            replaced = [old[k][0] for k, t, _ in rows if k in old and old[k][1] != t]
+            fresh = [(k, t, v) for k, t, v in rows if k not in old or old[k][1] != t]
+            first = self._last_id(conn, TextRow, "texts_last_id") + 1  # before the deletes
+            for chunk in _chunks(replaced, 900):
+                conn.execute(delete(TextRow).where(TextRow.id.in_(chunk)))
+            if fresh:
+                conn.execute(insert(TextRow), [{"id": first + i, "key": k, "text": t,
+                                                "vector": to_blob(v)}
+                                               for i, (k, t, v) in enumerate(fresh)])
+                self._put_meta(conn, "texts_last_id", str(first + len(fresh) - 1))
+        return (np.arange(first, first + len(fresh), dtype=np.int64),
+                np.asarray(replaced, dtype=np.int64))
+
+    def delete_texts(self, keys: Iterable[str] | None = None) -> np.ndarray:
+        """Delete the texts with these keys (all with None); returns their ids."""
+        with self._write() as conn:
+            if keys is None:
+                ids = list(conn.execute(select(TextRow.id)).scalars())
+                conn.execute(delete(TextRow))
+                return np.asarray(ids, dtype=np.int64)
+            ids = []
+            for chunk in _chunks(list(keys), 900):
+                ids += conn.execute(select(TextRow.id).where(TextRow.key.in_(chunk))).scalars().all()
+                conn.execute(delete(TextRow).where(TextRow.key.in_(chunk)))
+        return np.asarray(ids, dtype=np.int64)
+
+    def delete_text_ids(self, ids: Iterable[int]) -> None:
+        with self._write() as conn:
+            for chunk in _chunks([int(i) for i in ids], 900):
+                conn.execute(delete(TextRow).where(TextRow.id.in_(chunk)))
+
+    def forget_embeddings(self, hashes: list[str]) -> list[str]:
+        """Delete these embeddings and the image rows using them; returns those rows' paths."""
+        paths: list[str] = []
+        with self._write() as conn:
+            for chunk in _chunks(hashes, 900):
+                paths += conn.execute(select(ImageRow.path)
+                                      .where(ImageRow.content_hash.in_(chunk))).scalars().all()
+                conn.execute(delete(ImageRow).where(ImageRow.content_hash.in_(chunk)))
+                conn.execute(delete(EmbeddingRow).where(EmbeddingRow.content_hash.in_(chunk)))
+        return paths
+
+    def reader(self) -> CatalogReader:
+        """A view of this catalog with the queries only."""
+        return CatalogReader(self._engine, self.path)
 
 
 class _WriteTxn:
@@ -659,53 +758,6 @@ def _as_vector(blob: object) -> np.ndarray | None:
     return np.frombuffer(blob, np.float32)
 
 
-def bad_embeddings(catalog: Catalog, dim: int) -> list[str]:
-    """Content hashes whose stored vector has the wrong length or is not finite."""
-    bad = []
-    with catalog._read() as conn:
-        for h, blob in conn.execute(select(EmbeddingRow.content_hash, EmbeddingRow.vector)):
-            vec = _as_vector(blob)
-            if vec is None or vec.shape != (dim,) or not np.isfinite(vec).all():
-                bad.append(h)
-    return bad
-
-
-def vector_sizes(catalog: Catalog) -> dict[int, int]:
-    """Byte length -> how many stored vectors (images and texts) have it."""
-    sizes: dict[int, int] = {}
-    with catalog._read() as conn:
-        for table in ("embeddings", "texts"):
-            for size, n in conn.exec_driver_sql(
-                    f"SELECT length(vector), count(*) FROM {table} GROUP BY 1"):
-                sizes[int(size or 0)] = sizes.get(int(size or 0), 0) + n
-    return sizes
-
-
-def bad_texts(catalog: Catalog, dim: int) -> dict[int, tuple[str, str]]:
-    """Texts whose stored vector has the wrong length or is not finite: id -> (key, text)."""
-    bad = {}
-    with catalog._read() as conn:
-        for i, key, txt, blob in conn.execute(select(TextRow.id, TextRow.key, TextRow.text,
-                                                     TextRow.vector)):
-            vec = _as_vector(blob)
-            if vec is None or vec.shape != (dim,) or not np.isfinite(vec).all():
-                bad[i] = (key, txt)
-    return bad
-
-
-def forget_texts(catalog: Catalog, ids: Iterable[int]) -> None:
-    with catalog._write() as conn:
-        for chunk in _chunks([int(i) for i in ids], 900):
-            conn.execute(delete(TextRow).where(TextRow.id.in_(chunk)))
-
-
-def forget_embeddings(catalog: Catalog, hashes: list[str]) -> list[str]:
-    """Delete these embeddings and the image rows using them; returns those rows' paths."""
-    paths: list[str] = []
-    with catalog._write() as conn:
-        for chunk in _chunks(hashes, 900):
-            paths += conn.execute(select(ImageRow.path)
-                                  .where(ImageRow.content_hash.in_(chunk))).scalars().all()
-            conn.execute(delete(ImageRow).where(ImageRow.content_hash.in_(chunk)))
-            conn.execute(delete(EmbeddingRow).where(EmbeddingRow.content_hash.in_(chunk)))
-    return paths
+def _damaged(blob: object, dim: int) -> bool:
+    vec = _as_vector(blob)
+    return vec is None or vec.shape != (dim,) or not bool(np.isfinite(vec).all())

@@ -20,12 +20,17 @@ the vectors, graph and inverted lists stay in the page cache instead of being
 copied, so a big index opens in milliseconds. A mapped index is read-only to
 FAISS; the first ``add``/``remove`` quietly reads it into memory first.
 
-The stored index is always a CPU index; when FAISS sees a GPU, searches run on
-a GPU copy of it, and the CPU one stays the thing written to disk.
+The stored index is always a CPU index; when FAISS sees a GPU and the device
+allows it (:attr:`VectorIndex.gpu`, set from ``--device``), searches run on a
+GPU copy of it, and the CPU one stays the thing written to disk.
+
+:func:`plan_index` is where the type of an index is decided (the automatic
+choice, its FAISS factory string, training size, the fallback to exact search).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -58,6 +63,7 @@ IVF_NPROBE_MAX = 512
 REFINE_K_FACTOR = 4             # a ",Refine(...)" index re-ranks this many times k candidates
 MIN_POINTS_PER_CENTROID = 5     # k-means on fewer training points per list than this warns
 TRAIN_POINTS_PER_LIST = 8       # training sample: max(100k, this * nlist) vectors
+FLAT_FALLBACK_MAX = 10_000     # below this many vectors, a type that cannot be trained becomes Flat
 MAX_DEAD_FRACTION = 0.2         # HNSW: beyond this share of removed vectors, remove() asks for a rebuild
 
 
@@ -97,18 +103,69 @@ def nlist_for(n: int) -> int:
     return int(max(1, min(65536, near, most)))
 
 
-def train_size(n: int, index_type: str = "auto", dim: int = 512) -> int:
-    """How many of ``n`` vectors to train ``index_type`` on: all up to 100k, else 16 per list.
+@dataclass(frozen=True)
+class IndexPlan:
+    """How the index of ``n`` vectors of dimension ``dim`` is built: decided here, once.
 
-    k-means costs train_size * nlist * dim per iteration, so more points per list
-    would make a 10M-vector build spend most of an hour training on 2 cores.
+    ``requested`` is what was asked (``auto``, a named type or a FAISS factory
+    string); ``factory`` the FAISS factory string it comes to for this size.
     """
-    desc = factory_string(index_type, n, dim)
-    nlist = _nlist_of(desc)
-    return min(n, max(100_000, TRAIN_POINTS_PER_LIST * nlist)) if nlist else min(n, 100_000)
+
+    requested: str
+    factory: str
+    n: int
+    dim: int
+
+    @property
+    def train_size(self) -> int:
+        """How many vectors to train on: all up to 100k, else TRAIN_POINTS_PER_LIST per list.
+
+        k-means costs train_size * nlist * dim per iteration, so more points per list
+        would make a 10M-vector build spend most of an hour training on 2 cores.
+        """
+        nlist = _nlist_of(self.factory)
+        most = max(100_000, TRAIN_POINTS_PER_LIST * nlist) if nlist else 100_000
+        return min(self.n, most)
+
+    @functools.cached_property
+    def needs_training(self) -> bool:
+        """Whether FAISS must train this index (IVF, PQ, SQ) before vectors go in."""
+        return not self.empty_faiss_index().is_trained
+
+    def empty_faiss_index(self) -> Any:
+        faiss = _faiss()
+        try:
+            return faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise UsageError(f"invalid index type {self.requested!r}: {_first_line(exc)}") from exc
+
+    @property
+    def flat(self) -> "IndexPlan":
+        """Exact search: what is built when this type cannot be trained on few vectors."""
+        return IndexPlan("flat", "Flat", self.n, self.dim)
+
+    @property
+    def may_fall_back(self) -> bool:
+        """Below FLAT_FALLBACK_MAX vectors an untrainable type becomes Flat (exact is fast there)."""
+        return self.n < FLAT_FALLBACK_MAX
+
+
+def plan_index(index_type: str, n: int, dim: int) -> IndexPlan:
+    """The :class:`IndexPlan` for ``index_type`` (``auto``, a named type or a factory string)."""
+    return IndexPlan(index_type, _factory(index_type, n, dim), n, dim)
+
+
+def train_size(n: int, index_type: str = "auto", dim: int = 512) -> int:
+    """How many of ``n`` vectors to train ``index_type`` on (:attr:`IndexPlan.train_size`)."""
+    return plan_index(index_type, n, dim).train_size
 
 
 def factory_string(index_type: str, n: int, dim: int) -> str:
+    """The FAISS factory string for ``index_type`` at ``n`` vectors (:attr:`IndexPlan.factory`)."""
+    return plan_index(index_type, n, dim).factory
+
+
+def _factory(index_type: str, n: int, dim: int) -> str:
     """The FAISS factory string (without any IDMap prefix) for a named type or a raw string."""
     kind = index_type.lower()
     if kind == "auto":
@@ -186,14 +243,48 @@ def _describe(index: Any) -> str:
     return "HNSW32,Flat" if desc == "HNSW32" else desc
 
 
+def _trained(plan: IndexPlan, train: np.ndarray | None) -> Any:
+    """The FAISS index of ``plan``, trained on ``train`` if it needs it, wrapped with our ids."""
+    faiss = _faiss()
+    inner = plan.empty_faiss_index()
+    base = _base(inner)
+    if isinstance(base, faiss.IndexIVF):
+        base.cp.min_points_per_centroid = MIN_POINTS_PER_CENTROID
+        base.cp.spherical = True  # unit vectors: centroids stay on the sphere
+    if not inner.is_trained:
+        _train(inner, base, plan.factory, train)
+    # index_factory and read_index return owning, already downcast objects: keep those
+    # (a second downcast_index would be a non-owning view of something freed with them).
+    return inner if isinstance(inner, faiss.IndexIVF) else faiss.IndexIDMap2(inner)
+
+
+def _train(inner: Any, base: Any, desc: str, train: np.ndarray | None) -> None:
+    if train is None or len(train) < 1:
+        raise TrainingError(f"index type {desc} needs training vectors")
+    pq = getattr(base, "pq", None)
+    if pq is not None and len(train) < 39 * (1 << pq.nbits):
+        raise TrainingError(f"index type {desc} needs at least {39 * (1 << pq.nbits)} "
+                            f"training vectors for its PQ codebooks, not {len(train)}")
+    try:
+        inner.train(np.ascontiguousarray(train, dtype=np.float32))
+    except RuntimeError as exc:
+        raise TrainingError(f"index type {desc} cannot be trained on {len(train)} vectors: "
+                            f"{_first_line(exc)}") from exc
+
+
 class VectorIndex:
-    """A FAISS index of (id, vector) pairs with inner-product search."""
+    """A FAISS index of (id, vector) pairs with inner-product search.
+
+    ``gpu`` says where searches may run: None on the CPU only, N on GPU N when
+    FAISS has GPU support and sees it, -1 (the default) on GPU 0 when there is one.
+    """
 
     def __init__(self, index: "faiss.Index", description: str, *,
                  mapped_from: tuple[Path, os.stat_result] | None = None) -> None:
         self._index = index
         self.description = description
         self._gpu: Any = None
+        self.gpu: int | None = -1
         self._mapped_from = mapped_from  # (path, its stat) while the index is a read-only mapping
         self._dead = self._count_dead()  # removed from an HNSW graph: id -1 in the id map
 
@@ -207,42 +298,23 @@ class VectorIndex:
     def create(cls, dim: int, index_type: str = "flat", *, expected: int = 0,
                train: np.ndarray | None = None) -> "VectorIndex":
         """An empty index; approximate types are trained on ``train`` (needed for IVF/PQ)."""
-        faiss = _faiss()
-        desc = factory_string(index_type, max(expected, 0 if train is None else len(train)), dim)
-        try:
-            inner = faiss.index_factory(dim, desc, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as exc:
-            raise UsageError(f"invalid index type {index_type!r}: {_first_line(exc)}") from exc
-        base = _base(inner)
-        if isinstance(base, faiss.IndexIVF):
-            base.cp.min_points_per_centroid = MIN_POINTS_PER_CENTROID
-            base.cp.spherical = True  # unit vectors: centroids stay on the sphere
-        if not inner.is_trained:
-            if train is None or len(train) < 1:
-                raise TrainingError(f"index type {desc} needs training vectors")
-            pq = getattr(base, "pq", None)
-            if pq is not None and len(train) < 39 * (1 << pq.nbits):
-                raise TrainingError(f"index type {desc} needs at least {39 * (1 << pq.nbits)} "
-                                 f"training vectors for its PQ codebooks, not {len(train)}")
-            try:
-                inner.train(np.ascontiguousarray(train, dtype=np.float32))
-            except RuntimeError as exc:
-                raise TrainingError(f"index type {desc} cannot be trained on {len(train)} vectors: "
-                                 f"{_first_line(exc)}") from exc
-        # index_factory and read_index return owning, already downcast objects: keep those
-        # (a second downcast_index would be a non-owning view of something freed with them).
-        index = inner if isinstance(inner, faiss.IndexIVF) else faiss.IndexIDMap2(inner)
-        return cls(index, desc)
+        n = max(expected, 0 if train is None else len(train))
+        return cls.from_plan(plan_index(index_type, n, dim), train)
 
-    @staticmethod
-    def needs_training(index_type: str, n: int, dim: int) -> bool:
-        """Whether ``index_type`` for ``n`` vectors must be trained (IVF, PQ, SQ): builds it empty."""
-        faiss = _faiss()
-        desc = factory_string(index_type, n, dim)
+    @classmethod
+    def from_plan(cls, plan: IndexPlan, train: np.ndarray | None = None, *,
+                  fall_back: bool = False) -> "VectorIndex":
+        """An empty index as ``plan`` says, trained on ``train`` when it needs training.
+
+        ``fall_back``: when the plan's type cannot be trained on ``train`` and the
+        plan allows it (:attr:`IndexPlan.may_fall_back`), build exact search instead.
+        """
         try:
-            return not faiss.index_factory(dim, desc, faiss.METRIC_INNER_PRODUCT).is_trained
-        except RuntimeError as exc:
-            raise UsageError(f"invalid index type {index_type!r}: {_first_line(exc)}") from exc
+            return cls(_trained(plan, train), plan.factory)
+        except TrainingError:
+            if not (fall_back and plan.may_fall_back):
+                raise
+            return cls(_trained(plan.flat, None), "Flat")
 
     @classmethod
     def load(cls, path: Path, *, mmap: bool = False) -> "VectorIndex":
@@ -404,6 +476,14 @@ class VectorIndex:
         self._gpu = None
         return True
 
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray | None:
+        """The vectors held for ``ids`` (exact for Flat and HNSW-over-Flat; None for an IVF
+        index, which cannot look vectors up by id without a direct map)."""
+        try:
+            return self._index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+        except (RuntimeError, AttributeError):
+            return None
+
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) reconstructed from the index (exact only for Flat)."""
         if not self._has_id_map:
@@ -496,11 +576,13 @@ class VectorIndex:
 
     def _gpu_index(self) -> Any:
         faiss = _faiss()
-        if self._gpu is None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        device = 0 if self.gpu == -1 else self.gpu
+        if (self._gpu is None and device is not None and hasattr(faiss, "StandardGpuResources")
+                and faiss.get_num_gpus() > device):
             try:
                 res = faiss.StandardGpuResources()
                 cpu = self._index.index if self._has_id_map else self._index
-                self._gpu = (res, faiss.index_cpu_to_gpu(res, 0, cpu))
+                self._gpu = (res, faiss.index_cpu_to_gpu(res, device, cpu))
             except RuntimeError:
                 self._gpu = False  # this index type has no GPU version: stay on the CPU
         return self._gpu or None

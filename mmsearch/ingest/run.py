@@ -5,8 +5,9 @@ Otherwise its content hash decides: same content (touched, moved or copied) reus
 the stored embedding; new content is decoded and embedded. Rows whose files
 are gone are removed.
 
-Work is committed in batches of ``commit_every`` images: rows and their vectors
-in one catalog transaction, then the in-memory FAISS index. The FAISS file is
+Work is committed in batches of ``commit_every`` images through the store's
+write verbs (:meth:`Store.put_images`: rows and their vectors in one catalog
+transaction, then the in-memory FAISS index). The FAISS file is
 saved at the end of the run (and every ``save_every`` seconds during a long one),
 so a run killed at any moment leaves every finished batch in the catalog, and the
 next open brings the FAISS file up to date from it. A changed file gets a new id
@@ -28,17 +29,17 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
-from mmsearch.catalog import StoredImage
-from mmsearch.decode import content_hash
-from mmsearch.discover import FoundFile, SkippedFile, canonical_root, walk
-from mmsearch.embed import default_workers, embed_paths
 from mmsearch.errors import DecodeError, UsageError
+from mmsearch.ingest.decode import content_hash
+from mmsearch.ingest.discover import FoundFile, SkippedFile, canonical_root, walk
+from mmsearch.ingest.embed import default_workers, embed_paths
+from mmsearch.progress import Progress, no_progress
+from mmsearch.store import ImageFile, StoredImage
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mmsearch.models import Embedder
+    from mmsearch.models.openclip import Embedder
     from mmsearch.store import Store
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: scan, hash, embed
 COMMIT_EVERY = 256  # images per catalog transaction
 SAVE_EVERY_S = 60.0  # at least this long between saves of the FAISS file during a run
 _HASH_CHUNK = 256  # files hashed between two looks at the stop event
@@ -53,6 +54,8 @@ class Skipped:
 @dataclass
 class IndexReport:
     """What an index run did. ``embedded`` counts model forward passes per image."""
+
+    __json_extra__ = ("images_per_second",)
 
     added: int = 0
     updated: int = 0
@@ -75,10 +78,6 @@ class _Plan:
     dupes: list[tuple[FoundFile, str, StoredImage | None]] = field(default_factory=list)
     embed: list[tuple[FoundFile, str, StoredImage | None]] = field(default_factory=list)
     remove: list[StoredImage] = field(default_factory=list)
-
-
-def no_progress(stage: str, done: int, total: int) -> None:
-    pass
 
 
 class _Stopped(Exception):
@@ -117,9 +116,9 @@ def plan(store: "Store", found: list[FoundFile], roots: list[str], keep: list[st
          stop: threading.Event | None = None) -> _Plan:
     """Decide, per file, whether it is unchanged, reusable, to embed, or gone."""
     folders = [r for r in roots if os.path.isdir(r)]
-    stored = store.catalog.images_at([r for r in roots if r not in folders])
+    stored = store.read.images_at([r for r in roots if r not in folders])
     for root in folders:
-        stored.update(store.catalog.images_under(root))
+        stored.update(store.read.images_under(root))
     todo: list[tuple[FoundFile, StoredImage | None]] = []
     for f in found:
         row = stored.get(str(f.path))
@@ -131,7 +130,7 @@ def plan(store: "Store", found: list[FoundFile], roots: list[str], keep: list[st
     result = _Plan(remove=[r for p, r in stored.items()
                            if p not in seen and not any(_inside(p, k) for k in keep)])
     hashes = _hash_all([f.path for f, _ in todo], workers, progress, report, stop)
-    known = store.catalog.known_vectors([h for h in hashes if h], store.dim or 0)
+    known = store.known_vectors([h for h in hashes if h])
     batch_hashes: set[str] = set()
     for (f, row), h in zip(todo, hashes):
         if h is None:  # unreadable (reported) or not hashed before a stop: left as it is
@@ -174,7 +173,7 @@ def _hash_all(paths: list[Path], workers: int, progress: Progress, report: Index
     return out + [None] * (len(paths) - len(out))
 
 
-def run(store: "Store", embedder: "Embedder | Callable[[], Embedder]", roots: Iterable[Path], *, batch_size: int = 32,
+def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", roots: Iterable[Path], *, batch_size: int = 32,
         workers: int = 0, draft: bool = True, progress: Progress = no_progress,
         stop: threading.Event | None = None, commit_every: int | None = None,
         save_every: float | None = None) -> IndexReport:
@@ -202,29 +201,17 @@ def run(store: "Store", embedder: "Embedder | Callable[[], Embedder]", roots: It
     progress("scan", len(found), len(found))
     todo = plan(store, found, canon, keep, report, progress, workers, stop)
     store.vectors("images")  # load and check the FAISS file before the first commit
-    ids = _IdAllocator(store.catalog.next_image_id())
     saver = _Saver(store, save_every)
     _apply_removals(store, todo, report)
-    _apply_reuse(store, todo.reuse, ids, report, saver)
-    _embed_new(store, embedder, todo, ids, report, progress, stop, saver, commit_every,
+    _apply_reuse(store, todo.reuse, report, saver)
+    _embed_new(store, embedder, todo, report, progress, stop, saver, commit_every,
                batch_size=batch_size, workers=workers, draft=draft)
-    _apply_reuse(store, todo.dupes if not report.interrupted else [], ids, report, saver)
+    _apply_reuse(store, todo.dupes if not report.interrupted else [], report, saver)
     if not report.interrupted:
-        store.catalog.drop_orphan_embeddings()
-    store.save("images")
+        store.prune()
+    store.flush()
     report.seconds = time.perf_counter() - start
     return report
-
-
-class _IdAllocator:
-    """Fresh ids only: a changed file gets a new one, so an id never changes vector."""
-
-    def __init__(self, first: int) -> None:
-        self._next = first
-
-    def take(self) -> int:
-        self._next += 1
-        return self._next - 1
 
 
 class _Saver:
@@ -240,42 +227,39 @@ class _Saver:
     def tick(self) -> None:
         now = time.monotonic()
         if now - self.last >= max(self.every, 20 * self.cost):  # at most ~5% of the run
-            self.store.save("images")
+            self.store.flush()
             self.last = time.monotonic()
             self.cost = self.last - now
 
 
 def _apply_removals(store: "Store", todo: _Plan, report: IndexReport) -> None:
-    store.catalog.touch_images(todo.touch)
+    store.touch_images(todo.touch)
     gone = np.asarray([r.id for r in todo.remove], dtype=np.int64)
-    store.catalog.commit_images({}, [], delete_ids=gone)
-    _remove_vectors(store, gone)
+    store.forget_images(gone)
     report.removed += len(gone)
 
 
-def _remove_vectors(store: "Store", ids: np.ndarray) -> bool:
-    """Drop ``ids`` from FAISS; False when it had to be rebuilt from the catalog instead."""
-    if ids.size and not store.vectors("images").remove(ids):
-        store.rebuild("images", note=False)  # an index type without removal (HNSW)
-        return False
-    return True
+Pending = tuple[ImageFile, np.ndarray, "int | None"]  # a new row, its vector, the id it replaces
+
+
+def _row(f: FoundFile, content: str) -> ImageFile:
+    return ImageFile(str(f.path), f.size, f.mtime_ns, content)
 
 
 def _apply_reuse(store: "Store", entries: list[tuple[FoundFile, str, StoredImage | None]],
-                 ids: _IdAllocator, report: IndexReport, saver: _Saver) -> None:
+                 report: IndexReport, saver: _Saver) -> None:
     """Rows for files whose content is already embedded: no model call."""
-    known = store.catalog.known_vectors([h for _, h, _ in entries], store.dim or 0)
-    pending = []
+    known = store.known_vectors([h for _, h, _ in entries])
+    pending: list[Pending] = []
     for f, h, row in entries:
         if h not in known:
             report.skipped.append(Skipped(str(f.path), "same content as a file that failed"))
             continue
-        pending.append((StoredImage(ids.take(), str(f.path), f.size, f.mtime_ns, h),
-                        known[h], row.id if row else None))
+        pending.append((_row(f, h), known[h], row.id if row else None))
     _commit(store, pending, report, saver, embedded=False)
 
 
-def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", todo: _Plan, ids: _IdAllocator,
+def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", todo: _Plan,
                report: IndexReport, progress: Progress, stop: threading.Event | None,
                saver: _Saver, commit_every: int, **options) -> None:
     if _stopped(stop):
@@ -286,7 +270,7 @@ def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", to
         return
     if callable(embedder):  # loaded only now: a run with nothing new never loads a model
         embedder = embedder()
-    pending: list[tuple[StoredImage, np.ndarray, int | None]] = []
+    pending: list[Pending] = []
     done = 0
     progress("embed", 0, len(jobs))
     expect = {f.path: (f.size, f.mtime_ns) for f, _, _ in todo.embed}
@@ -295,8 +279,7 @@ def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", to
             report.skipped.append(Skipped(str(path), reason))
         for path, vec in zip(batch.paths, batch.vectors):
             f, h, row = jobs[path]
-            pending.append((StoredImage(ids.take(), str(f.path), f.size, f.mtime_ns, h), vec,
-                            row.id if row else None))
+            pending.append((_row(f, h), vec, row.id if row else None))
         done += len(batch.paths) + len(batch.failed)
         progress("embed", done, len(jobs))
         if len(pending) >= commit_every:
@@ -308,22 +291,16 @@ def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", to
     _commit(store, pending, report, saver)
 
 
-def _commit(store: "Store", pending: list[tuple[StoredImage, np.ndarray, int | None]],
-            report: IndexReport, saver: _Saver, embedded: bool = True) -> None:
-    """One catalog transaction (new vectors, new rows, the rows they replace), then FAISS.
-
-    Each entry is (row with a fresh id, its vector, the id of the row it replaces or None).
-    """
+def _commit(store: "Store", pending: list[Pending], report: IndexReport, saver: _Saver,
+            embedded: bool = True) -> None:
+    """One write of the store: new rows (and, when ``embedded``, their new vectors)."""
     if not pending:
         return
-    rows = [p[0] for p in pending]
-    vectors = np.stack([p[1] for p in pending])
-    new = {r.content_hash: v for r, v in zip(rows, vectors)} if embedded else {}
-    replaced = np.asarray([old for _, _, old in pending if old is not None], dtype=np.int64)
-    store.catalog.commit_images(new, rows, delete_ids=replaced)
-    if _remove_vectors(store, replaced):  # else the rebuild already holds the new rows
-        store.vectors("images").add(np.asarray([r.id for r in rows], np.int64), vectors)
-    report.embedded += len(rows) if embedded else 0
-    report.updated += len(replaced)
-    report.added += len(rows) - len(replaced)
+    replaced = [old for _, _, old in pending]
+    store.put_images([p[0] for p in pending], np.stack([p[1] for p in pending]),
+                     replaces=replaced, new_content=embedded)
+    n_replaced = sum(old is not None for old in replaced)
+    report.embedded += len(pending) if embedded else 0
+    report.updated += n_replaced
+    report.added += len(pending) - n_replaced
     saver.tick()

@@ -1,0 +1,72 @@
+"""What every command shares: options (declared once), error handling, JSON output.
+
+Every :class:`~mmsearch.errors.MMSearchError` becomes one line on stderr and its
+exit code (2 usage, 1 otherwise, 130 interrupted).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+
+import typer
+
+from mmsearch.errors import MMSearchError
+from mmsearch.settings import resolve
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmsearch.engine import Engine
+
+IndexOpt = Annotated[Optional[str], typer.Option(
+    "--index", "-i", help="Index name (env MMSEARCH_INDEX; default: default).")]
+HomeOpt = Annotated[Optional[Path], typer.Option(
+    help="Data directory holding the indexes (env MMSEARCH_HOME; default ~/.local/share/mmsearch).")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="open_clip architecture name or model-config JSON (default ViT-B-32, "
+    "or the index's model).")]
+PretrainedOpt = Annotated[Optional[str], typer.Option(
+    "--pretrained", "-p", help="open_clip pretrained tag (downloaded once) or a local checkpoint "
+    "file, or 'none' for random weights: timings only (default laion2b_s34b_b79k, or the index's).")]
+DeviceOpt = Annotated[str, typer.Option(
+    help="auto, cpu, cuda, cuda:1 ...: runs the model and, where FAISS has GPU support, search.")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Images per model batch.")]
+WorkersOpt = Annotated[int, typer.Option(help="Decode threads (0 = auto).")]
+DraftOpt = Annotated[bool, typer.Option(help="Fast reduced-size JPEG decoding before the "
+                                        "resize (--no-draft: decode in full).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def err(message: str) -> None:
+    typer.echo(f"mmsearch: {message}", err=True)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn library errors into one line on stderr and a non-zero exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MMSearchError as exc:
+            err(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def open_engine(*, create: bool = False, **flags: Any) -> "Engine":
+    from mmsearch.engine import Engine
+
+    return Engine(resolve(**flags), create=create)
+
+
+def print_json(data: Any) -> None:
+    """Print hits, reports or any result as JSON, through :func:`mmsearch.search.hits.to_json`."""
+    from mmsearch.search.hits import to_json
+
+    typer.echo(json.dumps(to_json(data), indent=2, ensure_ascii=False))

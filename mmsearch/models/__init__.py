@@ -1,0 +1,33 @@
+"""Models: which model an index uses (:mod:`.identity`, pure Python) and the code that runs it.
+
+``identity``   ModelIdentity (backend, architecture, weights, text tower), resolving
+               --model/--pretrained, fingerprints, defaults
+``device``     the compute device, resolved once (and the GPU FAISS may use)
+``openclip``   the open_clip backend: Embedder, load_embedder, load_text_encoder
+``texttower``  CLIP's text tower in plain torch, for text queries without open_clip
+``hub``        where a pretrained tag's weights come from; offline detection
+
+Importing this package imports neither torch nor open_clip: the loaders below do, when called.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mmsearch.models.identity import (DEFAULT_MODEL, DEFAULT_PRETRAINED, NO_WEIGHTS,
+                                      ModelIdentity, check_loaded, identify)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmsearch.models.openclip import Embedder, TextEncoder, load_embedder, load_text_encoder
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "NO_WEIGHTS", "ModelIdentity", "identify",
+           "check_loaded", "Embedder", "TextEncoder", "load_embedder", "load_text_encoder"]
+_LAZY = ("Embedder", "TextEncoder", "load_embedder", "load_text_encoder")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from mmsearch.models import openclip
+
+        return getattr(openclip, name)
+    raise AttributeError(f"module 'mmsearch.models' has no attribute {name!r}")

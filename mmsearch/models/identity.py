@@ -1,0 +1,152 @@
+"""Which model an index was built with: :class:`ModelIdentity`, resolved from user input.
+
+Pure Python: resolving ``--model``/``--pretrained`` never imports torch. The
+identity is stored in the catalog (as JSON) and compared on every later open,
+so an index is never searched with vectors from another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from mmsearch.errors import ModelError, ModelMismatchError, UsageError
+
+# ViT-B-32 at 224 px runs at ~10-20 images/s on a 2-core CPU and its LAION-2B
+# weights are the most widely quoted open_clip baseline (Flickr30K text->image R@1 66.8).
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+NO_WEIGHTS = "none"  # random weights: only for speed benchmarks, never for search quality
+OPEN_CLIP = "open_clip"
+BACKENDS = (OPEN_CLIP,)
+_FINGERPRINT_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What an index was built with; stored in the catalog as JSON.
+
+    ``fingerprint`` identifies the weights: the tag for open_clip downloads, the
+    size plus a hash of the first and last 4 MiB for a local checkpoint file
+    (cheap enough for every query; moved or renamed files still match).
+    ``backend`` names the library that runs the model (today only ``open_clip``).
+    ``text_pretrained``/``text_fingerprint`` identify a text tower whose weights
+    come from elsewhere than the model's (a fine-tuned or multilingual tower);
+    None means the model's own.
+    """
+
+    arch: str
+    pretrained: str
+    fingerprint: str
+    config_path: str | None = None
+    backend: str = OPEN_CLIP
+    text_pretrained: str | None = None
+    text_fingerprint: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelIdentity":
+        """Read a stored identity; a schema-v1 record (no backend, no text tower) reads as open_clip."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def key(self) -> tuple[str, str, str, str | None]:
+        """What decides the text vectors: compared before mixing query and index vectors."""
+        return self.backend, self.arch, self.fingerprint, self.text_fingerprint
+
+    def describe(self) -> str:
+        text = f" + text tower {self.text_pretrained}" if self.text_pretrained else ""
+        backend = "" if self.backend == OPEN_CLIP else f" ({self.backend})"
+        return f"{self.arch} / {self.pretrained}{text}{backend}"
+
+    def check_same(self, other: "ModelIdentity") -> None:
+        """Raise :class:`ModelMismatchError` unless ``other`` is the same model and weights."""
+        if self.key != other.key:
+            raise ModelMismatchError(
+                f"this index was built with {self.describe()}, not {other.describe()}; "
+                "use the same --model/--pretrained, or another --index"
+            )
+
+
+def identify(model: str | None, pretrained: str | None) -> ModelIdentity:
+    """Resolve user input into a :class:`ModelIdentity` without importing torch."""
+    if model is None and pretrained is None:
+        model, pretrained = DEFAULT_MODEL, DEFAULT_PRETRAINED
+    elif model is None:
+        model = DEFAULT_MODEL
+    elif pretrained is None:
+        if model != DEFAULT_MODEL:
+            raise UsageError(f"--model {model} needs --pretrained TAG or FILE (or '{NO_WEIGHTS}')")
+        pretrained = DEFAULT_PRETRAINED
+    arch, config_path = _resolve_arch(model)
+    return ModelIdentity(arch, *_resolve_weights(pretrained), config_path=config_path)
+
+
+def check_loaded(stored: ModelIdentity, asked: ModelIdentity | None) -> ModelIdentity:
+    """The identity to load for an existing index, refusing a different model."""
+    if asked is not None:
+        stored.check_same(asked)
+        return asked  # same weights, possibly at a new path
+    return stored
+
+
+def _resolve_arch(model: str) -> tuple[str, str | None]:
+    if model.endswith(".json") or os.sep in model:
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ModelError(f"model config not found: {path}")
+        return path.stem, str(path.resolve())
+    return model, None
+
+
+def _resolve_weights(pretrained: str) -> tuple[str, str]:
+    if pretrained.lower() == NO_WEIGHTS:
+        return NO_WEIGHTS, NO_WEIGHTS
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path.resolve()), file_fingerprint(path)
+    if os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        raise ModelError(f"checkpoint file not found: {path}")
+    return pretrained, f"tag:{pretrained}"
+
+
+def file_fingerprint(path: Path) -> str:
+    """``file:<size>:<blake2b of the first and last 4 MiB>`` of a checkpoint."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        digest.update(f.read(_FINGERPRINT_CHUNK))
+        if size > 2 * _FINGERPRINT_CHUNK:
+            f.seek(size - _FINGERPRINT_CHUNK)
+            digest.update(f.read())
+    return f"file:{size}:{digest.hexdigest()}"
+
+
+def checked_file(identity: ModelIdentity) -> str:
+    """The checkpoint path of a file identity, refusing a file whose weights have changed."""
+    path = Path(identity.pretrained)
+    if not path.is_file():
+        raise ModelError(f"checkpoint file not found: {path} (pass --pretrained with its new place)")
+    if file_fingerprint(path) != identity.fingerprint:
+        raise ModelMismatchError(f"checkpoint {path} is not the file this index was built with "
+                                 "(its contents changed); pass --pretrained with the original file")
+    return str(path)
+
+
+def check_supported(identity: ModelIdentity) -> None:
+    """Refuse, with one line, an identity this version cannot load."""
+    if identity.backend not in BACKENDS:
+        raise ModelError(f"this index was built with the {identity.backend!r} backend, which this "
+                         f"mmsearch does not have (it has: {', '.join(BACKENDS)}); upgrade mmsearch")
+    if identity.text_pretrained:
+        raise ModelError(f"this index uses a separate text tower ({identity.text_pretrained}), "
+                         "which this mmsearch cannot load; upgrade mmsearch")

@@ -1,0 +1,49 @@
+"""What a search returns, and the one function that turns results into JSON-ready data."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageHit:
+    rank: int       # 1 = best
+    score: float    # cosine similarity, -1..1
+    id: int
+    path: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class TextHit:
+    rank: int
+    score: float
+    id: int
+    key: str
+    text: str
+
+
+def to_json(value: Any) -> Any:
+    """Plain JSON data (dicts, lists, str, numbers, None) for hits, reports and their parts.
+
+    Dataclasses become dicts of their fields (plus ``images_per_second`` and other
+    properties named in ``__json_extra__``), paths strings, tuples and sets lists.
+    The CLI prints it; the HTTP API will return it.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        for name in getattr(value, "__json_extra__", ()):
+            out[name] = to_json(getattr(value, name))
+        return out
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_json(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)

@@ -1,0 +1,17 @@
+"""Storing an index: the SQLite catalog, the FAISS files, and the one writer that keeps them agreeing.
+
+``catalog``      the SQLite schema, its versions and migrations, the queries (CatalogReader)
+``vectors``      FAISS: the index plan (type, training, fallback), VectorIndex, search
+``vectorfiles``  the FAISS files of a folder, checked and synced against the catalog
+``lock``         the write lock
+``integrity``    check and repair
+``store``        Store: an index folder; the only code that writes a catalog or a FAISS file
+"""
+
+from __future__ import annotations
+
+from mmsearch.store.catalog import ImageFile, StoredImage
+from mmsearch.store.lock import lock_holder
+from mmsearch.store.store import Store
+
+__all__ = ["Store", "ImageFile", "StoredImage", "lock_holder"]

@@ -1,0 +1,125 @@
+"""``mmsearch check``: what disagrees between catalog, FAISS files and disk; and the repair.
+
+Both functions run for :class:`~mmsearch.store.Store` (``store.check()``,
+``store.repair()``), which owns the catalog and the vector files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mmsearch.errors import CorruptIndexError
+from mmsearch.store.lock import lock_holder
+from mmsearch.store.vectorfiles import KINDS, Kind
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmsearch.store.store import Store
+    from mmsearch.store.vectors import VectorIndex
+
+CHECK_SAMPLE = 50_000      # vectors compared with the catalog by `check`
+
+
+def check(store: "Store") -> list[str]:
+    """Problems found between catalog, FAISS files and disk; nothing is changed."""
+    catalog = store._catalog
+    problems = catalog.integrity_problems()
+    if problems:
+        return problems
+    try:
+        model, dim = store.model, store.dim
+    except CorruptIndexError as exc:
+        return [str(exc)]
+    if model is None or dim is None:
+        return ["catalog has images but no model"] if catalog.image_count() or catalog.text_count() else []
+    stored_dim = store._files._stored_dim()
+    if stored_dim is not None and stored_dim != dim:
+        return [f"the catalog records dimension {dim} but all its vectors have {stored_dim}"]
+    problems += _damage(store, dim)
+    if not problems:
+        for kind in KINDS:
+            problems += _check_vectors(store, kind, dim)
+    dangling = catalog.dangling_images()
+    if dangling:
+        problems.append(f"{len(dangling)} images have no stored vector")
+    gone = sum(1 for _, p in catalog.all_image_paths() if not os.path.lexists(p))
+    if gone:
+        problems.append(f"{gone} indexed files no longer exist on disk")
+    if store._files.temp_files() and lock_holder(store.root) is None:
+        problems.append(f"{len(store._files.temp_files())} temporary files left by an interrupted save")
+    return problems
+
+
+def _damage(store: "Store", dim: int) -> list[str]:
+    out = []
+    bad = store._catalog.damaged_embeddings(dim)
+    if bad:
+        out.append(f"{len(bad)} stored vectors are damaged")
+    damaged_texts = store._catalog.damaged_texts(dim)
+    if damaged_texts:
+        out.append(f"{len(damaged_texts)} stored text vectors are damaged")
+    return out
+
+
+def _check_vectors(store: "Store", kind: Kind, dim: int) -> list[str]:
+    files = store._files
+    path = files.path(kind)
+    want = files.catalog_ids(kind)
+    if not path.is_file():
+        return [f"{path.name} is missing"] if want.size else []
+    index, have, problem = files.read_file(kind)
+    if index is None:
+        return [problem or f"{path.name} is unreadable"]
+    missing = np.setdiff1d(want, have).size
+    extra = np.setdiff1d(have, want).size
+    if missing or extra:
+        return [f"{path.name} is behind the catalog: {missing} vectors missing, {extra} "
+                "unknown (an interrupted run; the next `index` or `check --repair` "
+                "brings it up to date)"]
+    wrong = _compare_vectors(store, kind, index, want)
+    return [f"{path.name}: {wrong} vectors differ from the catalog's"] if wrong else []
+
+
+def _compare_vectors(store: "Store", kind: Kind, index: "VectorIndex", ids: np.ndarray) -> int:
+    """How many of (a sample of) ``ids`` hold another vector in FAISS than in the catalog."""
+    if ids.size > CHECK_SAMPLE:
+        ids = np.random.default_rng(0).choice(ids, CHECK_SAMPLE, replace=False)
+    ids, stored = store._files.catalog_vectors(kind, ids)
+    if not ids.size:
+        return 0
+    held = index.reconstruct(ids)
+    if held is None:  # IVF without a direct map cannot say
+        return 0
+    desc = index.description
+    tolerance = 1e-5 if "Flat" in desc and "IVF" not in desc else 0.5
+    return int((np.abs(held - stored).max(axis=1) > tolerance).sum())
+
+
+def repair(store: "Store") -> tuple[list[str], list[tuple[str, str]]]:
+    """Fix what :func:`check` finds; returns (image paths, (key, text) pairs) to embed again.
+
+    The store holds the write lock. Damaged vectors are forgotten (the caller
+    re-embeds their files and texts), rows without a vector likewise, FAISS files
+    are rebuilt from the catalog, rows of files gone from disk are removed,
+    temporary files left by a killed save are deleted.
+    """
+    catalog, files = store._catalog, store._files
+    dim = store.dim or 0
+    stored_dim = files._stored_dim()
+    if stored_dim is not None and stored_dim != dim:  # the vectors agree: the record is wrong
+        catalog.set_meta("dim", str(stored_dim))
+        dim = stored_dim
+    redo = catalog.forget_embeddings(catalog.damaged_embeddings(dim))
+    damaged_texts = catalog.damaged_texts(dim)
+    catalog.delete_text_ids(damaged_texts)
+    dangling = catalog.dangling_images()
+    gone = [i for i, p in catalog.all_image_paths() if not os.path.lexists(p)]
+    catalog.commit_images({}, [], delete_ids=sorted(set(gone) | set(dangling)))
+    redo += list(dangling.values())
+    catalog.drop_orphan_embeddings()
+    for kind in KINDS:
+        files.rebuild(kind, note=False, index_type=catalog.get_meta(f"{kind}_index"))
+    files.remove_temp_files()
+    return [p for p in redo if os.path.lexists(p)], list(damaged_texts.values())

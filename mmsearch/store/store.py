@@ -1,0 +1,325 @@
+"""One index on disk, and the only code that writes it.
+
+``<home>/<name>/catalog.sqlite``  source of truth: rows, vectors, model identity
+``<home>/<name>/images.faiss``    derived: image vectors, ids = images.id
+``<home>/<name>/texts.faiss``     derived: text vectors, ids = texts.id
+``<home>/<name>/write.lock``      held (flock) by the one process writing
+
+Every write goes through a verb of :class:`Store` (``put_images``,
+``forget_images``, ``put_texts``, ``forget_texts``, ...), which commits the
+catalog first (rows and their vectors in one transaction) and then brings the
+loaded FAISS index along; FAISS files are saved atomically, never ahead of the
+catalog (:mod:`.vectorfiles`). An id is never reused and never changes vector:
+a changed file gets a new id. So a run killed at any moment leaves an index
+that opens, and a stale FAISS file is repaired from the catalog by ids
+(reported in :attr:`Store.repairs`). Readers get :attr:`Store.read`, the
+catalog's queries without its writes, and never write; only the process
+holding the write lock saves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from mmsearch.errors import CorruptIndexError, EmptyIndexError, IndexNotFoundError, StorageError
+from mmsearch.models.identity import ModelIdentity
+from mmsearch.store import integrity
+from mmsearch.store.catalog import Catalog, CatalogReader, EmptyCatalogError, ImageFile, StoredImage
+from mmsearch.store.lock import WriteLock, lock_holder
+from mmsearch.store.vectorfiles import KINDS, Kind, VectorFiles
+from mmsearch.store.vectors import VectorIndex, plan_index
+
+CATALOG = "catalog.sqlite"
+WEIGHTS_FILE = "weights_file"  # catalog meta: the cached file of a tag's weights
+
+
+class Store:
+    """An open index folder. Use :meth:`open`; close with :meth:`close`.
+
+    ``gpu`` (from ``--device``, see :func:`mmsearch.models.device.faiss_gpu`) says
+    where FAISS may search: None keeps it on the CPU.
+    """
+
+    def __init__(self, root: Path, catalog: Catalog, gpu: int | None = -1) -> None:
+        self.root = root
+        self._catalog = catalog
+        self.read: CatalogReader = catalog.reader()
+        self.repairs: list[str] = []
+        self._lock = WriteLock(root)
+        self._files = VectorFiles(root, catalog, self._lock, lambda: self.dim, self.repairs, gpu)
+        self._seen = self._signature()
+
+    @classmethod
+    def open(cls, root: Path, *, create: bool, gpu: int | None = -1) -> "Store":
+        """Open an index folder; ``create`` makes it (a writer), otherwise it must exist.
+
+        Raises :class:`IndexNotFoundError` (no such index), :class:`EmptyIndexError`
+        (created but nothing committed yet), :class:`CorruptIndexError` (damaged
+        catalog) or :class:`StorageError` (cannot read or create it).
+        """
+        path = root / CATALOG
+        if not path.is_file():
+            if not create:
+                raise IndexNotFoundError(
+                    f"no index {root.name!r} in {root.parent} (run `mmsearch index FOLDER` first)")
+            _make_folder(root)
+        try:
+            return cls(root, Catalog(path, create=create, require_schema=not create), gpu)
+        except EmptyCatalogError:
+            raise _never_committed(root) from None
+
+    def close(self) -> None:
+        self.unlock()
+        self._catalog.close()
+
+    # -- identity ----------------------------------------------------------------------
+    @property
+    def model(self) -> ModelIdentity | None:
+        """The model the index was built with; None until one is recorded with its dimension."""
+        raw = self._catalog.get_meta("model")
+        if not raw or self.dim is None:
+            return None
+        try:
+            return ModelIdentity.from_json(raw)
+        except (ValueError, TypeError) as exc:
+            raise CorruptIndexError(f"catalog {self._catalog.path}: the model record is "
+                                    f"unreadable ({exc})") from None
+
+    @property
+    def dim(self) -> int | None:
+        raw = self._catalog.get_meta("dim")
+        if not raw:
+            return None
+        if not raw.isdigit() or int(raw) < 1:
+            raise CorruptIndexError(f"catalog {self._catalog.path}: invalid dimension {raw!r}")
+        return int(raw)
+
+    @property
+    def schema_version(self) -> int:
+        return self._catalog.schema_version
+
+    @property
+    def requested_type(self) -> str:
+        """The image index type asked for (``auto`` unless a run said otherwise)."""
+        return self._files.requested_type
+
+    @property
+    def image_index(self) -> str:
+        """The FAISS factory string of the image index as last built."""
+        return self._catalog.get_meta("images_index") or "Flat"
+
+    @property
+    def weights_file(self) -> str | None:
+        """Where a pretrained tag's weights were cached when the index was built."""
+        return self._catalog.get_meta(WEIGHTS_FILE)
+
+    # -- the write lock ----------------------------------------------------------------
+    def lock(self, timeout: float = 0.0) -> None:
+        """Take the write lock (see :class:`~mmsearch.store.lock.WriteLock`); temporary
+        files left by a killed save are removed once it is held."""
+        if self._lock.acquire(timeout):
+            self._files.remove_temp_files()
+
+    def unlock(self) -> None:
+        self._lock.release()
+
+    @property
+    def writing(self) -> bool:
+        return self._lock.held
+
+    # -- reading -----------------------------------------------------------------------
+    def vectors(self, kind: Kind) -> VectorIndex:
+        """The FAISS index of ``kind``, loaded once and checked against the catalog."""
+        return self._files.get(kind)
+
+    def build_index(self, kind: Kind, index_type: str) -> VectorIndex:
+        """A new index of type ``index_type`` over the stored vectors, in memory only:
+        nothing is saved and the index the store serves is left as it is."""
+        return self._files.build(kind, index_type)
+
+    def known_vectors(self, hashes: Iterable[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of these content hashes (those known)."""
+        return self.read.known_vectors(hashes, self.dim or 0)
+
+    def image_vectors(self, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.read.image_vectors(self.dim or 0, ids)
+
+    def text_vectors(self, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.read.text_vectors(self.dim or 0, ids)
+
+    def files(self) -> Iterator[tuple[str, Path, int]]:
+        for name in (CATALOG, "images.faiss", "texts.faiss"):
+            path = self.root / name
+            if path.is_file():
+                yield name, path, path.stat().st_size
+
+    def refresh(self) -> bool:
+        """Pick up what another process committed since this store last looked.
+
+        Cheap (a few ``stat`` calls): when the catalog or a vector file changed,
+        the loaded indexes are dropped and read again (and synced) on next use.
+        Returns whether anything changed. A store that is writing sees its own work.
+        """
+        now = self._signature()
+        if now == self._seen or self.writing:
+            self._seen = now
+            return False
+        self._seen = now
+        self._files.forget_loaded()
+        return True
+
+    def _signature(self) -> tuple:
+        names = (CATALOG, CATALOG + "-wal", "images.faiss", "texts.faiss")
+        out = []
+        for name in names:
+            try:
+                st = os.stat(self.root / name)
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    # -- writing: every verb needs the write lock --------------------------------------
+    def _writer(self) -> Catalog:
+        if not self.writing:
+            raise StorageError(f"{self.root.name}: writing needs the write lock (Store.lock())")
+        return self._catalog
+
+    def set_model(self, identity: ModelIdentity, dim: int) -> None:
+        self._writer().set_metas({"model": identity.to_json(), "dim": str(dim)})  # both or neither
+        self._files.forget_loaded()  # any index opened before had no dimension to go by
+
+    def set_weights_file(self, path: str) -> None:
+        self._writer().set_meta(WEIGHTS_FILE, path)
+
+    def put_images(self, files: Sequence[ImageFile], vectors: np.ndarray, *,
+                   replaces: Sequence[int | None] = (), new_content: bool = True) -> np.ndarray:
+        """Add rows for ``files`` with their ``vectors``; returns their new ids.
+
+        ``replaces[i]``: the id of the row ``files[i]`` replaces (a changed file), or
+        None. ``new_content=False``: the vectors are already stored under these
+        content hashes (a moved or copied file), only rows are added. One catalog
+        transaction, then the loaded FAISS index.
+        """
+        old = np.asarray([i for i in replaces if i is not None], dtype=np.int64)
+        new = {f.content_hash: v for f, v in zip(files, vectors)} if new_content else {}
+        self._loaded_before_write("images")
+        ids = self._writer().commit_images(new, list(files), delete_ids=old)
+        if self._drop_vectors("images", old) and len(files):
+            self._files.get("images").add(ids, np.asarray(vectors, dtype=np.float32))
+        return ids
+
+    def touch_images(self, rows: Sequence[StoredImage]) -> None:
+        """Record a new size/mtime for files whose content did not change."""
+        self._writer().touch_images(list(rows))
+
+    def forget_images(self, ids: np.ndarray) -> None:
+        """Delete these image rows (their vectors stay until :meth:`prune`) and their FAISS entries."""
+        self._loaded_before_write("images")
+        self._writer().commit_images({}, [], delete_ids=ids)
+        self._drop_vectors("images", np.asarray(ids, dtype=np.int64))
+
+    def forget_under(self, root: str) -> int:
+        """Forget every image at or under the canonical path ``root``; returns how many."""
+        ids = self.read.image_ids_under(root)
+        self.forget_images(ids)
+        self.prune()
+        self.flush()
+        return int(ids.size)
+
+    def prune(self) -> int:
+        """Delete stored vectors no image row uses any more."""
+        return self._writer().drop_orphan_embeddings()
+
+    def put_texts(self, rows: Sequence[tuple[str, str, np.ndarray]]) -> tuple[int, int]:
+        """Store (key, text, vector) rows, replacing a key's older text; returns (added, replaced).
+
+        Rows identical to a stored one are skipped. The text index is updated and saved.
+        """
+        self._loaded_before_write("texts")
+        new_ids, replaced = self._writer().upsert_texts(list(rows))
+        if self._drop_vectors("texts", replaced) and new_ids.size:
+            self._files.get("texts").add(*self.text_vectors(new_ids))  # as stored, in id order
+        self.flush("texts")
+        return int(new_ids.size - replaced.size), int(replaced.size)
+
+    def forget_texts(self, keys: Iterable[str] | None = None) -> int:
+        """Delete the texts with these keys (every text with None); returns how many."""
+        self._loaded_before_write("texts")
+        ids = self._writer().delete_texts(None if keys is None else list(keys))
+        self._drop_vectors("texts", ids)
+        self.flush("texts")
+        return int(ids.size)
+
+    def _loaded_before_write(self, kind: Kind) -> None:
+        """Load (and sync) the index of ``kind`` before the catalog changes, so that the
+        verb's own rows are added once: by the verb, not also by a load that reads them."""
+        self._writer()
+        self._files.get(kind)
+
+    def _drop_vectors(self, kind: Kind, ids: np.ndarray) -> bool:
+        """Remove ``ids`` from the loaded index; False when it was rebuilt from the catalog
+        instead (an index type that cannot remove them), which then holds every row."""
+        if ids.size and not self._files.get(kind).remove(ids):
+            self._files.rebuild(kind, note=False)
+            return False
+        return True
+
+    def rebuild(self, kind: Kind, *, index_type: str | None = None) -> VectorIndex:
+        """Build the index of ``kind`` from the catalog again (as ``index_type``) and save it."""
+        self._writer()
+        return self._files.rebuild(kind, note=False, index_type=index_type)
+
+    def retype(self, requested: str | None = None) -> None:
+        """Record ``requested`` (if given) and rebuild the image index if its type should change."""
+        catalog = self._writer()
+        if requested is not None:
+            catalog.set_meta("index_type", requested)
+        dim = self.dim
+        if dim is None:
+            return
+        wanted = plan_index(self.requested_type, catalog.image_count(), dim).factory
+        built_for = catalog.get_meta("images_index_asked") or catalog.get_meta("images_index")
+        if wanted != (built_for or "Flat"):
+            self._files.rebuild("images", note=False)
+
+    def flush(self, kind: Kind = "images") -> None:
+        """Save the loaded FAISS index of ``kind`` (done at the end of every write run)."""
+        self._writer()
+        self._files.flush(kind)
+
+    # -- integrity ---------------------------------------------------------------------
+    def check(self) -> list[str]:
+        """Problems found between catalog, FAISS files and disk; nothing is changed."""
+        return integrity.check(self)
+
+    def repair(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """Fix what :meth:`check` finds; returns (image paths, (key, text) pairs) whose
+        damaged vectors were dropped, for the caller to embed again."""
+        self._writer()
+        return integrity.repair(self)
+
+
+def _make_folder(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create {root}: {exc.strerror or exc}") from exc
+
+
+def _never_committed(root: Path) -> Exception:
+    """The error for a catalog file that holds no schema: nothing was ever committed."""
+    if any((root / f"{kind}.faiss").is_file() for kind in KINDS):
+        # vector files are only written once the catalog holds a schema
+        return CorruptIndexError(
+            f"catalog {root / CATALOG} is empty but vector files exist: the catalog was lost; "
+            f"delete {root} and run `mmsearch index` again")
+    if lock_holder(root) is not None:
+        return EmptyIndexError(f"index {root.name!r} is being created by another "
+                               "process and holds nothing yet; try again shortly")
+    return EmptyIndexError(f"index {root.name!r} holds nothing yet (its first run was "
+                           "interrupted): run `mmsearch index FOLDER`")
