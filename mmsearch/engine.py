@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from dataclasses import dataclass
@@ -20,17 +21,20 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from mmsearch.errors import UsageError
+from mmsearch.ingest.backfill import backfill_metadata
 from mmsearch.ingest.discover import canonical_root
+from mmsearch.ingest.embed import default_workers
 from mmsearch.ingest.run import IndexReport, index_files
 from mmsearch.models.device import faiss_gpu, resolve_device
 from mmsearch.models.identity import ModelIdentity, check_loaded, identify
 from mmsearch.progress import Progress, no_progress
+from mmsearch.search.duplicates import DEFAULT_THRESHOLD, DuplicateGroup, find_duplicates
 from mmsearch.search.hits import ImageHit, TextHit
 from mmsearch.search.query import Filters, Query, combine
 from mmsearch.search.search import (check_k, check_text_query, empty_index, search_images,
                                     search_texts)
 from mmsearch.settings import Settings, resolve
-from mmsearch.store import Store
+from mmsearch.store import MetadataSummary, Store
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -63,6 +67,7 @@ class IndexInfo:
     files: dict[str, int]
     schema_version: int
     repairs: list[str]
+    metadata: MetadataSummary
 
 
 class Engine:
@@ -167,6 +172,9 @@ class Engine:
         with _Writing(self.store):
             redo, texts = self.store.repair()
             done = [f"rebuilt the vector files from {self.store.read.image_count()} stored images"]
+            read = backfill_metadata(self.store, None, self.settings.workers or default_workers())
+            if read:
+                done.append(f"read the metadata of {read} images")
             if redo:
                 self._ensure_model_recorded()
                 report = index_files(self.store, self.embedder, [Path(p) for p in redo],
@@ -210,7 +218,8 @@ class Engine:
                k: int = 10, within: str | Path | None = None,
                filters: Filters | None = None) -> list[ImageHit]:
         """Images ranked by similarity to ``text``, to ``image`` (a path or PIL image), or
-        to a :class:`Query`; ``within`` (or ``filters.within``) keeps one folder."""
+        to a :class:`Query`, among those ``filters`` keep (``within``: a folder), shaped as
+        ``filters`` says (min score, dedup, sort by date)."""
         query = _checked(as_query(text, image))
         check_k(k)
         self.store.refresh()
@@ -219,8 +228,10 @@ class Engine:
         vector = self.query_vector(query)
         if k == 0:
             return []
-        folder = within if within is not None else (filters.within if filters else None)
-        return search_images(self.store, vector, k, Path(folder) if folder else None)[0]
+        filters = filters or Filters()
+        if within is not None:
+            filters = dataclasses.replace(filters, within=within)
+        return search_images(self.store, vector, k, filters)[0]
 
     def search_texts(self, text: "str | Query | None" = None, *,
                      image: "ImageQuery | None" = None, k: int = 10) -> list[TextHit]:
@@ -266,6 +277,15 @@ class Engine:
                                draft_size=emb.image_size if self.settings.draft else None)
         return emb.encode_images(emb.collate([emb.prepare(to_rgb(image))]))
 
+    def duplicates(self, *, threshold: float = DEFAULT_THRESHOLD,
+                   neighbours: int = 16) -> list[DuplicateGroup]:
+        """Groups of near-duplicate photos (cosine >= ``threshold``), largest first; a group
+        whose files have the same content is ``exact``. No model is loaded."""
+        self.store.refresh()
+        if self.store.read.image_count() == 0:
+            raise empty_index(self.store, "images")
+        return find_duplicates(self.store, threshold=threshold, neighbours=neighbours)
+
     def info(self) -> IndexInfo:
         store, read = self.store, self.store.read
         return IndexInfo(
@@ -273,7 +293,8 @@ class Engine:
             images=read.image_count(), distinct_images=read.embedding_count(),
             texts=read.text_count(), image_index=store.image_index,
             files={name: size for name, _, size in store.files()},
-            schema_version=store.schema_version, repairs=list(store.repairs))
+            schema_version=store.schema_version, repairs=list(store.repairs),
+            metadata=store.metadata_summary())
 
 
 def as_query(text: "str | Query | None", image: "ImageQuery | None") -> Query:

@@ -42,9 +42,10 @@ def test_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_rows_vectors_and_subtrees(tmp_path: Path) -> None:
     cat = Catalog(tmp_path / "c.sqlite", create=True)
     v = np.eye(4, dtype=np.float32)
-    rows = [StoredImage(1, "/a/x.jpg", 1, 1, "h1"), StoredImage(2, "/a/b/y.jpg", 1, 1, "h2"),
-            StoredImage(3, "/ab/z.jpg", 1, 1, "h1"), StoredImage(4, "/a", 1, 1, "h3")]
-    cat.commit_images({"h1": v[0], "h2": v[1], "h3": v[2]}, rows)
+    rows = [ImageFile("/a/x.jpg", 1, 1, "h1"), ImageFile("/a/b/y.jpg", 1, 1, "h2"),
+            ImageFile("/ab/z.jpg", 1, 1, "h1"), ImageFile("/a", 1, 1, "h3")]
+    ids = cat.commit_images({"h1": v[0], "h2": v[1], "h3": v[2]}, rows)
+    assert list(ids) == [1, 2, 3, 4]  # fresh ids, given inside the transaction
     assert set(cat.images_under("/a")) == {"/a/x.jpg", "/a/b/y.jpg", "/a"}
     assert set(cat.images_under("/a/")) == {"/a/x.jpg", "/a/b/y.jpg", "/a"}
     ids, vecs = cat.image_vectors(4)

@@ -44,7 +44,10 @@ def test_index_then_query_with_no_extra_flags(indexed: Path) -> None:
 def test_query_json_image_and_subtree(indexed: Path, tmp_path: Path) -> None:
     hits = json.loads(run("query", "a blue square", "--json", "-k", "3"))
     assert [h["rank"] for h in hits] == [1, 2, 3]
-    assert set(hits[0]) == {"rank", "score", "id", "path"}
+    assert set(hits[0]) == {"rank", "score", "id", "path", "taken", "taken_source", "camera_make",
+                            "camera_model", "lens", "gps_lat", "gps_lon", "width", "height",
+                            "size", "ext"}
+    assert (hits[0]["ext"], hits[0]["taken_source"], hits[0]["width"]) == ("png", "mtime", 64)
     probe = tmp_path / "probe.png"
     tinyclip.draw_shape("yellow", "circle", seed=99).save(probe)
     hits = json.loads(run("query", "--image", probe, "--json", "-k", "1"))
@@ -90,7 +93,18 @@ def test_reindex_summary_and_json(indexed: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["query", ""], "empty query"),
     (["query", "x", "--index", "nope"], "no index 'nope'"),
-    (["query"], "give a TEXT"),
+    (["query"], "give something to search for"),
+    (["query", "-"], "needs a term on both sides"),
+    (["query", "beach", "-"], "ends with an operator"),
+    (["query", "1.2.3:dog"], "is not a number"),
+    (["query", "missing.jpg", "+", "dog"], "no such image file: missing.jpg"),
+    (["query", "x", "--after", "July"], "cannot read the date 'July'"),
+    (["query", "x", "--after", "2023-02-30"], "cannot read the date"),
+    (["query", "x", "--near", "38.7,-9.1"], "--near LAT,LON and --km R go together"),
+    (["query", "x", "--near", "north", "--km", "3"], "give LAT,LON"),
+    (["query", "x", "--sort", "size"], "--sort 'size'"),
+    (["query", "x", "--texts", "--camera", "fuji"], "apply to images"),
+    (["query", "id:x"], "id: takes"),
     (["query", "x", "-k", "-1"], "k must be"),
     (["index", "/definitely/not/here"], "no such file or directory"),
     (["info", "--index", "bad/name"], "invalid index name"),

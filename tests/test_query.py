@@ -90,8 +90,11 @@ def test_filters_keep_one_folder(engine: Engine, shapes: dict[Path, str], tmp_pa
 
 
 def test_hits_serialise_through_one_function() -> None:
-    hit = ImageHit(1, 0.5, 7, Path("/a/b.jpg"))
-    assert to_json([hit]) == [{"rank": 1, "score": 0.5, "id": 7, "path": "/a/b.jpg"}]
+    hit = ImageHit(1, 0.5, 7, Path("/a/b.jpg"), taken="2023-07-14T18:30:00", ext="jpg")
+    data = to_json([hit])[0]
+    assert {k: data[k] for k in ("rank", "score", "id", "path", "taken", "ext", "lens")} == {
+        "rank": 1, "score": 0.5, "id": 7, "path": "/a/b.jpg", "taken": "2023-07-14T18:30:00",
+        "ext": "jpg", "lens": None}
     assert to_json({"k": (np.float32(0.25), None)}) == {"k": [0.25, None]}
 
 

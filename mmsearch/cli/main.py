@@ -16,6 +16,7 @@ from mmsearch.cli.common import (BatchSizeOpt, DeviceOpt, DraftOpt, HomeOpt, Ind
                                  ModelOpt, PretrainedOpt, WorkersOpt, err, handle_errors,
                                  open_engine, print_json)
 from mmsearch.cli.eval import eval_command
+from mmsearch.cli.query import query_command
 from mmsearch.errors import UsageError
 
 app = typer.Typer(help="Search photo folders and image-text collections by meaning.",
@@ -82,42 +83,11 @@ def _print_report(report: Any) -> None:
                f"removed {report.removed}, skipped {len(report.skipped)} "
                f"({report.embedded} embedded in {report.seconds:.1f}s, "
                f"{report.images_per_second:.1f} images/s)")
+    if report.metadata_read:
+        typer.echo(f"  read the metadata (dates, cameras, places) of {report.metadata_read} "
+                   "images indexed before")
     for s in report.skipped:
         typer.echo(f"  skipped {s.path!r}: {s.reason}")
-
-
-@app.command()
-@handle_errors
-def query(
-    text: Annotated[Optional[str], typer.Argument(help="What to look for.")] = None,
-    image: Annotated[Optional[Path], typer.Option(help="Search with this image instead of text.")] = None,
-    texts: Annotated[bool, typer.Option("--texts", help="Search the indexed texts, not the images.")] = False,
-    k: Annotated[int, typer.Option("-k", "--k", help="How many results.")] = 10,
-    within: Annotated[Optional[Path], typer.Option("--in", help="Only images under this folder.")] = None,
-    index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
-    pretrained: PretrainedOpt = None, device: DeviceOpt = "auto", as_json: JsonOpt = False,
-) -> None:
-    """Rank indexed images (or, with --texts, indexed texts) by similarity to TEXT or --image."""
-    if text is None and image is None:
-        raise UsageError("give a TEXT to search for, or --image PATH")
-    if texts and within is not None:
-        raise UsageError("--in applies to images, not to --texts")
-    with open_engine(index=index, home=home, model=model, pretrained=pretrained,
-                     device=device) as engine:
-        if texts:
-            hits = engine.search_texts(text, image=image, k=k)
-        else:
-            hits = engine.search(text, image=image, k=k, within=within)
-        for note in engine.store.repairs:
-            err(f"repaired: {note}")
-    if as_json:
-        print_json(hits)
-        return
-    if not hits:
-        typer.echo("no results")
-    for h in hits:
-        what = h.text if texts else h.path
-        typer.echo(f"{h.rank:>3}  {h.score:.4f}  {what}")
 
 
 @texts_app.command("add")
@@ -157,8 +127,66 @@ def info(index: IndexOpt = None, home: HomeOpt = None, as_json: JsonOpt = False)
     typer.echo(f"vectors    {data.image_index} (schema v{data.schema_version})")
     for name, size in data.files.items():
         typer.echo(f"  {name:<16} {size / 1e6:10.1f} MB")
+    _print_metadata(data.metadata)
     for note in data.repairs:
         typer.echo(f"repaired   {note}")
+
+
+def _print_metadata(meta: Any) -> None:
+    if meta.first_taken:
+        typer.echo(f"taken      {meta.first_taken[:10]} .. {meta.last_taken[:10]} "
+                   f"({meta.dates_from_exif} dated by EXIF, {meta.dates_from_mtime} by file time)")
+    if meta.not_read:
+        typer.echo(f"metadata   not read yet for {meta.not_read} images (run `mmsearch index` "
+                   "on their folders, or `mmsearch check --repair`)")
+    cameras = [f"{name or '(none)'} {n}" for name, n in list(meta.cameras.items())[:8]]
+    if cameras:
+        more = len(meta.cameras) - 8
+        typer.echo("cameras    " + ", ".join(cameras) + (f", +{more} more" if more > 0 else ""))
+
+
+@app.command()
+@handle_errors
+def duplicates(
+    threshold: Annotated[float, typer.Option(help="Cosine at or above which two photos are "
+                                             "near-duplicates.")] = 0.95,
+    index: IndexOpt = None, home: HomeOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Groups of near-duplicate photos (identical files said as such), largest groups first."""
+    with open_engine(index=index, home=home) as engine:
+        groups = engine.duplicates(threshold=threshold)
+    if as_json:
+        print_json(groups)
+        return
+    for n, group in enumerate(groups, 1):
+        kind = "identical files" if group.exact else f"similar photos (cosine >= {threshold})"
+        typer.echo(f"group {n}: {len(group.ids)} {kind}")
+        for path in group.paths:
+            typer.echo(f"  {path}")
+    photos = sum(len(g.ids) for g in groups)
+    typer.echo(f"{len(groups)} groups, {photos} photos" if groups else "no duplicates found")
+
+
+@app.command()
+@handle_errors
+def export(
+    directory: Annotated[Path, typer.Argument(help="An empty (or new) folder to write to.")],
+    fmt: Annotated[str, typer.Option("--format", help="npy: clip-retrieval's layout (float16 .npy "
+                                     "+ parquet metadata); parquet: embeddings in the parquet "
+                                     "files.")] = "npy",
+    shard_size: Annotated[int, typer.Option(help="Rows per file.")] = 1_000_000,
+    index: IndexOpt = None, home: HomeOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Write the embeddings and metadata for other tools (autofaiss, clip-retrieval, LanceDB)."""
+    from mmsearch.export import export_index
+
+    with open_engine(index=index, home=home) as engine:
+        report = export_index(engine.store, directory, fmt=fmt, shard_size=shard_size)
+    if as_json:
+        print_json(report)
+        return
+    typer.echo(f"exported {report.images} images and {report.texts} texts to {report.directory} "
+               f"({len(report.files)} files)")
 
 
 @app.command()
@@ -190,6 +218,7 @@ def check(repair: Annotated[bool, typer.Option(help="Fix what can be fixed: rebu
         raise typer.Exit(1)
 
 
+app.command("query")(query_command)
 app.command("eval")(eval_command)
 
 

@@ -25,13 +25,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
 from mmsearch.errors import DecodeError, UsageError
 from mmsearch.ingest.decode import content_hash
 from mmsearch.ingest.discover import FoundFile, SkippedFile, canonical_root, walk
+from mmsearch.ingest.backfill import backfill_metadata, file_metadata
 from mmsearch.ingest.embed import default_workers, embed_paths
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import ImageFile, StoredImage
@@ -63,6 +64,7 @@ class IndexReport:
     removed: int = 0
     embedded: int = 0
     skipped: list[Skipped] = field(default_factory=list)
+    metadata_read: int = 0     # earlier images whose metadata this run read (an older index)
     interrupted: bool = False
     seconds: float = 0.0
 
@@ -78,6 +80,7 @@ class _Plan:
     dupes: list[tuple[FoundFile, str, StoredImage | None]] = field(default_factory=list)
     embed: list[tuple[FoundFile, str, StoredImage | None]] = field(default_factory=list)
     remove: list[StoredImage] = field(default_factory=list)
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> photo metadata
 
 
 class _Stopped(Exception):
@@ -129,12 +132,13 @@ def plan(store: "Store", found: list[FoundFile], roots: list[str], keep: list[st
     seen = {str(f.path) for f in found}
     result = _Plan(remove=[r for p, r in stored.items()
                            if p not in seen and not any(_inside(p, k) for k in keep)])
-    hashes = _hash_all([f.path for f, _ in todo], workers, progress, report, stop)
-    known = store.known_vectors([h for h in hashes if h])
+    hashed = _hash_all([f for f, _ in todo], workers, progress, report, stop)
+    known = store.known_vectors([h[0] for h in hashed if h])
     batch_hashes: set[str] = set()
-    for (f, row), h in zip(todo, hashes):
-        if h is None:  # unreadable (reported) or not hashed before a stop: left as it is
+    for (f, row), found_hash in zip(todo, hashed):
+        if found_hash is None:  # unreadable (reported) or not hashed before a stop: left as it is
             continue
+        h, result.meta[str(f.path)] = found_hash
         if row and row.content_hash == h:
             report.unchanged += 1
             result.touch.append(StoredImage(row.id, row.path, f.size, f.mtime_ns, h))
@@ -152,25 +156,26 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def _hash_all(paths: list[Path], workers: int, progress: Progress, report: IndexReport,
-              stop: threading.Event | None = None) -> list[str | None]:
-    """Content hashes of ``paths`` (None: unreadable, or not reached before ``stop``)."""
-    def one(p: Path) -> str | None:
+def _hash_all(files: list[FoundFile], workers: int, progress: Progress, report: IndexReport,
+              stop: threading.Event | None = None) -> list[tuple[str, dict[str, Any]] | None]:
+    """(content hash, metadata) of each file, read in worker threads (None: unreadable,
+    or not reached before ``stop``)."""
+    def one(f: FoundFile) -> tuple[str, dict[str, Any]] | None:
         try:
-            return content_hash(p)
+            return content_hash(f.path), file_metadata(f.path, f.mtime_ns)
         except DecodeError as exc:
-            report.skipped.append(Skipped(str(p), str(exc)))
+            report.skipped.append(Skipped(str(f.path), str(exc)))
             return None
 
-    out: list[str | None] = []
+    out: list[tuple[str, dict[str, Any]] | None] = []
     with ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(paths), _HASH_CHUNK):
+        for start in range(0, len(files), _HASH_CHUNK):
             if _stopped(stop):
                 report.interrupted = True
                 break
-            out += pool.map(one, paths[start:start + _HASH_CHUNK])
-            progress("hash", len(out), len(paths))
-    return out + [None] * (len(paths) - len(out))
+            out += pool.map(one, files[start:start + _HASH_CHUNK])
+            progress("hash", len(out), len(files))
+    return out + [None] * (len(files) - len(out))
 
 
 def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", roots: Iterable[Path], *, batch_size: int = 32,
@@ -203,12 +208,13 @@ def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", r
     store.vectors("images")  # load and check the FAISS file before the first commit
     saver = _Saver(store, save_every)
     _apply_removals(store, todo, report)
-    _apply_reuse(store, todo.reuse, report, saver)
+    _apply_reuse(store, todo.reuse, todo.meta, report, saver)
     _embed_new(store, embedder, todo, report, progress, stop, saver, commit_every,
                batch_size=batch_size, workers=workers, draft=draft)
-    _apply_reuse(store, todo.dupes if not report.interrupted else [], report, saver)
+    _apply_reuse(store, todo.dupes if not report.interrupted else [], todo.meta, report, saver)
     if not report.interrupted:
         store.prune()
+        report.metadata_read = backfill_metadata(store, canon, workers, stop)
     store.flush()
     report.seconds = time.perf_counter() - start
     return report
@@ -234,6 +240,7 @@ class _Saver:
 
 def _apply_removals(store: "Store", todo: _Plan, report: IndexReport) -> None:
     store.touch_images(todo.touch)
+    store.set_metadata((r.id, todo.meta.get(r.path, {})) for r in todo.touch)
     gone = np.asarray([r.id for r in todo.remove], dtype=np.int64)
     store.forget_images(gone)
     report.removed += len(gone)
@@ -242,12 +249,12 @@ def _apply_removals(store: "Store", todo: _Plan, report: IndexReport) -> None:
 Pending = tuple[ImageFile, np.ndarray, "int | None"]  # a new row, its vector, the id it replaces
 
 
-def _row(f: FoundFile, content: str) -> ImageFile:
-    return ImageFile(str(f.path), f.size, f.mtime_ns, content)
+def _row(f: FoundFile, content: str, meta: dict[str, dict[str, Any]]) -> ImageFile:
+    return ImageFile(str(f.path), f.size, f.mtime_ns, content, meta.get(str(f.path), {}))
 
 
 def _apply_reuse(store: "Store", entries: list[tuple[FoundFile, str, StoredImage | None]],
-                 report: IndexReport, saver: _Saver) -> None:
+                 meta: dict[str, dict[str, Any]], report: IndexReport, saver: _Saver) -> None:
     """Rows for files whose content is already embedded: no model call."""
     known = store.known_vectors([h for _, h, _ in entries])
     pending: list[Pending] = []
@@ -255,7 +262,7 @@ def _apply_reuse(store: "Store", entries: list[tuple[FoundFile, str, StoredImage
         if h not in known:
             report.skipped.append(Skipped(str(f.path), "same content as a file that failed"))
             continue
-        pending.append((_row(f, h), known[h], row.id if row else None))
+        pending.append((_row(f, h, meta), known[h], row.id if row else None))
     _commit(store, pending, report, saver, embedded=False)
 
 
@@ -279,7 +286,7 @@ def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", to
             report.skipped.append(Skipped(str(path), reason))
         for path, vec in zip(batch.paths, batch.vectors):
             f, h, row = jobs[path]
-            pending.append((_row(f, h), vec, row.id if row else None))
+            pending.append((_row(f, h, todo.meta), vec, row.id if row else None))
         done += len(batch.paths) + len(batch.failed)
         progress("embed", done, len(jobs))
         if len(pending) >= commit_every:

@@ -9,10 +9,28 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class ImageHit:
+    """An image found: its rank (1 = first shown), cosine score, id, path and metadata
+    (None where the file does not say, or the index has not read it yet)."""
+
     rank: int       # 1 = best
     score: float    # cosine similarity, -1..1
     id: int
     path: Path
+    taken: str | None = None          # local date-time, ISO
+    taken_source: str | None = None   # "exif" or "mtime" (the file's modification time)
+    camera_make: str | None = None
+    camera_model: str | None = None
+    lens: str | None = None
+    gps_lat: float | None = None
+    gps_lon: float | None = None
+    width: int | None = None
+    height: int | None = None
+    size: int | None = None           # bytes
+    ext: str | None = None
+
+
+HIT_METADATA = ("taken", "taken_source", "camera_make", "camera_model", "lens", "gps_lat",
+                "gps_lon", "width", "height", "size", "ext")
 
 
 @dataclasses.dataclass(frozen=True)

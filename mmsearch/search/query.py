@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal, Union
 import numpy as np
 
 from mmsearch.errors import UsageError
+from mmsearch.search.filters import Filters  # noqa: F401  (Query and Filters go together)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -73,13 +74,6 @@ class Query:
     @property
     def kinds(self) -> set[TermKind]:
         return {t.kind for t in self.terms}
-
-
-@dataclass(frozen=True)
-class Filters:
-    """Which images may be returned: ``within`` a folder (at or below it)."""
-
-    within: Path | None = None
 
 
 def combine(vectors: np.ndarray, weights: "list[float] | np.ndarray") -> np.ndarray:

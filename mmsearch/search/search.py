@@ -15,7 +15,10 @@ import numpy as np
 
 from mmsearch.errors import CorruptIndexError, EmptyIndexError, UsageError
 from mmsearch.ingest.discover import canonical_root
-from mmsearch.search.hits import ImageHit, TextHit
+from mmsearch.search.duplicates import dedup_ranked
+from mmsearch.search.filters import (Filters, bounding_box, extensions, period, within_km)
+from mmsearch.search.hits import HIT_METADATA, ImageHit, TextHit
+from mmsearch.store import ImageSelection
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store
@@ -23,6 +26,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MAX_QUERY_CHARS = 10_000
 RERANK_POOL, RERANK_FACTOR = 100, 10  # candidates re-scored exactly: max(100, 10 k)
+BRUTE_FORCE_MAX = 20_000   # a filter keeping at most this many images (or 1/BRUTE_FORCE_SHARE
+BRUTE_FORCE_SHARE = 50     # of the index) ranks them exactly from their stored vectors
+DEDUP_FETCH = 4            # --dedup ranks 4 k candidates, so k remain after hiding duplicates
 
 
 def empty_index(store: "Store", kind: str) -> EmptyIndexError:
@@ -48,21 +54,89 @@ def check_k(k: int) -> int:
 
 
 def search_images(store: "Store", query: np.ndarray, k: int,
-                  within: Path | None = None) -> list[list[ImageHit]]:
-    """Top-``k`` images for each row of ``query`` (optionally only under folder ``within``)."""
+                  filters: "Filters | Path | None" = None) -> list[list[ImageHit]]:
+    """Top-``k`` images for each row of ``query``, among those ``filters`` keep (a bare
+    path: only under that folder), shaped as ``filters`` says (min score, sort, dedup)."""
+    if isinstance(filters, (str, Path)):
+        filters = Filters(within=filters)
     index = store.vectors("images")
     if index.ntotal == 0:
         raise empty_index(store, "images")
-    subset = None
-    if within is not None:
-        subset = store.read.image_ids_under(str(canonical_root(within.expanduser())))
-        if not subset.size:
-            raise UsageError(f"no indexed images under {within}")
-    result = top_images(store, index, query, k, subset)
-    paths = store.read.image_paths(int(i) for i in np.unique(result.ids) if i >= 0)
-    return [ranked([ImageHit(0, float(s), int(i), Path(paths[i]))
-                    for s, i in zip(row_s, row_i) if i in paths])
+    subset = selected_ids(store, filters) if filters is not None and filters.selects else None
+    if subset is not None and not subset.size:
+        return [[] for _ in np.atleast_2d(query)]
+    fetch = k if filters is None or not filters.dedup else min(DEDUP_FETCH * k, index.ntotal)
+    result = ranked_ids(store, index, query, fetch, subset)
+    records = store.image_records(int(i) for i in np.unique(result.ids) if i >= 0)
+    return [shape(store, [_hit(s, i, records[i]) for s, i in zip(row_s, row_i) if i in records],
+                  k, filters)
             for row_s, row_i in zip(result.scores, result.ids)]
+
+
+def _hit(score: float, image_id: int, record: dict) -> ImageHit:
+    fields = {f: record.get(f) for f in HIT_METADATA}
+    return ImageHit(0, float(score), int(image_id), Path(record["path"]), **fields)
+
+
+def selected_ids(store: "Store", filters: Filters) -> np.ndarray:
+    """The ids of the images ``filters`` keep (SQL for most conditions, then the exact
+    distance for --near); ranking happens among exactly these."""
+    within = None
+    if filters.within is not None:
+        within = str(canonical_root(Path(filters.within).expanduser()))
+    sel = ImageSelection(
+        within=within,
+        taken_from=period(filters.after)[0] if filters.after else None,
+        taken_until=period(filters.before)[1] if filters.before else None,
+        camera=filters.camera or None, exts=extensions(filters.ext),
+        bbox=bounding_box(*filters.near, filters.km) if filters.near and filters.km else None)
+    ids, lat, lon = store.select_images(sel)
+    if within is not None and not ids.size and not store.read.image_ids_under(within).size:
+        raise UsageError(f"no indexed images under {filters.within}")
+    return within_km(ids, lat, lon, filters)
+
+
+def ranked_ids(store: "Store", index: "VectorIndex", query: np.ndarray, k: int,
+               subset: np.ndarray | None) -> "SearchResult":
+    """Top-``k`` ids among ``subset`` (None: all). A small subset is ranked exactly from the
+    catalog's vectors; a large one by FAISS restricted to it (an ``IDSelector``, with the
+    search effort raised in proportion), so a selective filter still returns its ``k``."""
+    if subset is None or subset.size > max(BRUTE_FORCE_MAX, index.ntotal // BRUTE_FORCE_SHARE):
+        return top_images(store, index, query, k, subset)
+    return exact_top(store, np.atleast_2d(query).astype(np.float32), k, subset)
+
+
+def exact_top(store: "Store", query: np.ndarray, k: int, subset: np.ndarray) -> "SearchResult":
+    """Top-``k`` of ``subset`` by exact cosine over its stored vectors (brute force)."""
+    from mmsearch.store.vectors import SearchResult
+
+    ids, vectors = store.image_vectors(subset)
+    scores = query @ vectors.T
+    k = min(k, len(ids))
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if 0 < k < len(ids) else \
+        np.tile(np.arange(len(ids)), (len(query), 1))
+    top = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((ids[part], -top), axis=1)[:, :k]
+    return SearchResult(np.take_along_axis(top, order, axis=1).astype(np.float32),
+                        np.take_along_axis(ids[part], order, axis=1))
+
+
+def shape(store: "Store", hits: list[ImageHit], k: int,
+          filters: Filters | None) -> list[ImageHit]:
+    """Apply min_score, dedup and sort to ranked hits, keep ``k``, number them 1..n."""
+    if filters is not None and filters.min_score is not None:
+        hits = [h for h in hits if h.score >= filters.min_score]
+    if filters is not None and filters.dedup and len(hits) > 1:
+        ids, vectors = store.image_vectors([h.id for h in hits])
+        order = np.searchsorted(ids, [h.id for h in hits])
+        keep = dedup_ranked(ids[order], vectors[order], threshold=filters.dedup_threshold)
+        hits = [h for h, kept in zip(hits, keep) if kept]
+    hits = hits[:k]
+    if filters is not None and filters.sort != "score":
+        newest = filters.sort == "date"
+        dated = sorted((h for h in hits if h.taken), key=lambda h: h.taken, reverse=newest)
+        hits = dated + [h for h in hits if not h.taken]
+    return ranked(hits)
 
 
 def top_images(store: "Store", index: "VectorIndex", query: np.ndarray, k: int,

@@ -5,6 +5,7 @@
 ``vectorfiles``  the FAISS files of a folder, checked and synced against the catalog
 ``lock``         the write lock
 ``integrity``    check and repair
+``selection``    queries over the images' metadata (filters, records, summaries)
 ``store``        Store: an index folder; the only code that writes a catalog or a FAISS file
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from mmsearch.store.catalog import ImageFile, StoredImage
 from mmsearch.store.lock import lock_holder
+from mmsearch.store.selection import ImageSelection, MetadataSummary, camera_name
 from mmsearch.store.store import Store
 
-__all__ = ["Store", "ImageFile", "StoredImage", "lock_holder"]
+__all__ = ["Store", "ImageFile", "StoredImage", "ImageSelection", "MetadataSummary",
+           "camera_name", "lock_holder"]

@@ -15,7 +15,9 @@ SQLite opens it: header, truncation), :class:`StorageError` for the rest.
 
 Schema changes go in ``_MIGRATIONS``: bump ``SCHEMA_VERSION`` and add a step.
 v1: the tables above. v2: the stored model identity names its backend and its
-text tower (``backend``, ``text_pretrained``, ``text_fingerprint``).
+text tower (``backend``, ``text_pretrained``, ``text_fingerprint``). v3: image
+rows carry the photo's metadata (date taken, camera, lens, GPS, size after
+orientation, extension; :data:`METADATA_COLUMNS`).
 
 :class:`CatalogReader` has every query and no write; :class:`Catalog` adds the
 writes, which only :class:`mmsearch.store.Store` calls.
@@ -28,13 +30,13 @@ import os
 import sqlite3
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import quote
 
 import numpy as np
-from sqlalchemy import (ForeignKey, bindparam, Integer, LargeBinary, String, Text, create_engine, delete,
+from sqlalchemy import (Float, ForeignKey, bindparam, Integer, LargeBinary, String, Text, create_engine, delete,
                         event, func, insert, select, text, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -42,7 +44,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from mmsearch.errors import CorruptIndexError, MMSearchError, StorageError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Base(DeclarativeBase):
@@ -68,6 +70,23 @@ class ImageRow(Base):
     size: Mapped[int] = mapped_column(Integer)
     mtime_ns: Mapped[int] = mapped_column(Integer)
     content_hash: Mapped[str] = mapped_column(ForeignKey("embeddings.content_hash"), index=True)
+    # v3: photo metadata read from the file's headers (NULL taken_source: not read yet)
+    taken: Mapped[str | None] = mapped_column(Text, nullable=True, index=True)
+    taken_offset: Mapped[str | None] = mapped_column(Text, nullable=True)
+    taken_source: Mapped[str | None] = mapped_column(Text, nullable=True)
+    camera_make: Mapped[str | None] = mapped_column(Text, nullable=True)
+    camera_model: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lens: Mapped[str | None] = mapped_column(Text, nullable=True)
+    gps_lat: Mapped[float | None] = mapped_column(Float, nullable=True)
+    gps_lon: Mapped[float | None] = mapped_column(Float, nullable=True)
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    orientation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ext: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+METADATA_COLUMNS = ("taken", "taken_offset", "taken_source", "camera_make", "camera_model", "lens",
+                    "gps_lat", "gps_lon", "width", "height", "orientation", "ext")
 
 
 class TextRow(Base):
@@ -98,19 +117,41 @@ def _migrate_1_to_2(conn: Connection) -> None:
                      .values(value=json.dumps(model, sort_keys=True)))
 
 
+def _migrate_2_to_3(conn: Connection) -> None:
+    """Image rows gain the photo's metadata columns, empty until the next index run (or
+    `check --repair`) reads them from the files' headers: nothing is embedded again."""
+    have = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(images)")}
+    for column in METADATA_COLUMNS:
+        if column not in have:  # a new file was made whole by create_all
+            kind = {"gps_lat": "FLOAT", "gps_lon": "FLOAT", "width": "INTEGER",
+                    "height": "INTEGER", "orientation": "INTEGER"}.get(column, "TEXT")
+            conn.exec_driver_sql(f"ALTER TABLE images ADD COLUMN {column} {kind}")
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_images_taken ON images (taken)")
+
+
 # version n -> n + 1; version 0 is an empty file.
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2}
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2,
+                                                        2: _migrate_2_to_3}
 READABLE_UNMIGRATED = 1  # older schemas this code still reads as they are (a read-only file)
 
 
 @dataclass(frozen=True)
 class ImageFile:
-    """An image file as found on disk: what a new catalog row records (its id comes on commit)."""
+    """An image file as found on disk: what a new catalog row records (its id comes on commit).
+
+    ``meta``: values of :data:`METADATA_COLUMNS` (those missing are stored empty).
+    """
 
     path: str
     size: int
     mtime_ns: int
     content_hash: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def row(self, image_id: int) -> dict[str, Any]:
+        meta = {k: v for k, v in self.meta.items() if k in METADATA_COLUMNS}
+        return {"id": image_id, "path": self.path, "size": self.size, "mtime_ns": self.mtime_ns,
+                "content_hash": self.content_hash, **meta}
 
 
 @dataclass(frozen=True)
@@ -417,6 +458,11 @@ class CatalogReader:
                     sizes[int(size or 0)] = sizes.get(int(size or 0), 0) + n
         return sizes
 
+    def connect(self) -> "_ReadConn":
+        """A read connection (``with reader.connect() as conn``) for queries kept in other
+        modules of the store (:mod:`.selection`); SQLite errors come out typed."""
+        return self._read()
+
     def dangling_images(self) -> dict[int, str]:
         """Image rows whose embedding row is missing (id -> path)."""
         with self._read() as conn:
@@ -526,8 +572,7 @@ class Catalog(CatalogReader):
             for chunk in _chunks(delete_ids, 900):
                 conn.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
             if files:
-                conn.execute(insert(ImageRow), [{"id": int(i), **f.__dict__}
-                                                for i, f in zip(ids, files)])
+                conn.execute(insert(ImageRow), [f.row(int(i)) for i, f in zip(ids, files)])
                 self._put_meta(conn, "images_last_id", str(int(ids[-1])))
         return ids
 
@@ -539,6 +584,16 @@ class Catalog(CatalogReader):
                         .values(size=bindparam("new_size"), mtime_ns=bindparam("new_mtime")))
                 conn.execute(stmt, [{"row_id": r.id, "new_size": r.size, "new_mtime": r.mtime_ns}
                                     for r in rows])
+
+    def set_metadata(self, rows: Iterable[tuple[int, dict[str, Any]]]) -> None:
+        """Store (id, metadata) of existing image rows; every column is written (missing: NULL)."""
+        stmt = (update(ImageRow).where(ImageRow.id == bindparam("row_id"))
+                .values({c: bindparam(f"v_{c}") for c in METADATA_COLUMNS}))
+        params = [{"row_id": int(i), **{f"v_{c}": meta.get(c) for c in METADATA_COLUMNS}}
+                  for i, meta in rows]
+        if params:
+            with self._write() as conn:
+                conn.execute(stmt, params)
 
     def drop_orphan_embeddings(self) -> int:
         with self._write() as conn:

@@ -47,6 +47,10 @@ def check(store: "Store") -> list[str]:
     gone = sum(1 for _, p in catalog.all_image_paths() if not os.path.lexists(p))
     if gone:
         problems.append(f"{gone} indexed files no longer exist on disk")
+    unread = len(store.missing_metadata())
+    if unread:
+        problems.append(f"{unread} images have no metadata yet (an index made before "
+                        "schema v3; the next `index` of their folders reads it)")
     if store._files.temp_files() and lock_holder(store.root) is None:
         problems.append(f"{len(store._files.temp_files())} temporary files left by an interrupted save")
     return problems

@@ -27,9 +27,10 @@ import numpy as np
 
 from mmsearch.errors import CorruptIndexError, EmptyIndexError, IndexNotFoundError, StorageError
 from mmsearch.models.identity import ModelIdentity
-from mmsearch.store import integrity
+from mmsearch.store import integrity, selection
 from mmsearch.store.catalog import Catalog, CatalogReader, EmptyCatalogError, ImageFile, StoredImage
 from mmsearch.store.lock import WriteLock, lock_holder
+from mmsearch.store.selection import ImageSelection, MetadataSummary
 from mmsearch.store.vectorfiles import KINDS, Kind, VectorFiles
 from mmsearch.store.vectors import VectorIndex, plan_index
 
@@ -151,6 +152,23 @@ class Store:
     def text_vectors(self, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.read.text_vectors(self.dim or 0, ids)
 
+    def select_images(self, sel: ImageSelection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, latitudes, longitudes) of the images ``sel`` keeps, in id order."""
+        return selection.select_ids(self.read, sel)
+
+    def image_records(self, ids: Iterable[int]) -> dict[int, dict]:
+        """id -> path, size, mtime_ns and metadata of these images."""
+        return selection.records(self.read, ids)
+
+    def missing_metadata(self, roots: Iterable[str] | None = None,
+                         limit: int | None = None) -> list[tuple[int, str, int]]:
+        """(id, path, mtime_ns) of images whose metadata was never read (an index made
+        before schema v3), under ``roots`` when given."""
+        return selection.missing_metadata(self.read, roots, limit)
+
+    def metadata_summary(self) -> MetadataSummary:
+        return selection.summary(self.read)
+
     def files(self) -> Iterator[tuple[str, Path, int]]:
         for name in (CATALOG, "images.faiss", "texts.faiss"):
             path = self.root / name
@@ -216,6 +234,10 @@ class Store:
     def touch_images(self, rows: Sequence[StoredImage]) -> None:
         """Record a new size/mtime for files whose content did not change."""
         self._writer().touch_images(list(rows))
+
+    def set_metadata(self, rows: Iterable[tuple[int, dict]]) -> None:
+        """Record the metadata read from existing images' files (no vector changes)."""
+        self._writer().set_metadata(rows)
 
     def forget_images(self, ids: np.ndarray) -> None:
         """Delete these image rows (their vectors stay until :meth:`prune`) and their FAISS entries."""

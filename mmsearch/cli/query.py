@@ -1,0 +1,88 @@
+"""`mmsearch query`: the query language and the filters, over :meth:`Engine.search`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mmsearch.cli.common import (DeviceOpt, HomeOpt, IndexOpt, JsonOpt, ModelOpt, PretrainedOpt,
+                                 err, handle_errors, open_engine, print_json)
+from mmsearch.errors import UsageError
+
+Opt = typer.Option
+
+
+@handle_errors
+def query_command(
+    terms: Annotated[Optional[list[str]], typer.Argument(
+        help="What to look for: words, an image file, id:N, joined by + and - "
+        "(\"2:golden retriever\" + ./pool.jpg - fruit).", show_default=False)] = None,
+    image: Annotated[Optional[Path], Opt(help="Search with this image (a term like any other).")] = None,
+    texts: Annotated[bool, Opt("--texts", help="Search the indexed texts, not the images.")] = False,
+    k: Annotated[int, Opt("-k", "--k", help="How many results.")] = 10,
+    within: Annotated[Optional[Path], Opt("--in", help="Only images at or under this folder.")] = None,
+    after: Annotated[Optional[str], Opt(help="Taken from the start of this period on: 2023, "
+                                        "2023-07, 2023-07-14, 2023-07-14T18:30.")] = None,
+    before: Annotated[Optional[str], Opt(help="Taken up to the end of this period.")] = None,
+    camera: Annotated[Optional[str], Opt(help="Camera make or model contains this (any case).")] = None,
+    ext: Annotated[Optional[str], Opt(help="Only these file types: jpg,heic,png ...")] = None,
+    near: Annotated[Optional[str], Opt(help="LAT,LON: with --km, only photos taken within that "
+                                       "distance (from their GPS tags).")] = None,
+    km: Annotated[Optional[float], Opt(help="Radius for --near, in kilometres.")] = None,
+    min_score: Annotated[Optional[float], Opt(help="Only hits with at least this cosine score.")] = None,
+    sort: Annotated[str, Opt(help="score, date (newest first) or date-asc: the order of the "
+                             "k best hits.")] = "score",
+    dedup: Annotated[bool, Opt("--dedup", help="Hide hits that are near-duplicates of a better "
+                               "one (cosine >= --dedup-threshold).")] = False,
+    dedup_threshold: Annotated[float, Opt(help="Cosine at or above which --dedup hides a hit.")] = 0.95,
+    index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
+    pretrained: PretrainedOpt = None, device: DeviceOpt = "auto", as_json: JsonOpt = False,
+) -> None:
+    """Rank indexed images (or, with --texts, indexed texts) by similarity to the query."""
+    from mmsearch.search.filters import Filters
+    from mmsearch.search.query import Query
+    from mmsearch.search.syntax import parse
+
+    query = parse(terms) if terms else Query()
+    if image is not None:
+        query = query + Query.image(image)
+    if not query.terms:
+        raise UsageError("give something to search for: words, an image file, id:N, or --image PATH")
+    filters = Filters(within=within, after=after, before=before, camera=camera,
+                      ext=tuple(ext.split(",")) if ext else (), near=_lat_lon(near), km=km,
+                      min_score=min_score, sort=sort, dedup=dedup, dedup_threshold=dedup_threshold)
+    if texts and (filters.selects or sort != "score" or dedup):
+        raise UsageError("--in, --after, --before, --camera, --ext, --near, --sort and --dedup "
+                         "apply to images, not to --texts")
+    with open_engine(index=index, home=home, model=model, pretrained=pretrained,
+                     device=device) as engine:
+        hits: list[Any] = (engine.search_texts(query, k=k) if texts
+                           else engine.search(query, k=k, filters=filters))
+        for note in engine.store.repairs:
+            err(f"repaired: {note}")
+    _print_hits(hits, texts, as_json, filters)
+
+
+def _lat_lon(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lat, lon = (float(p) for p in text.split(","))
+    except ValueError:
+        raise UsageError(f"--near {text!r}: give LAT,LON in degrees, e.g. 38.7139,-9.1393") from None
+    return lat, lon
+
+
+def _print_hits(hits: list[Any], texts: bool, as_json: bool, filters: Any) -> None:
+    if as_json:
+        print_json(hits)
+        return
+    if not hits:
+        shaped = filters.selects or filters.min_score is not None
+        typer.echo("no results" + (" (nothing indexed matches the filters)" if shaped else ""))
+    for h in hits:
+        what = h.text if texts else h.path
+        when = f"  {h.taken or '-':<19}" if filters.sort != "score" else ""
+        typer.echo(f"{h.rank:>3}  {h.score:.4f}{when}  {what}")

@@ -1,0 +1,139 @@
+"""Queries over the images' metadata: which ids a filter keeps, the rows hits show, summaries.
+
+The search layer turns user filters into an :class:`ImageSelection`; this module,
+beside the schema, turns that into SQL. Ranking then happens among the ids it
+returns (filters come before ranking, never after).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+from sqlalchemy import and_, func, or_, select
+
+from mmsearch.store.catalog import METADATA_COLUMNS, CatalogReader, ImageRow, _chunks, _under
+
+RECORD_COLUMNS = ("path", "size", "mtime_ns", "content_hash", *METADATA_COLUMNS)
+
+
+@dataclass(frozen=True)
+class ImageSelection:
+    """Conditions on image rows; all must hold. Rows whose metadata is unknown fail the
+    conditions on it (a date range keeps no photo without a date)."""
+
+    within: str | None = None              # a canonical folder or file path
+    taken_from: str | None = None          # ISO local date-time, inclusive
+    taken_until: str | None = None         # ISO local date-time, exclusive
+    camera: str | None = None              # substring of make or model, any case
+    exts: tuple[str, ...] = ()             # lower-case extensions without the dot
+    bbox: tuple[float, float, float, float] | None = None  # lat min, lat max, lon min, lon max
+
+    @property
+    def is_everything(self) -> bool:
+        return self == ImageSelection()
+
+
+def _conditions(sel: ImageSelection) -> list[Any]:
+    out: list[Any] = []
+    if sel.within is not None:
+        out.append(_under(sel.within))
+    if sel.taken_from is not None:
+        out.append(ImageRow.taken >= sel.taken_from)
+    if sel.taken_until is not None:
+        out.append(ImageRow.taken < sel.taken_until)
+    if sel.camera:
+        pattern = "%" + sel.camera.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        out.append(or_(func.lower(ImageRow.camera_make).like(pattern, escape="\\"),
+                       func.lower(ImageRow.camera_model).like(pattern, escape="\\")))
+    if sel.exts:
+        out.append(ImageRow.ext.in_(sel.exts))
+    if sel.bbox is not None:
+        out.append(_in_box(*sel.bbox))
+    return out
+
+
+def _in_box(lat_min: float, lat_max: float, lon_min: float, lon_max: float) -> Any:
+    lat = ImageRow.gps_lat.between(lat_min, lat_max)
+    if lon_min <= lon_max:
+        return and_(lat, ImageRow.gps_lon.between(lon_min, lon_max))
+    return and_(lat, or_(ImageRow.gps_lon >= lon_min, ImageRow.gps_lon <= lon_max))  # across 180°
+
+
+def select_ids(reader: CatalogReader, sel: ImageSelection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, latitudes, longitudes) of the images ``sel`` keeps, in id order (NaN where unknown)."""
+    query = select(ImageRow.id, ImageRow.gps_lat, ImageRow.gps_lon).order_by(ImageRow.id)
+    conditions = _conditions(sel)
+    if conditions:
+        query = query.where(and_(*conditions))
+    with reader.connect() as conn:
+        rows = conn.execute(query).all()
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    lat = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=np.float64)
+    lon = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=np.float64)
+    return ids, lat, lon
+
+
+def records(reader: CatalogReader, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """id -> {path, size, mtime_ns, content_hash, and the metadata columns} for these ids."""
+    columns = [getattr(ImageRow, c) for c in RECORD_COLUMNS]
+    out: dict[int, dict[str, Any]] = {}
+    with reader.connect() as conn:
+        for chunk in _chunks([int(i) for i in ids], 900):
+            for row in conn.execute(select(ImageRow.id, *columns).where(ImageRow.id.in_(chunk))):
+                out[row[0]] = dict(zip(RECORD_COLUMNS, row[1:]))
+    for rec in out.values():
+        rec["path"] = reader._str(rec["path"])
+    return out
+
+
+def missing_metadata(reader: CatalogReader, roots: Iterable[str] | None = None,
+                     limit: int | None = None) -> list[tuple[int, str, int]]:
+    """(id, path, mtime_ns) of images whose metadata was never read (under ``roots`` if given)."""
+    query = select(ImageRow.id, ImageRow.path, ImageRow.mtime_ns).where(
+        ImageRow.taken_source.is_(None)).order_by(ImageRow.id)
+    if roots is not None:
+        roots = list(roots)
+        if not roots:
+            return []
+        query = query.where(or_(*[_under(r) for r in roots]))
+    if limit is not None:
+        query = query.limit(limit)
+    with reader.connect() as conn:
+        return [(r[0], reader._str(r[1]), r[2]) for r in conn.execute(query)]
+
+
+@dataclass(frozen=True)
+class MetadataSummary:
+    first_taken: str | None
+    last_taken: str | None
+    dates_from_exif: int
+    dates_from_mtime: int
+    not_read: int
+    cameras: dict[str, int]   # "Make Model" -> photos, most first; "" for no camera recorded
+
+
+def summary(reader: CatalogReader) -> MetadataSummary:
+    """Date range, where the dates come from, and photos per camera."""
+    with reader.connect() as conn:
+        first, last = conn.execute(select(func.min(ImageRow.taken), func.max(ImageRow.taken))).one()
+        source = func.coalesce(ImageRow.taken_source, "")
+        sources = dict(conn.execute(select(source, func.count()).group_by(source)).all())
+        cameras = conn.execute(select(ImageRow.camera_make, ImageRow.camera_model, func.count())
+                               .where(ImageRow.taken_source.is_not(None))
+                               .group_by(ImageRow.camera_make, ImageRow.camera_model)).all()
+    counts: Counter[str] = Counter()
+    for make, model, n in cameras:
+        counts[camera_name(make, model)] += n
+    return MetadataSummary(first, last, sources.get("exif", 0), sources.get("mtime", 0),
+                           sources.get("", 0), dict(counts.most_common()))
+
+
+def camera_name(make: str | None, model: str | None) -> str:
+    """"Make Model", without repeating a make the model already starts with ("Canon Canon EOS")."""
+    make, model = (make or "").strip(), (model or "").strip()
+    if make and model.lower().startswith(make.lower().split()[0]):
+        return model
+    return " ".join(p for p in (make, model) if p)
