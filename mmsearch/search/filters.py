@@ -146,7 +146,7 @@ def haversine_km(lat: np.ndarray, lon: np.ndarray, lat0: float, lon0: float) -> 
 
 def within_km(ids: np.ndarray, lat: np.ndarray, lon: np.ndarray, f: Filters) -> np.ndarray:
     """The ``ids`` within ``f.km`` of ``f.near`` (all of them when there is no --near)."""
-    if f.near is None:
+    if f.near is None or not ids.size:
         return ids
     with np.errstate(invalid="ignore"):
         keep = haversine_km(lat, lon, *f.near) <= f.km

@@ -103,14 +103,19 @@ def ranked_ids(store: "Store", index: "VectorIndex", query: np.ndarray, k: int,
     search effort raised in proportion), so a selective filter still returns its ``k``."""
     if subset is None or subset.size > max(BRUTE_FORCE_MAX, index.ntotal // BRUTE_FORCE_SHARE):
         return top_images(store, index, query, k, subset)
-    return exact_top(store, np.atleast_2d(query).astype(np.float32), k, subset)
+    return exact_top(store, index, np.atleast_2d(query).astype(np.float32), k, subset)
 
 
-def exact_top(store: "Store", query: np.ndarray, k: int, subset: np.ndarray) -> "SearchResult":
-    """Top-``k`` of ``subset`` by exact cosine over its stored vectors (brute force)."""
+def exact_top(store: "Store", index: "VectorIndex", query: np.ndarray, k: int,
+              subset: np.ndarray) -> "SearchResult":
+    """Top-``k`` of ``subset`` by exact cosine over its vectors (brute force): taken from
+    the index when it holds them whole (Flat, HNSW), else read from the catalog."""
     from mmsearch.store.vectors import SearchResult
 
-    ids, vectors = store.image_vectors(subset)
+    vectors = None if index.is_compressed else index.reconstruct(subset)
+    ids = subset
+    if vectors is None or len(vectors) != len(subset):
+        ids, vectors = store.image_vectors(subset)
     scores = query @ vectors.T
     k = min(k, len(ids))
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if 0 < k < len(ids) else \

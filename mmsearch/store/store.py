@@ -36,6 +36,7 @@ from mmsearch.store.vectors import VectorIndex, plan_index
 
 CATALOG = "catalog.sqlite"
 WEIGHTS_FILE = "weights_file"  # catalog meta: the cached file of a tag's weights
+SELECTION_CACHE = 8            # filter selections kept by select_images
 
 
 class Store:
@@ -53,6 +54,7 @@ class Store:
         self._lock = WriteLock(root)
         self._files = VectorFiles(root, catalog, self._lock, lambda: self.dim, self.repairs, gpu)
         self._seen = self._signature()
+        self._selections: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def open(cls, root: Path, *, create: bool, gpu: int | None = -1) -> "Store":
@@ -153,8 +155,16 @@ class Store:
         return self.read.text_vectors(self.dim or 0, ids)
 
     def select_images(self, sel: ImageSelection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, latitudes, longitudes) of the images ``sel`` keeps, in id order."""
-        return selection.select_ids(self.read, sel)
+        """(ids, latitudes, longitudes) of the images ``sel`` keeps, in id order.
+
+        The last few selections are kept while nothing is committed (a page scrolling
+        through results asks for the same one again and again)."""
+        key = (sel, self._signature())
+        if key not in self._selections:
+            if len(self._selections) >= SELECTION_CACHE:
+                self._selections.pop(next(iter(self._selections)))
+            self._selections[key] = selection.select_ids(self.read, sel)
+        return self._selections[key]
 
     def image_records(self, ids: Iterable[int]) -> dict[int, dict]:
         """id -> path, size, mtime_ns and metadata of these images."""
