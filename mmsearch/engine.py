@@ -161,6 +161,7 @@ class Engine:
                                  batch_size=s.batch_size, workers=s.workers, draft=s.draft,
                                  progress=progress or no_progress, stop=stop)
             self._record_weights_file()
+            self.store.add_roots(str(canonical_root(Path(p).expanduser())) for p in paths)
             self.store.retype(s.index_type)
             return report
 

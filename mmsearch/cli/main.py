@@ -17,6 +17,7 @@ from mmsearch.cli.common import (BatchSizeOpt, DeviceOpt, DraftOpt, HomeOpt, Ind
                                  open_engine, print_json)
 from mmsearch.cli.eval import eval_command
 from mmsearch.cli.query import query_command
+from mmsearch.cli.serve import serve_command
 from mmsearch.errors import UsageError
 
 app = typer.Typer(help="Search photo folders and image-text collections by meaning.",
@@ -219,6 +220,7 @@ def check(repair: Annotated[bool, typer.Option(help="Fix what can be fixed: rebu
 
 
 app.command("query")(query_command)
+app.command("serve")(serve_command)
 app.command("eval")(eval_command)
 
 

@@ -123,6 +123,15 @@ def load_image(
         return _decode(fh, formats, draft_size, max_pixels)
 
 
+def decode_bytes(data: bytes, *, draft_size: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`load_image` for an image held in memory (an upload): the same checks
+    (formats, decompression bombs, corrupt data) and conversion, nothing written to disk."""
+    if not data:
+        raise DecodeError("empty file")
+    return _decode_opened(io.BytesIO(data), allowed_formats(), draft_size, max_pixels)
+
+
 def _open_regular(path: Path | str) -> io.BufferedReader:
     """Open a regular file for reading, refusing FIFOs and devices without blocking.
 
@@ -167,6 +176,11 @@ def _decode(
         raise DecodeError(_os_reason(exc)) from exc
     if empty:
         raise DecodeError("empty file")
+    return _decode_opened(fh, formats, draft_size, max_pixels)
+
+
+def _decode_opened(fh: BinaryIO, formats: tuple[str, ...], draft_size: int | None,
+                   max_pixels: int) -> Image.Image:
     img = _open(fh, formats)
     try:
         _check_size(img, max_pixels)

@@ -19,6 +19,7 @@ holding the write lock saves.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -36,6 +37,7 @@ from mmsearch.store.vectors import VectorIndex, plan_index
 
 CATALOG = "catalog.sqlite"
 WEIGHTS_FILE = "weights_file"  # catalog meta: the cached file of a tag's weights
+ROOTS = "roots"                # catalog meta: JSON list of the canonical roots indexed
 SELECTION_CACHE = 8            # filter selections kept by select_images
 
 
@@ -114,6 +116,17 @@ class Store:
     def image_index(self) -> str:
         """The FAISS factory string of the image index as last built."""
         return self._catalog.get_meta("images_index") or "Flat"
+
+    @property
+    def roots(self) -> list[str] | None:
+        """The canonical folders and files ever given to ``index`` (None: an index made
+        before they were recorded)."""
+        raw = self._catalog.get_meta(ROOTS)
+        try:
+            roots = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return [str(r) for r in roots] if isinstance(roots, list) else None
 
     @property
     def weights_file(self) -> str | None:
@@ -220,6 +233,13 @@ class Store:
     def set_model(self, identity: ModelIdentity, dim: int) -> None:
         self._writer().set_metas({"model": identity.to_json(), "dim": str(dim)})  # both or neither
         self._files.forget_loaded()  # any index opened before had no dimension to go by
+
+    def add_roots(self, roots: Iterable[str]) -> None:
+        """Remember folders (or files) given to ``index``: the server serves files under them only."""
+        known = self.roots or []
+        new = [r for r in roots if r not in known]
+        if new:
+            self._writer().set_meta(ROOTS, json.dumps(sorted(known + new)))
 
     def set_weights_file(self, path: str) -> None:
         self._writer().set_meta(WEIGHTS_FILE, path)

@@ -1,0 +1,94 @@
+"""Who may ask, and which files may be served.
+
+* Host header: a server bound to a loopback address answers only requests whose
+  Host is a loopback name (a DNS-rebinding page gets 400).
+* Token: required when the server listens beyond loopback (unless ``--no-auth``)
+  or when one is given. Accepted as ``Authorization: Bearer T``, as the
+  ``mmsearch_token`` cookie, or once as ``?token=T``, which sets that cookie
+  (HttpOnly, SameSite=Strict) and redirects to the same URL without it.
+  Compared in constant time.
+* Files are served by catalog id only, and only while the file, symlinks
+  resolved, is still under a folder that was indexed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode
+
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+COOKIE = "mmsearch_token"
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+@dataclass(frozen=True)
+class Access:
+    """The access rules of one server: its bind address and its token (None: no auth)."""
+
+    host: str
+    token: str | None
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    def host_allowed(self, header: str | None) -> bool:
+        """Whether a request's Host header may be answered (see the module)."""
+        if not header:
+            return False
+        return hostname(header) in LOOPBACK_NAMES if self.loopback else True
+
+    def token_ok(self, offered: str | None) -> bool:
+        if self.token is None:
+            return True
+        return offered is not None and hmac.compare_digest(offered.encode(), self.token.encode())
+
+
+def hostname(header: str) -> str:
+    """The host name of a Host header, without its port (``[::1]:8000`` -> ``[::1]``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        return header[:end + 1] if end > 0 else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_NAMES or host.startswith("127.")
+
+
+def offered_token(headers, cookies) -> str | None:
+    """The token a request carries (Authorization header, else cookie)."""
+    auth = headers.get("authorization") or ""
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return cookies.get(COOKIE)
+
+
+def without_token(path: str, params: list[tuple[str, str]]) -> str:
+    """The URL to redirect to once a ``?token=`` has been turned into a cookie."""
+    rest = [(k, v) for k, v in params if k != "token"]
+    return path + ("?" + urlencode(rest) if rest else "")
+
+
+def servable(path: str, roots: list[str] | None) -> Path | None:
+    """``path`` (a catalog path) resolved, if it is a regular file still under an indexed root.
+
+    ``roots`` None (an index made before roots were recorded): the file must stay in
+    its own folder once symlinks are resolved.
+    """
+    try:
+        real = Path(os.path.realpath(path))
+        if not real.is_file():
+            return None
+    except OSError:
+        return None
+    allowed = roots if roots is not None else [os.path.dirname(path)]
+    for root in allowed:
+        base = os.path.realpath(root)
+        if str(real) == base or str(real).startswith(base.rstrip("/") + "/"):
+            return real
+    return None

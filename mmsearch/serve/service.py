@@ -1,0 +1,96 @@
+"""The engine behind the HTTP API: one warm model, one lock, results as JSON data."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mmsearch.engine import Engine
+from mmsearch.errors import EmptyIndexError, UsageError
+from mmsearch.search.filters import Filters
+from mmsearch.search.hits import to_json
+from mmsearch.search.query import Query
+from mmsearch.settings import Settings
+
+MAX_K, MAX_OFFSET = 500, 10_000
+
+
+class SearchService:
+    """Searches for the server. The engine is not thread-safe: requests take turns (the
+    model and FAISS use both cores for each one anyway)."""
+
+    def __init__(self, settings: Settings, *, warm: bool = True) -> None:
+        self.engine = Engine(settings)
+        self.lock = threading.Lock()
+        if warm and self.engine.store.model is not None:
+            self.engine.embedder  # noqa: B018 - load the model now, not on the first query
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def search(self, query: Query, k: int, offset: int, filters: Filters) -> dict[str, Any]:
+        """One page of hits: ranks ``offset+1 .. offset+k`` of the query."""
+        check_page(k, offset)
+        with self.lock:
+            try:
+                hits = self.engine.search(query, k=offset + k, filters=filters)
+            except EmptyIndexError as exc:
+                return {"total": 0, "hits": [], "note": str(exc)}
+            total = self._total(filters)
+        return {"total": total, "hits": [hit_json(h) for h in hits[offset:offset + k]],
+                "note": None}
+
+    def _total(self, filters: Filters) -> int:
+        from mmsearch.search.search import selected_ids
+
+        if filters.selects:
+            return int(selected_ids(self.engine.store, replace(filters)).size)
+        return self.engine.store.read.image_count()
+
+    def texts(self, image_id: int, k: int) -> dict[str, Any]:
+        check_page(k, 0)
+        with self.lock:
+            try:
+                hits = self.engine.search_texts(Query.id(image_id), k=k)
+            except EmptyIndexError as exc:
+                return {"hits": [], "note": str(exc)}
+        return {"hits": to_json(hits), "note": None}
+
+    def record(self, image_id: int) -> dict[str, Any] | None:
+        """The catalog row of an image (path, content hash, metadata), or None."""
+        return self.engine.store.image_records([image_id]).get(image_id)
+
+    @property
+    def roots(self) -> list[str] | None:
+        return self.engine.store.roots
+
+    def info(self) -> dict[str, Any]:
+        with self.lock:
+            self.engine.store.refresh()
+            info = self.engine.info()
+        meta = info.metadata
+        return {"name": info.name, "images": info.images, "texts": info.texts,
+                "model": info.model.describe() if info.model else None,
+                "index_type": info.image_index, "first_taken": meta.first_taken,
+                "last_taken": meta.last_taken, "cameras": meta.cameras}
+
+    @property
+    def thumbs(self) -> Path:
+        return self.engine.store.root / "thumbs"
+
+
+def hit_json(hit: Any) -> dict[str, Any]:
+    """An image hit as the API returns it: its fields plus where its pictures are."""
+    data = to_json(hit)
+    data["thumbnail"] = f"/thumb/{hit.id}"
+    data["original"] = f"/original/{hit.id}"
+    return data
+
+
+def check_page(k: int, offset: int) -> None:
+    if not 1 <= k <= MAX_K:
+        raise UsageError(f"k must be between 1 and {MAX_K}")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise UsageError(f"offset must be between 0 and {MAX_OFFSET}")
