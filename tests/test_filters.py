@@ -154,10 +154,15 @@ def test_empty_selection_is_an_empty_result(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
-def test_filtered_search_against_brute_force_per_index_type(tmp_path: Path, index_type: str) -> None:
+def test_filtered_search_against_brute_force_per_index_type(
+        tmp_path: Path, index_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Selective filters (ranked exactly among the selected vectors) equal numpy; broad ones
-    go through FAISS restricted to the selection: never a vector outside it, exact scores,
-    and the top 10 of Flat equal numpy's."""
+    go through FAISS restricted to the selection (an IDSelector bitmap here): never a vector
+    outside it, exact scores, and the top 10 of Flat equal numpy's."""
+    from mmsearch.search import search as engine_search
+
+    monkeypatch.setattr(engine_search, "BRUTE_FORCE_MAX", 100)  # 3,000 vectors stand for millions
+    monkeypatch.setattr(engine_search, "BRUTE_FORCE_SHARE", 1 << 30)
     rng = np.random.default_rng(3)
     n, dim = 3000, 16
     vecs = rng.standard_normal((n, dim)).astype(np.float32)

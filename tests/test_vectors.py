@@ -298,3 +298,25 @@ def test_old_idmap2_wrapped_ivf_files_still_load(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.sort(index.ids()), np.arange(2000) + 5)
         assert index.search(vecs[:3], 1).ids[:, 0].tolist() == [5, 6, 7]
     assert index.remove(np.array([5])) and index.ntotal == 1999
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "IVF32,Flat"])
+def test_a_large_subset_is_searched_through_a_bitmap(index_type: str) -> None:
+    """Subsets of BITMAP_MIN ids or more go to FAISS as a bitmap: only their ids come back,
+    and for exact search they equal numpy over exactly the subset."""
+    from mmsearch.store import vectors
+
+    rng = np.random.default_rng(5)
+    data = rng.standard_normal((12_000, 8)).astype(np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    ids = np.arange(10, 12_010, dtype=np.int64)
+    index = VectorIndex.create(8, index_type, expected=len(ids), train=data)
+    index.add(ids, data)
+    subset = np.sort(rng.choice(ids, vectors.BITMAP_MIN + 1000, replace=False))
+    queries = data[:20] + 0.01
+    got = index.search(queries, 10, subset=subset, effort=4096)
+    assert np.isin(got.ids, subset).all()
+    if index_type == "flat":
+        rows = np.searchsorted(ids, subset)
+        want = subset[np.argsort(-(queries @ data[rows].T), axis=1, kind="stable")[:, :10]]
+        np.testing.assert_array_equal(got.ids, want)

@@ -532,9 +532,8 @@ class VectorIndex:
         keep: list = []
         sel = None
         if subset is not None:
-            subset = np.ascontiguousarray(subset, np.int64)
-            sel = faiss.IDSelectorBatch(subset)
-            keep += [subset, sel]
+            sel, held = _selector(subset)
+            keep += [held, sel]
         elif self._dead:  # removed vectors have id -1 in the id map: keep ids >= 0
             sel = faiss.IDSelectorRange(0, np.iinfo(np.int64).max)
             keep.append(sel)
@@ -594,6 +593,26 @@ class VectorIndex:
             return scores, pos  # IVF lists hold the catalog ids themselves
         id_map = self.ids()
         return scores, np.where(pos >= 0, id_map[np.clip(pos, 0, None)], -1)
+
+
+BITMAP_MIN = 4096  # subsets this large are given to FAISS as a bitmap over ids, not a hash set
+
+
+def _selector(subset: np.ndarray) -> tuple[Any, np.ndarray]:
+    """A FAISS IDSelector for ``subset`` (and the array it points into, to keep alive).
+
+    A large subset becomes a bitmap over the ids (one bit per id up to the largest:
+    built by numpy in a few ms for a million ids, where a hash set of them takes
+    tens of ms); a small one a batch (a hash set plus a Bloom filter).
+    """
+    faiss = _faiss()
+    subset = np.ascontiguousarray(subset, np.int64)
+    if len(subset) < BITMAP_MIN or subset.min() < 0:
+        return faiss.IDSelectorBatch(subset), subset
+    mask = np.zeros(int(subset.max()) + 1, dtype=bool)
+    mask[subset] = True
+    bits = np.packbits(mask, bitorder="little")
+    return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), bits
 
 
 def _first_line(exc: BaseException) -> str:
