@@ -85,6 +85,7 @@ def test_search_pages_and_the_query_language(client: TestClient, library) -> Non
     ({"q": "x", "after": "July"}, 400, "cannot read the date"),
     ({"q": "/etc/passwd.jpg"}, 400, "no such image file"),
     ({"q": "x", "near": "1,2"}, 400, "go together"),
+    ({"q": "x", "k": "abc"}, 400, "k: "),
 ])
 def test_bad_requests_are_one_line(client: TestClient, params, status, words) -> None:
     r = client.get("/api/search", params=params)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -34,10 +35,21 @@ def create_app(service: SearchService, access: Access, *, max_upload: int = MAX_
                   description="Search a photo collection by meaning.")
     _guard(app, access, max_upload)
     app.add_exception_handler(MMSearchError, _library_error)
+    app.add_exception_handler(RequestValidationError, _bad_parameter)
     _api_routes(app, service, max_upload)
     _file_routes(app, service)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", _RevalidatedFiles(directory=STATIC), name="static")
     return app
+
+
+class _RevalidatedFiles(StaticFiles):
+    """The page's files, revalidated on every load (cheap, with ETags), so an upgrade never
+    pairs a new index.html with an old app.js."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 def _guard(app: FastAPI, access: Access, max_upload: int) -> None:
@@ -69,6 +81,13 @@ async def _library_error(request: Request, exc: Exception) -> JSONResponse:
     status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return JSONResponse({"detail": message}, status_code=status)
+
+
+async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's list of validation errors as the API's one line (400, like other bad input)."""
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+    return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}"}, status_code=400)
 
 
 def filters(
