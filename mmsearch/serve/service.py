@@ -1,8 +1,8 @@
-"""The engine behind the HTTP API: one warm model, one lock, results as JSON data."""
+"""The engine behind the HTTP API: one warm model on one worker thread, results as JSON data."""
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,27 +18,35 @@ MAX_K, MAX_OFFSET = 500, 10_000
 
 
 class SearchService:
-    """Searches for the server. The engine is not thread-safe: requests take turns (the
-    model and FAISS use both cores for each one anyway)."""
+    """Searches for the server. The engine is not thread-safe, so every call on it runs on
+    one worker thread, in turn (the model and FAISS use both cores for each one anyway);
+    one thread also keeps torch's and FAISS's OpenMP thread pools warm, where a new
+    calling thread per request would start pools of its own."""
 
     def __init__(self, settings: Settings, *, warm: bool = True) -> None:
-        self.engine = Engine(settings)
-        self.lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="mmsearch-engine")
+        self.engine = self._run(Engine, settings)
         if warm and self.engine.store.model is not None:
-            self.engine.embedder  # noqa: B018 - load the model now, not on the first query
+            self._run(lambda: self.engine.embedder)  # load the model now, not on a query
+
+    def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._worker.submit(fn, *args, **kwargs).result()
 
     def close(self) -> None:
-        self.engine.close()
+        self._run(self.engine.close)
+        self._worker.shutdown()
 
     def search(self, query: Query, k: int, offset: int, filters: Filters) -> dict[str, Any]:
         """One page of hits: ranks ``offset+1 .. offset+k`` of the query."""
         check_page(k, offset)
-        with self.lock:
-            try:
-                hits = self.engine.search(query, k=offset + k, filters=filters)
-            except EmptyIndexError as exc:
-                return {"total": 0, "hits": [], "note": str(exc)}
-            total = self._total(filters)
+        return self._run(self._search, query, k, offset, filters)
+
+    def _search(self, query: Query, k: int, offset: int, filters: Filters) -> dict[str, Any]:
+        try:
+            hits = self.engine.search(query, k=offset + k, filters=filters)
+        except EmptyIndexError as exc:
+            return {"total": 0, "hits": [], "note": str(exc)}
+        total = self._total(filters)
         return {"total": total, "hits": [hit_json(h) for h in hits[offset:offset + k]],
                 "note": None}
 
@@ -51,15 +59,18 @@ class SearchService:
 
     def texts(self, image_id: int, k: int) -> dict[str, Any]:
         check_page(k, 0)
-        with self.lock:
-            try:
-                hits = self.engine.search_texts(Query.id(image_id), k=k)
-            except EmptyIndexError as exc:
-                return {"hits": [], "note": str(exc)}
+        return self._run(self._texts, image_id, k)
+
+    def _texts(self, image_id: int, k: int) -> dict[str, Any]:
+        try:
+            hits = self.engine.search_texts(Query.id(image_id), k=k)
+        except EmptyIndexError as exc:
+            return {"hits": [], "note": str(exc)}
         return {"hits": to_json(hits), "note": None}
 
     def record(self, image_id: int) -> dict[str, Any] | None:
-        """The catalog row of an image (path, content hash, metadata), or None."""
+        """The catalog row of an image (path, content hash, metadata), or None: a read of
+        the catalog alone (SQLite, safe from any thread), so files are served meanwhile."""
         return self.engine.store.image_records([image_id]).get(image_id)
 
     @property
@@ -67,14 +78,16 @@ class SearchService:
         return self.engine.store.roots
 
     def info(self) -> dict[str, Any]:
-        with self.lock:
-            self.engine.store.refresh()
-            info = self.engine.info()
+        info = self._run(self._info)
         meta = info.metadata
         return {"name": info.name, "images": info.images, "texts": info.texts,
                 "model": info.model.describe() if info.model else None,
                 "index_type": info.image_index, "first_taken": meta.first_taken,
                 "last_taken": meta.last_taken, "cameras": meta.cameras}
+
+    def _info(self) -> Any:
+        self.engine.store.refresh()
+        return self.engine.info()
 
     @property
     def thumbs(self) -> Path:
