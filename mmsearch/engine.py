@@ -29,7 +29,8 @@ from mmsearch.models.device import faiss_gpu, resolve_device
 from mmsearch.models.identity import ModelIdentity, check_loaded, identify
 from mmsearch.progress import Progress, no_progress
 from mmsearch.search.duplicates import DEFAULT_THRESHOLD, DuplicateGroup, find_duplicates
-from mmsearch.search.hits import ImageHit, TextHit
+from mmsearch.models.languages import language_hint
+from mmsearch.search.hits import Hits, ImageHit, TextHit
 from mmsearch.search.query import Filters, Query, combine
 from mmsearch.search.search import (check_k, check_text_query, empty_index, search_images,
                                     search_texts)
@@ -110,7 +111,7 @@ class Engine:
     @property
     def embedder(self) -> "Embedder":
         if self._embedder is None:
-            from mmsearch.models.openclip import load_embedder
+            from mmsearch.models.backends import load_embedder
 
             self._embedder = load_embedder(self.identity, self.device)
         return self._embedder
@@ -121,7 +122,7 @@ class Engine:
         if self._embedder is not None:
             return self._embedder
         if self._text_embedder is None:
-            from mmsearch.models.openclip import load_text_encoder
+            from mmsearch.models.backends import load_text_encoder
 
             self._text_embedder = load_text_encoder(self.identity, self.device,
                                                     weights_path=self.store.weights_file)
@@ -217,7 +218,7 @@ class Engine:
     # -- reading ---------------------------------------------------------------
     def search(self, text: "str | Query | None" = None, *, image: "ImageQuery | None" = None,
                k: int = 10, within: str | Path | None = None,
-               filters: Filters | None = None) -> list[ImageHit]:
+               filters: Filters | None = None) -> "Hits":
         """Images ranked by similarity to ``text``, to ``image`` (a path or PIL image), or
         to a :class:`Query`, among those ``filters`` keep (``within``: a folder), shaped as
         ``filters`` says (min score, dedup, sort by date)."""
@@ -228,14 +229,14 @@ class Engine:
             raise empty_index(self.store, "images")  # before loading any model
         vector = self.query_vector(query)
         if k == 0:
-            return []
+            return Hits.of([], self.hint(query))
         filters = filters or Filters()
         if within is not None:
             filters = dataclasses.replace(filters, within=within)
-        return search_images(self.store, vector, k, filters)[0]
+        return Hits.of(search_images(self.store, vector, k, filters)[0], self.hint(query))
 
     def search_texts(self, text: "str | Query | None" = None, *,
-                     image: "ImageQuery | None" = None, k: int = 10) -> list[TextHit]:
+                     image: "ImageQuery | None" = None, k: int = 10) -> "Hits":
         """Indexed texts ranked by similarity to ``image`` (or to ``text``, or a :class:`Query`)."""
         query = _checked(as_query(text, image))
         check_k(k)
@@ -243,7 +244,11 @@ class Engine:
         if self.store.read.text_count() == 0:
             raise empty_index(self.store, "texts")
         vector = self.query_vector(query)
-        return [] if k == 0 else search_texts(self.store, vector, k)[0]
+        return Hits.of([] if k == 0 else search_texts(self.store, vector, k)[0], self.hint(query))
+
+    def hint(self, query: Query) -> str | None:
+        """One line worth telling about ``query`` (a script this model does not read), or None."""
+        return language_hint(self.identity, [str(t.value) for t in query.terms if t.kind == "text"])
 
     def query_vector(self, query: Query) -> np.ndarray:
         """The (1, D) vector a :class:`Query` searches with (see :mod:`mmsearch.search.query`)."""

@@ -62,3 +62,23 @@ def test_trimmed_text_encoding_equals_full_context() -> None:
     again = emb.encode_texts(["red sports car", "red sports car"])
     assert again.shape == (2, 512)
     assert abs(float((again[0] ** 2).sum()) - 1) < 1e-5
+
+
+def test_presets_name_what_they_resolve_to(tmp_path: Path) -> None:
+    """--model multilingual / chinese resolve without torch; a local folder works offline."""
+    ml = identify("multilingual", None)
+    assert (ml.backend, ml.arch, ml.pretrained) == ("open_clip", "xlm-roberta-base-ViT-B-32",
+                                                    "laion5b_s13b_b90k")
+    zh = identify("Chinese", None)
+    assert (zh.backend, zh.pretrained, zh.fingerprint) == (
+        "chinese_clip", "OFA-Sys/chinese-clip-vit-base-patch16", "hub:OFA-Sys/chinese-clip-vit-base-patch16")
+    folder = tmp_path / "cn-clip"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    local = identify("chinese", str(folder))
+    assert local.fingerprint.startswith("dir:file:") and local.backend == "chinese_clip"
+    with pytest.raises(ModelError, match="model folder not found"):
+        identify("chinese", str(tmp_path / "missing" / "cn"))
+    with pytest.raises(ModelError, match="open_clip_config.json"):
+        identify(f"local-dir:{tmp_path}", None)
+    assert ml.key != identify("multilingual", str(folder / "model.safetensors")).key

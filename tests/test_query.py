@@ -160,3 +160,32 @@ def test_the_device_governs_faiss(home: Path) -> None:
         faiss_gpu("tpu")
     with Engine.open("dev", device="cpu") as engine:
         assert engine.store.vectors("images").gpu is None
+
+
+def test_a_query_in_a_script_the_model_does_not_read_gets_a_hint(engine: Engine) -> None:
+    """The tiny model's text tower is CLIP's English one: a Chinese query still answers,
+    with one hint naming the multilingual presets; an English one has none."""
+    hits = engine.search("红色的跑车", k=3)
+    assert len(hits) == 3 and "Chinese script" in hits.hint and "--model multilingual" in hits.hint
+    assert engine.search("a red circle", k=3).hint is None
+    from typer.testing import CliRunner
+
+    from mmsearch.cli import app
+
+    result = CliRunner().invoke(app, ["query", "赤いスポーツカー", "-k", "2", "--index", "shapes"])
+    assert result.exit_code == 0
+    assert "mmsearch: hint: tinyclip-test reads English only, and this query is in Japanese script" \
+        in result.output
+
+
+def test_scripts_are_detected_by_their_letters_not_guessed() -> None:
+    from mmsearch.models.identity import identify
+    from mmsearch.models.languages import language_hint, reads_english_only, scripts
+
+    assert scripts("红色的跑车") == ["Chinese"] and scripts("빨간 자동차") == ["Korean"]
+    assert scripts("красная машина") == ["Cyrillic"] and scripts("سيارة حمراء") == ["Arabic"]
+    assert scripts("café crème, 2 dogs!") == [] and scripts("") == []
+    assert reads_english_only(identify(None, None))
+    assert not reads_english_only(identify("multilingual", None))
+    assert language_hint(identify("multilingual", None), ["红色的跑车"]) is None
+    assert language_hint(identify(None, None), ["red car"]) is None

@@ -62,6 +62,8 @@ def query_command(
                            else engine.search(query, k=k, filters=filters))
         for note in engine.store.repairs:
             err(f"repaired: {note}")
+    if getattr(hits, "hint", None):
+        err(f"hint: {hits.hint}")
     _print_hits(hits, texts, as_json, filters)
 
 

@@ -6,6 +6,9 @@
 ``openclip``   the open_clip backend: Embedder, load_embedder, load_text_encoder
 ``texttower``  CLIP's text tower in plain torch, for text queries without open_clip
 ``hub``        where a pretrained tag's weights come from; offline detection
+``backends``   the one dispatch on the backend: open_clip or chinese_clip
+``chineseclip`` OFA-Sys Chinese-CLIP through transformers
+``languages``  which scripts a text tower reads; the hint for queries it does not
 
 Importing this package imports neither torch nor open_clip: the loaders below do, when called.
 """
@@ -26,6 +29,10 @@ _LAZY = ("Embedder", "TextEncoder", "load_embedder", "load_text_encoder")
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("load_embedder", "load_text_encoder"):
+        from mmsearch.models import backends
+
+        return getattr(backends, name)
     if name in _LAZY:
         from mmsearch.models import openclip
 

@@ -21,7 +21,19 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 NO_WEIGHTS = "none"  # random weights: only for speed benchmarks, never for search quality
 OPEN_CLIP = "open_clip"
+CHINESE_CLIP = "chinese_clip"
 BACKENDS = (OPEN_CLIP,)
+LOCAL_DIR = "local-dir:"  # open_clip's own layout: a folder with open_clip_config.json and weights
+# Names a user can remember (--model NAME): backend, architecture, default weights.
+# multilingual: open_clip's XLM-RoBERTa text tower with LAION-5B ViT-B-32 (512-d, MIT; reads
+#   ~100 languages, no language code needed; Flickr30K en t->i R@1 64.5, XTD10 zh 50.8).
+# chinese: OFA-Sys Chinese-CLIP ViT-B/16 (transformers; Flickr30K-CN t->i R@1 62.7, COCO-CN 62.2).
+PRESETS = {
+    "multilingual": (OPEN_CLIP, "xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
+    "chinese": (CHINESE_CLIP, "chinese-clip-vit-base-patch16", "OFA-Sys/chinese-clip-vit-base-patch16"),
+}
+_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _FINGERPRINT_CHUNK = 4 << 20
 
 
@@ -78,7 +90,15 @@ class ModelIdentity:
 
 
 def identify(model: str | None, pretrained: str | None) -> ModelIdentity:
-    """Resolve user input into a :class:`ModelIdentity` without importing torch."""
+    """Resolve user input into a :class:`ModelIdentity` without importing torch.
+
+    ``model``: an open_clip architecture, an open_clip config JSON, ``local-dir:FOLDER``
+    (open_clip's layout, weights included) or a preset (:data:`PRESETS`).
+    """
+    if model is not None and model.lower() in PRESETS:
+        return _preset(model.lower(), pretrained)
+    if model is not None and model.startswith(LOCAL_DIR):
+        return _local_dir(model[len(LOCAL_DIR):], pretrained)
     if model is None and pretrained is None:
         model, pretrained = DEFAULT_MODEL, DEFAULT_PRETRAINED
     elif model is None:
@@ -89,6 +109,39 @@ def identify(model: str | None, pretrained: str | None) -> ModelIdentity:
         pretrained = DEFAULT_PRETRAINED
     arch, config_path = _resolve_arch(model)
     return ModelIdentity(arch, *_resolve_weights(pretrained), config_path=config_path)
+
+
+def _preset(name: str, pretrained: str | None) -> ModelIdentity:
+    backend, arch, default = PRESETS[name]
+    if backend == OPEN_CLIP:
+        return ModelIdentity(arch, *_resolve_weights(pretrained or default))
+    weights = pretrained or default
+    folder = Path(weights).expanduser()
+    if folder.is_dir():
+        return ModelIdentity(arch, str(folder.resolve()), "dir:" + _folder_fingerprint(folder, _HF_WEIGHTS),
+                             backend=backend)
+    if weights.startswith(("/", ".", "~")) or weights.count("/") != 1:  # not a hub id org/name
+        raise ModelError(f"model folder not found: {folder}")
+    return ModelIdentity(arch, weights, f"hub:{weights}", backend=backend)
+
+
+def _local_dir(folder_text: str, pretrained: str | None) -> ModelIdentity:
+    """An open_clip ``local-dir:`` model: the folder holds the config and the weights."""
+    if pretrained not in (None, ""):
+        raise UsageError("a local-dir: model carries its own weights: leave out --pretrained")
+    folder = Path(folder_text).expanduser()
+    if not (folder / "open_clip_config.json").is_file():
+        raise ModelError(f"no open_clip model folder at {folder} (it needs open_clip_config.json)")
+    fingerprint = _folder_fingerprint(folder, _OPEN_CLIP_WEIGHTS)
+    return ModelIdentity(f"{LOCAL_DIR}{folder.name}", str(folder.resolve()), f"dir:{fingerprint}")
+
+
+def _folder_fingerprint(folder: Path, names: tuple[str, ...]) -> str:
+    """The fingerprint of the first weights file of ``names`` present in ``folder``."""
+    for name in names:
+        if (folder / name).is_file():
+            return file_fingerprint(folder / name)
+    raise ModelError(f"no weights in {folder} (looked for {', '.join(names)})")
 
 
 def check_loaded(stored: ModelIdentity, asked: ModelIdentity | None) -> ModelIdentity:
@@ -140,6 +193,21 @@ def checked_file(identity: ModelIdentity) -> str:
         raise ModelMismatchError(f"checkpoint {path} is not the file this index was built with "
                                  "(its contents changed); pass --pretrained with the original file")
     return str(path)
+
+
+def checked_folder(identity: ModelIdentity, names: tuple[str, ...] = _OPEN_CLIP_WEIGHTS) -> str:
+    """The folder of a ``dir:`` identity, refusing one whose weights have changed."""
+    folder = Path(identity.pretrained)
+    if not folder.is_dir():
+        raise ModelError(f"model folder not found: {folder} (pass --model with its new place)")
+    if "dir:" + _folder_fingerprint(folder, names) != identity.fingerprint:
+        raise ModelMismatchError(f"the weights in {folder} are not the ones this index was built "
+                                 "with (they changed)")
+    return str(folder)
+
+
+def hf_weight_names() -> tuple[str, ...]:
+    return _HF_WEIGHTS
 
 
 def check_supported(identity: ModelIdentity) -> None:

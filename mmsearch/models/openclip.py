@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from mmsearch.errors import ModelError
 from mmsearch.models.device import resolve_device
-from mmsearch.models.identity import NO_WEIGHTS, ModelIdentity, check_supported, checked_file
+from mmsearch.models.identity import (LOCAL_DIR, NO_WEIGHTS, ModelIdentity, check_supported,
+                                      checked_file, checked_folder)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -207,18 +208,30 @@ def load_embedder(identity: ModelIdentity, device: str = "auto", *,
         if not Path(identity.config_path).is_file():
             raise ModelError(f"model config not found: {identity.config_path}")
         open_clip.add_model_config(identity.config_path)
-    if identity.arch not in open_clip.list_models():
+    name = open_clip_name(identity)
+    if not name.startswith(LOCAL_DIR) and name not in open_clip.list_models():
         raise ModelError(f"unknown model architecture {identity.arch!r} "
                          "(see `python -c 'import open_clip; print(open_clip.list_models())'`)")
     dev = resolve_device(device)
     if identity.fingerprint.startswith("file:"):
         checked_file(identity)
     pretrained = None if identity.pretrained == NO_WEIGHTS else identity.pretrained
+    if identity.fingerprint.startswith("dir:"):
+        checked_folder(identity)
+        pretrained = None  # a local-dir: model: the folder is the model, weights included
     text_only = None if image_tower or pretrained is None else _create_text_only(identity, dev)
     model, preprocess = (text_only, None) if text_only is not None else _create(identity, pretrained, dev)
     model.eval()
-    tokenizer = open_clip.get_tokenizer(identity.arch)
+    with _quiet_open_clip():
+        tokenizer = open_clip.get_tokenizer(name)
     return Embedder(identity, model, preprocess, tokenizer, dev)
+
+
+def open_clip_name(identity: ModelIdentity) -> str:
+    """The model name open_clip knows ``identity`` by (``local-dir:FOLDER`` for a folder)."""
+    if identity.fingerprint.startswith("dir:"):
+        return f"{LOCAL_DIR}{identity.pretrained}"
+    return identity.arch
 
 
 def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,
@@ -260,7 +273,7 @@ def _create(identity: ModelIdentity, pretrained: str | None, device: str) -> tup
     try:
         with _quiet_open_clip():
             model, _, preprocess = open_clip.create_model_and_transforms(
-                identity.arch, pretrained=pretrained, device=device)
+                open_clip_name(identity), pretrained=pretrained, device=device)
     except Exception as exc:  # open_clip raises RuntimeError/OSError/KeyError variously
         if pretrained and identity.fingerprint.startswith("tag:"):
             raise ModelError(

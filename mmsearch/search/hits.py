@@ -29,6 +29,19 @@ class ImageHit:
     ext: str | None = None
 
 
+class Hits(list):
+    """The hits of a search, best first: a plain list, plus ``hint``, one line about the
+    query worth showing (e.g. that the model does not read the query's script), or None."""
+
+    hint: str | None = None
+
+    @classmethod
+    def of(cls, hits: list, hint: str | None = None) -> "Hits":
+        out = cls(hits)
+        out.hint = hint
+        return out
+
+
 HIT_METADATA = ("taken", "taken_source", "camera_make", "camera_model", "lens", "gps_lat",
                 "gps_lon", "width", "height", "size", "ext")
 

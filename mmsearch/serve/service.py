@@ -48,7 +48,7 @@ class SearchService:
             return {"total": 0, "hits": [], "note": str(exc)}
         total = self._total(filters)
         return {"total": total, "hits": [hit_json(h) for h in hits[offset:offset + k]],
-                "note": None}
+                "note": getattr(hits, "hint", None)}
 
     def _total(self, filters: Filters) -> int:
         from mmsearch.search.search import selected_ids

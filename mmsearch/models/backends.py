@@ -1,0 +1,39 @@
+"""Which library runs a model: the one place that dispatches on ``ModelIdentity.backend``.
+
+``open_clip`` (:mod:`.openclip`): open_clip architectures, config JSONs, ``local-dir:``
+folders, the ``multilingual`` preset. ``chinese_clip`` (:mod:`.chineseclip`):
+OFA-Sys Chinese-CLIP through transformers, the ``chinese`` preset.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mmsearch.models.identity import CHINESE_CLIP, ModelIdentity, check_supported
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmsearch.models.openclip import Embedder, TextEncoder
+
+
+def load_embedder(identity: ModelIdentity, device: str = "auto") -> "Embedder":
+    """The model for ``identity`` with both towers (images and texts)."""
+    check_supported(identity)
+    if identity.backend == CHINESE_CLIP:
+        from mmsearch.models.chineseclip import load_chinese_clip
+        from mmsearch.models.device import resolve_device
+
+        return load_chinese_clip(identity, resolve_device(device))  # type: ignore[return-value]
+    from mmsearch.models import openclip
+
+    return openclip.load_embedder(identity, device)
+
+
+def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,
+                      weights_path: str | None = None) -> "TextEncoder":
+    """What text queries need, loaded the cheapest way the backend has."""
+    check_supported(identity)
+    if identity.backend == CHINESE_CLIP:
+        return load_embedder(identity, device)
+    from mmsearch.models import openclip
+
+    return openclip.load_text_encoder(identity, device, weights_path=weights_path)
