@@ -40,6 +40,7 @@ from mmsearch.store.catalog import Catalog
 from mmsearch.cli import app
 from mmsearch.ingest.decode import content_hash, load_image
 from mmsearch.errors import (CorruptIndexError, DecodeError, EmptyIndexError, IndexLockedError,
+                             IndexNotFoundError,
                              MMSearchError, StorageError, UsageError)
 from mmsearch.search import search_images, search_texts
 from mmsearch.store import Store, lock_holder
@@ -180,6 +181,9 @@ def assert_consistent(root: Path, refs: dict[str, np.ndarray], allowed_paths: se
         store = Store.open(root, create=False)
     except EmptyIndexError:
         assert catalog_count(root) == 0
+        return 0
+    except IndexNotFoundError:  # killed before its first run created the catalog
+        assert not (root / "catalog.sqlite").exists()
         return 0
     with closing(store):
         problems = store.check()

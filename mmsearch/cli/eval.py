@@ -18,11 +18,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @handle_errors
 def eval_command(
-    karpathy_json: Annotated[Path, typer.Option(
+    karpathy_json: Annotated[Optional[Path], typer.Option(
         "--karpathy-json", help="Captions and splits in Karpathy's format "
-        "(dataset_coco.json, dataset_flickr30k.json...).")],
-    images: Annotated[Path, typer.Option(
-        "--images", help="Folder the JSON's image paths are relative to.")],
+        "(dataset_coco.json, dataset_flickr30k.json...).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="A Karpathy JSON, a Chinese-CLIP folder ({split}_texts.jsonl with "
+        "images in --images or {split}_imgs.tsv) or an XTD10 folder (test_image_names.txt + "
+        "test_1kcaptions_LANG.txt).")] = None,
+    images: Annotated[Optional[Path], typer.Option(
+        "--images", help="Folder the image names are relative to.")] = None,
+    language: Annotated[str, typer.Option(help="XTD10 captions language: zh, ja, ko, de...")] = "zh",
     dataset: Annotated[Optional[str], typer.Option(
         "--dataset", "-d", help="coco, flickr30k, flickr8k (sizes checked against the standard "
         "split) or any name (default: the JSON's 'dataset' value).")] = None,
@@ -45,18 +50,23 @@ def eval_command(
     named after the dataset and model under --home; a second run reuses it, so
     --index-type can be compared without embedding again.
     """
-    from mmsearch.eval.datasets import load_karpathy
+    from mmsearch.errors import UsageError
+    from mmsearch.eval.datasets import load_dataset, pos_tag_warning
     from mmsearch.eval.evaluate import evaluate
     from mmsearch.progress import ProgressBar
     from mmsearch.settings import resolve
 
     settings = resolve(home=home, model=model, pretrained=pretrained, device=device,
                        batch_size=batch_size, workers=workers, draft=draft)
-    data = load_karpathy(karpathy_json, images, split=split, name=dataset)
-    for warning in _expected_size_warnings(data, dataset):
-        typer.echo(f"mmsearch: warning: {warning}", err=True)
+    if (karpathy_json is None) == (data is None):
+        raise UsageError("give the dataset: --data PATH (or --karpathy-json FILE)")
+    data_set = load_dataset(data or karpathy_json, images, split=split, name=dataset,
+                            language=language)
+    for warning in [*_expected_size_warnings(data_set, dataset), pos_tag_warning(data_set)]:
+        if warning:
+            typer.echo(f"mmsearch: warning: {warning}", err=True)
     with ProgressBar() as bar:
-        result = evaluate(data, settings=settings, index_type=index_type, progress=bar.update)
+        result = evaluate(data_set, settings=settings, index_type=index_type, progress=bar.update)
     typer.echo(format_table(result))
     if json_out is not None:
         _write_json(json_out, result.to_dict())

@@ -18,13 +18,27 @@ captions, and for every caption the index of the image it describes.  Order is
 preserved exactly (images in file order, captions in sentence order), so two
 runs over the same file number everything the same way.
 
+Chinese (and other multilingual) retrieval sets come in two more layouts,
+loaded by :func:`load_chinese_clip` (Chinese-CLIP's ``{split}_texts.jsonl`` +
+``{split}_imgs.tsv`` or an image folder: Flickr30K-CN, COCO-CN, MUGE) and
+:func:`load_xtd10` (XTD10's line-aligned ``test_image_names.txt`` +
+``test_1kcaptions_<lang>.txt``).  :func:`load_dataset` picks the loader from
+what the given path is, and :func:`pos_tag_warning` flags captions that still
+carry part-of-speech tags (a known defect of some Flickr30K-CN files).
+
 This module is pure Python + numpy: it never imports torch, open_clip or faiss.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import os
+import re
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from mmsearch.errors import DatasetError, UsageError
+from mmsearch.ingest.discover import IMAGE_EXTENSIONS
 
 __all__ = [
     "DEFAULT_MAX_CAPTIONS_PER_IMAGE",
@@ -40,7 +55,11 @@ __all__ = [
     "KnownDataset",
     "RetrievalDataset",
     "check_expected",
+    "load_chinese_clip",
+    "load_dataset",
     "load_karpathy",
+    "load_xtd10",
+    "pos_tag_warning",
     "resolve_known",
 ]
 
@@ -452,3 +471,440 @@ def check_expected(ds: RetrievalDataset, dataset_name: str) -> list[str]:
             f"max {int(per_image.max())})"
         )
     return warnings
+
+
+# --------------------------------------------------------------------------- #
+# Chinese-CLIP (jsonl + tsv), XTD10, format dispatch, POS-tag check
+# --------------------------------------------------------------------------- #
+
+#: Longest ``repr`` of an offending value quoted in an error message.
+_SHOWN_VALUE_CHARS = 60
+
+#: base64's URL-safe alphabet mapped onto the standard one (Chinese-CLIP
+#: writes ``b64encode`` output and reads it back with ``urlsafe_b64decode``).
+_URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to :data:`_SHOWN_VALUE_CHARS` characters."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_VALUE_CHARS else text[: _SHOWN_VALUE_CHARS - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is a JSON integer (``bool`` excluded)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_plain_name(value: str, what: str) -> None:
+    """A split or language must be usable inside a file name."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        raise UsageError(
+            f"{what} must be a plain name (letters, digits, '_', '-', '.'), got {value!r}"
+        )
+
+
+def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line without newline)`` of a UTF-8 text file, streamed.
+
+    Lines are split on newlines only (``\\n``, ``\\r\\n``, ``\\r``), not on the
+    other Unicode separators :meth:`str.splitlines` knows; a BOM is dropped.
+    """
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "not found"
+        raise DatasetError(f"dataset file {what}: {path}")
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                yield lineno, line.rstrip("\n")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}:{lineno + 1}: not UTF-8 text") from exc
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def _parse_cn_text(line: str, where: str) -> tuple[int, str, list[int]]:
+    """``(text_id, text, image_ids)`` of one Chinese-CLIP ``*_texts.jsonl`` line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from exc
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{where}: must be a JSON object, got {_type_name(obj)}")
+    text_id, text, ids = obj.get("text_id"), obj.get("text"), obj.get("image_ids")
+    if not _is_int(text_id):
+        what = "missing" if text_id is None else f"must be an integer, got {_short(text_id)}"
+        raise DatasetError(f"{where}: 'text_id' {what}")
+    if not isinstance(text, str) or not text.strip():
+        what = "missing" if text is None else f"must be a non-empty string, got {_short(text)}"
+        raise DatasetError(f"{where}: 'text' {what}")
+    if not isinstance(ids, list) or not ids or not all(_is_int(i) for i in ids):
+        what = "must be a non-empty array of integers, got " + _short(ids)
+        what = "missing" if ids is None else what
+        raise DatasetError(f"{where}: 'image_ids' {what}")
+    return text_id, text.strip(), ids
+
+
+def _read_cn_texts(path: Path) -> tuple[list[str], list[list[int]]]:
+    """Captions and their ``image_ids`` from a ``*_texts.jsonl`` file, in file order."""
+    captions: list[str] = []
+    id_lists: list[list[int]] = []
+    first_line: dict[int, int] = {}
+    for lineno, line in _iter_lines(path):
+        if not line.strip():
+            continue
+        text_id, text, ids = _parse_cn_text(line, f"{path}:{lineno}")
+        if text_id in first_line:
+            raise DatasetError(
+                f"{path}:{lineno}: text_id {text_id} repeats line {first_line[text_id]}"
+            )
+        first_line[text_id] = lineno
+        captions.append(text)
+        id_lists.append(ids)
+    if not captions:
+        raise DatasetError(f"{path}: no texts (the split is empty)")
+    return captions, id_lists
+
+
+def _images_in_folder(folder: Path, wanted: set[int]) -> dict[int, Path]:
+    """Files of ``folder`` (not recursive) named ``<image_id>.<image ext>``, for ``wanted`` ids."""
+    if not folder.is_dir():
+        raise DatasetError(f"images directory not found: {folder}")
+    by_stem = {str(i): i for i in wanted}
+    found: dict[int, Path] = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise DatasetError(f"{folder}: cannot list: {exc.strerror or exc}") from exc
+    for file_name in names:
+        stem, dot, ext = file_name.rpartition(".")
+        if not dot or f".{ext.lower()}" not in IMAGE_EXTENSIONS or stem not in by_stem:
+            continue
+        image_id = by_stem[stem]
+        if image_id in found:
+            raise DatasetError(
+                f"{folder}: two image files for image id {image_id}: "
+                f"{found[image_id].name}, {file_name}"
+            )
+        found[image_id] = folder / file_name
+    return found
+
+
+def _decode_b64_image(cell: str, where: str) -> bytes:
+    """The bytes of one base64 image cell (standard or URL-safe alphabet, padding optional)."""
+    try:
+        raw = cell.strip().encode("ascii").translate(_URLSAFE_TO_STD)
+        data = base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True)
+    except (UnicodeEncodeError, binascii.Error) as exc:
+        raise DatasetError(f"{where}: image data is not valid base64") from exc
+    if not data:
+        raise DatasetError(f"{where}: image data is empty")
+    return data
+
+
+def _cache_image(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically, unless a file of that size is already there."""
+    try:
+        if target.stat().st_size == len(data):
+            return
+    except FileNotFoundError:
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _split_tsv_row(line: str, where: str) -> tuple[int, str]:
+    """``(image_id, base64 cell)`` of one ``*_imgs.tsv`` row."""
+    cells = line.split("\t")
+    if len(cells) != 2:
+        raise DatasetError(
+            f"{where}: expected 2 tab-separated columns (image_id, base64), got {len(cells)}"
+        )
+    if not re.fullmatch(r"\s*-?[0-9]+\s*", cells[0]):
+        raise DatasetError(f"{where}: image_id must be an integer, got {_short(cells[0])}")
+    return int(cells[0]), cells[1]
+
+
+def _images_from_tsv(tsv: Path, cache: Path) -> dict[int, Path]:
+    """Decode ``image_id<TAB>base64`` rows of ``tsv`` into ``cache/<image_id>.jpg`` files.
+
+    Files already in the cache with the decoded size are reused, not rewritten.
+    """
+    if not tsv.is_file():
+        raise DatasetError(f"image file not found: {tsv} (or pass an images folder)")
+    try:
+        cache.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(
+            f"cannot create image cache {cache}: {exc.strerror or exc} "
+            f"(extract the images to a folder and pass it instead)"
+        ) from exc
+    paths: dict[int, Path] = {}
+    for lineno, line in _iter_lines(tsv):
+        if not line.strip():
+            continue
+        where = f"{tsv}:{lineno}"
+        image_id, cell = _split_tsv_row(line, where)
+        if image_id in paths:
+            raise DatasetError(f"{where}: image_id {image_id} appears twice")
+        paths[image_id] = cache / f"{image_id}.jpg"
+        try:
+            _cache_image(paths[image_id], _decode_b64_image(cell, where))
+        except OSError as exc:
+            raise DatasetError(f"cannot write image cache {cache}: {exc.strerror or exc}") from exc
+    if not paths:
+        raise DatasetError(f"{tsv}: no images (the split is empty)")
+    return paths
+
+
+def _check_known_ids(
+    referenced: set[int], available: dict[int, Path], texts: Path, source: Path
+) -> None:
+    """Raise :class:`DatasetError` if a text refers to an image id ``source`` lacks."""
+    unknown = sorted(referenced.difference(available))
+    if unknown:
+        shown = ", ".join(str(i) for i in unknown[:_MISSING_NAMES_SHOWN])
+        more = ", ..." if len(unknown) > _MISSING_NAMES_SHOWN else ""
+        raise DatasetError(
+            f"{texts}: {len(unknown)} of {len(referenced)} image ids have no image in {source}: "
+            f"{shown}{more}"
+        )
+
+
+def _default_name(root: Path) -> str:
+    """A dataset folder's name (resolved, so ``.`` gives the real name)."""
+    return root.name or root.resolve().name or "dataset"
+
+
+def load_chinese_clip(
+    root: Path, images: Path | None, split: str = "test", name: str | None = None
+) -> RetrievalDataset:
+    """Load one split of a dataset in Chinese-CLIP's layout (Flickr30K-CN, COCO-CN, MUGE).
+
+    ``{root}/{split}_texts.jsonl`` holds one ``{"text_id": int, "text": str,
+    "image_ids": [int, ...]}`` object per line (blank lines are skipped).
+    Images come from the folder ``images`` (files named ``<image_id>.<ext>``,
+    any image extension, not recursive), or, when ``images`` is ``None``, from
+    ``{root}/{split}_imgs.tsv`` (``image_id<TAB>base64 image bytes`` rows),
+    decoded once into ``{root}/.mmsearch_{split}_imgs/<image_id>.jpg`` (written
+    atomically; files already there with the right size are reused).
+
+    The gallery: with the tsv, every image it lists (as Chinese-CLIP evaluates:
+    unreferenced images are distractors); with a folder, the images the texts
+    refer to (a folder may hold several splits).  Images are sorted by id;
+    captions keep file order.
+
+    One image per caption: ``caption_image`` maps each text to the FIRST id of
+    its ``image_ids``; further ids join the gallery but a hit on them is not
+    counted (Recall@K is then a lower bound for such texts).  Name defaults to
+    ``root``'s folder name.
+
+    Raises:
+        DatasetError: a file is missing, a line is malformed (message gives
+            ``file:line``), a ``text_id`` or tsv ``image_id`` repeats, a text
+            refers to an image id with no image, or the split is empty.
+        UsageError: ``split`` is not a plain name.
+    """
+    _check_plain_name(split, "split")
+    root = Path(root)
+    texts_path = root / f"{split}_texts.jsonl"
+    captions, id_lists = _read_cn_texts(texts_path)
+    referenced = {i for ids in id_lists for i in ids}
+    if images is None:
+        source = root / f"{split}_imgs.tsv"
+        available = _images_from_tsv(source, root / f".mmsearch_{split}_imgs")
+    else:
+        source = Path(images)
+        available = _images_in_folder(source, referenced)
+    _check_known_ids(referenced, available, texts_path, source)
+    order = sorted(available)
+    index = {image_id: i for i, image_id in enumerate(order)}
+    return RetrievalDataset(
+        name=name or _default_name(root),
+        split=split,
+        image_paths=[available[i] for i in order],
+        captions=captions,
+        caption_image=np.asarray([index[ids[0]] for ids in id_lists], dtype=np.int64),
+    )
+
+
+def _read_xtd_lines(path: Path, what: str) -> list[str]:
+    """Stripped lines of an XTD10 file; blank lines are errors, except trailing ones."""
+    lines = [(lineno, line.strip()) for lineno, line in _iter_lines(path)]
+    while lines and not lines[-1][1]:
+        lines.pop()
+    for lineno, line in lines:
+        if not line:
+            raise DatasetError(f"{path}:{lineno}: empty {what} line")
+    return [line for _, line in lines]
+
+
+def _xtd_languages(root: Path) -> str:
+    """``"de, en, zh"``: the caption languages present in an XTD10 folder."""
+    prefix, suffix = "test_1kcaptions_", ".txt"
+    found = sorted(p.name[len(prefix) : -len(suffix)] for p in root.glob(f"{prefix}*{suffix}"))
+    return ", ".join(found) or "none"
+
+
+def load_xtd10(
+    root: Path, images: Path, language: str = "zh", name: str | None = None
+) -> RetrievalDataset:
+    """Load XTD10 (Aggarwal & Kale 2020): 1,000 COCO images captioned in ten languages.
+
+    ``{root}/test_image_names.txt`` lists one image file name per line and
+    ``{root}/test_1kcaptions_{language}.txt`` one caption per line, aligned:
+    caption ``i`` describes image ``i``.  Image ``i`` is ``images / name``.
+    Images keep file order; a name listed twice is one image with both
+    captions.  Split is ``"test"``; name defaults to ``"xtd10-<language>"``.
+
+    Raises:
+        DatasetError: a file is missing (the message lists the languages
+            present), a line is blank, the two files' line counts differ, the
+            files are empty, or image files are missing.
+        UsageError: ``language`` is not a plain name.
+    """
+    _check_plain_name(language, "language")
+    root, images = Path(root), Path(images)
+    names_path = root / "test_image_names.txt"
+    captions_path = root / f"test_1kcaptions_{language}.txt"
+    if names_path.is_file() and not captions_path.is_file():
+        raise DatasetError(
+            f"dataset file not found: {captions_path} "
+            f"(languages present: {_xtd_languages(root)})"
+        )
+    names = _read_xtd_lines(names_path, "image name")
+    captions = _read_xtd_lines(captions_path, "caption")
+    if len(names) != len(captions):
+        raise DatasetError(
+            f"{names_path.name} has {len(names)} lines but "
+            f"{captions_path.name} has {len(captions)}; "
+            f"caption i must describe image i"
+        )
+    if not names:
+        raise DatasetError(f"{names_path}: no image names (the dataset is empty)")
+    index: dict[str, int] = {}
+    owners = [index.setdefault(n, len(index)) for n in names]
+    image_paths = [images / n for n in index]
+    _check_image_files(image_paths, images)
+    return RetrievalDataset(
+        name=name or f"xtd10-{language}",
+        split="test",
+        image_paths=image_paths,
+        captions=captions,
+        caption_image=np.asarray(owners, dtype=np.int64),
+    )
+
+
+#: A token with a part-of-speech tag left on it: ``男人/n``, ``骑:v``, ``，/wp``.
+_POS_TAG = re.compile(r"[^\s/:]+[/:][a-z]{1,3}(?![A-Za-z])")
+
+#: Share of tagged captions above which :func:`pos_tag_warning` warns.
+_POS_TAGGED_SHARE = 0.05
+
+
+def _pos_tags(caption: str) -> list[str]:
+    """The tagged tokens of ``caption`` if it looks tagged (at least two, and at
+    least half of its whitespace tokens), else ``[]``."""
+    tags = _POS_TAG.findall(caption)
+    if len(tags) >= 2 and 2 * len(tags) >= len(caption.split()):
+        return tags
+    return []
+
+
+def pos_tag_warning(ds: RetrievalDataset) -> str | None:
+    """A one-line warning if more than 5% of ``ds``'s captions look POS-tagged, else ``None``.
+
+    Some Flickr30K-CN annotation files carry segmenter output with the tags
+    left in (``一个/m 男人/n 在/p 骑/v 自行车/n``, or ``男人:n``; see
+    CLIP_benchmark PR #101); text encoders then score far below the published
+    numbers.  A caption counts as tagged when at least two of its tokens, and
+    at least half of its whitespace-separated tokens, end in ``/x`` or ``:x``
+    (``x`` one to three lowercase letters), so ``km/h`` or a URL in an English
+    caption does not trigger it.  Nothing is printed; the caller decides.
+    """
+    tagged = 0
+    example = ""
+    for caption in ds.captions:
+        tags = _pos_tags(caption)
+        if tags:
+            tagged += 1
+            example = example or tags[0]
+    if tagged == 0 or tagged <= _POS_TAGGED_SHARE * ds.n_captions:
+        return None
+    return (
+        f"{tagged} of {ds.n_captions} captions look part-of-speech tagged ({example!r}); "
+        f"strip the tags first (see CLIP_benchmark PR #101)"
+    )
+
+
+#: The layouts :func:`load_dataset` recognises, for its error message.
+_FORMATS = (
+    "a Karpathy split .json file (needs images)",
+    "a Chinese-CLIP folder with {split}_texts.jsonl (images from a folder or {split}_imgs.tsv)",
+    "an XTD10 folder with test_image_names.txt and test_1kcaptions_<lang>.txt (needs images)",
+)
+
+
+def _need_images(images: Path | None, layout: str) -> Path:
+    """``images``, which ``layout`` cannot do without."""
+    if images is None:
+        raise UsageError(f"{layout} needs an images folder")
+    return Path(images)
+
+
+def _unrecognised(path: Path, split: str) -> UsageError:
+    """The error for a path in none of the known layouts, with a hint where one helps."""
+    formats = "; ".join(f.replace("{split}", split) for f in _FORMATS)
+    hint = ""
+    if path.is_dir():
+        splits = sorted(p.name[: -len("_texts.jsonl")] for p in path.glob("*_texts.jsonl"))
+        if splits:
+            hint = f" (Chinese-CLIP splits present: {', '.join(splits)})"
+    elif path.name.endswith("_texts.jsonl"):
+        hint = " (for Chinese-CLIP, pass the folder holding this file)"
+    return UsageError(f"{path}: unrecognised dataset layout{hint}; expected {formats}")
+
+
+def load_dataset(
+    path: Path,
+    images: Path | None,
+    split: str = "test",
+    name: str | None = None,
+    language: str = "zh",
+) -> RetrievalDataset:
+    """Load a retrieval dataset, choosing the loader from what ``path`` is.
+
+    * a ``.json`` file: :func:`load_karpathy` (``images`` required);
+    * a folder holding ``{split}_texts.jsonl``: :func:`load_chinese_clip`
+      (``images`` optional: ``None`` reads ``{split}_imgs.tsv``);
+    * a folder holding ``test_image_names.txt``: :func:`load_xtd10` with
+      ``language`` (``images`` required; only split ``"test"`` exists).
+
+    ``language`` is used by XTD10 only.
+
+    Raises:
+        DatasetError: ``path`` does not exist, or the chosen loader's errors.
+        UsageError: ``path`` is in none of the three layouts (the message lists
+            them), ``images`` is missing where required, or a split other than
+            ``"test"`` is asked of XTD10.
+    """
+    path = Path(path)
+    if not path.exists() and path.suffix.lower() != ".json":
+        raise DatasetError(f"dataset path not found: {path}")
+    if path.suffix.lower() == ".json" and not path.is_dir():
+        json_images = _need_images(images, "a Karpathy JSON file")
+        return load_karpathy(path, json_images, split=split, name=name)
+    if path.is_dir() and (path / f"{split}_texts.jsonl").is_file():
+        return load_chinese_clip(path, images, split=split, name=name)
+    if path.is_dir() and (path / "test_image_names.txt").is_file():
+        if split != "test":
+            raise UsageError(f"XTD10 has only a 'test' split, got {split!r}")
+        return load_xtd10(path, _need_images(images, "XTD10"), language=language, name=name)
+    raise _unrecognised(path, split)

@@ -8,10 +8,13 @@ script of the letters (Unicode names), never by guessing a language.
 
 from __future__ import annotations
 
+import json
+import os
 import unicodedata
 from collections import Counter
+from pathlib import Path
 
-from mmsearch.models.identity import OPEN_CLIP, ModelIdentity
+from mmsearch.models.identity import LOCAL_DIR, OPEN_CLIP, ModelIdentity
 
 # open_clip architectures whose text tower was trained on many languages
 MULTILINGUAL_ARCHS = ("xlm-roberta", "nllb-clip", "i18n", "mt5", "multilingual")
@@ -24,11 +27,28 @@ _SCRIPT_NAMES = {"CJK": "Chinese", "HIRAGANA": "Japanese", "KATAKANA": "Japanese
 
 
 def reads_english_only(identity: ModelIdentity) -> bool:
-    """Whether the identity's text tower is one trained on English captions only."""
+    """Whether the identity's text tower is one trained on English captions only.
+
+    A ``local-dir:`` model is judged by its config: a Hugging Face text tower whose
+    tokenizer is a local folder (a custom one) is taken to read its own languages.
+    """
     if identity.backend != OPEN_CLIP or identity.text_pretrained:
         return False
-    arch = identity.arch.lower()
-    return not any(marker in arch for marker in MULTILINGUAL_ARCHS)
+    names = [identity.arch]
+    if identity.arch.startswith(LOCAL_DIR):
+        text_cfg = _local_text_cfg(identity.pretrained)
+        names = [str(text_cfg.get(k, "")) for k in ("hf_model_name", "hf_tokenizer_name")]
+        if any(os.sep in n for n in names):
+            return False
+    return not any(marker in n.lower() for n in names for marker in MULTILINGUAL_ARCHS)
+
+
+def _local_text_cfg(folder: str) -> dict:
+    try:
+        config = json.loads((Path(folder) / "open_clip_config.json").read_text(encoding="utf-8"))
+        return dict(config.get("model_cfg", {}).get("text_cfg", {}))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
 
 
 def scripts(text: str) -> list[str]:
