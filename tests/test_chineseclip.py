@@ -287,3 +287,36 @@ def test_uncached_hub_id_fails_fast_offline(monkeypatch: pytest.MonkeyPatch, tmp
 def test_refuses_another_backend(tiny_dir: Path) -> None:
     with pytest.raises(ModelError):
         load_chinese_clip(ModelIdentity("ViT-B-32", str(tiny_dir), "test"), "cpu")
+
+
+def test_the_engine_searches_in_chinese_with_the_chinese_preset(
+        tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model chinese --pretrained FOLDER` end to end: index drawn shapes, query in Chinese,
+    image -> Chinese caption, scores equal to the backend's own vectors, no hint."""
+    from typer.testing import CliRunner
+
+    from mmsearch import Engine
+    from mmsearch.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for color, shape in tinyclip.combos():
+        for seed in range(2):
+            tinyclip.draw_shape(color, shape, seed=seed).save(folder / f"{color}_{shape}_{seed}.png")
+    home = tmp_path / "home"
+    with Engine.open("zh", home=home, model="chinese", pretrained=str(tiny_dir)) as engine:
+        assert engine.identity.backend == "chinese_clip"
+        engine.index([folder])
+        engine.add_texts([caption_zh(c, s) for c, s in tinyclip.combos()])
+        hits = engine.search("一个红色的圆", k=24)
+        assert hits.hint is None and hits[0].path.name.startswith("red_")
+        text = engine.embed_texts(["一个红色的圆"])[0]
+        ids, vectors = engine.store.image_vectors([h.id for h in hits])
+        by_id = dict(zip(ids.tolist(), vectors @ text))
+        assert all(abs(h.score - by_id[h.id]) < 1e-4 for h in hits)
+        probe = tinyclip.draw_shape("blue", "triangle", seed=90)
+        assert engine.search_texts(image=probe, k=1)[0].text == caption_zh("blue", "triangle")
+    out = CliRunner().invoke(app, ["query", "一个绿色的三角形", "-k", "2", "--index", "zh",
+                                   "--home", str(home)])
+    assert out.exit_code == 0 and "hint" not in out.output and "green_triangle_" in out.output

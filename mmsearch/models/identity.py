@@ -22,7 +22,7 @@ DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 NO_WEIGHTS = "none"  # random weights: only for speed benchmarks, never for search quality
 OPEN_CLIP = "open_clip"
 CHINESE_CLIP = "chinese_clip"
-BACKENDS = (OPEN_CLIP,)
+BACKENDS = (OPEN_CLIP, CHINESE_CLIP)
 LOCAL_DIR = "local-dir:"  # open_clip's own layout: a folder with open_clip_config.json and weights
 # Names a user can remember (--model NAME): backend, architecture, default weights.
 # multilingual: open_clip's XLM-RoBERTa text tower with LAION-5B ViT-B-32 (512-d, MIT; reads
