@@ -320,3 +320,39 @@ def test_the_engine_searches_in_chinese_with_the_chinese_preset(
     out = CliRunner().invoke(app, ["query", "一个绿色的三角形", "-k", "2", "--index", "zh",
                                    "--home", str(home)])
     assert out.exit_code == 0 and "hint" not in out.output and "green_triangle_" in out.output
+
+
+def test_eval_on_a_chinese_clip_split_equals_numpy(tiny_dir: Path, reference, tmp_path: Path) -> None:
+    """`mmsearch eval` over a Chinese-CLIP jsonl split made here: the engine's recalls equal
+    numpy's over transformers' own embeddings of the same images and captions."""
+    import torch
+    from PIL import Image
+
+    from mmsearch.eval.datasets import load_dataset
+    from mmsearch.eval.evaluate import evaluate
+    from mmsearch.eval.metrics import recalls_from_similarity
+    from mmsearch.settings import resolve
+
+    root, images = tmp_path / "cn", tmp_path / "cn" / "images"
+    images.mkdir(parents=True)
+    lines = []
+    for n, (color, shape) in enumerate(tinyclip.combos()):
+        tinyclip.draw_shape(color, shape, size=DRAW, seed=7).save(images / f"{n}.png")
+        lines.append(json.dumps({"text_id": n, "text": caption_zh(color, shape), "image_ids": [n]},
+                                ensure_ascii=False))
+    (root / "test_texts.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dataset = load_dataset(root, images, split="test")
+    settings = resolve(home=tmp_path / "home", model="chinese", pretrained=str(tiny_dir),
+                       device="cpu", draft=False)
+    result = evaluate(dataset, settings=settings)
+    model, tokenizer, processor = reference
+    with torch.no_grad():
+        pixels = processor(images=[Image.open(p).convert("RGB") for p in dataset.image_paths],
+                           return_tensors="pt")["pixel_values"]
+        image_vecs = _unit(model.get_image_features(pixel_values=pixels))
+        tokens = tokenizer(dataset.captions, padding=True, truncation=True, max_length=52,
+                           return_tensors="pt")
+        text_vecs = _unit(model.get_text_features(**tokens))
+    t2i, i2t = recalls_from_similarity(text_vecs @ image_vecs.T, dataset.caption_image)
+    assert result.t2i == pytest.approx(t2i) and result.i2t == pytest.approx(i2t)
+    assert result.model["backend"] == "chinese_clip" and result.n_images == 12
