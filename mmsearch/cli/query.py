@@ -41,7 +41,7 @@ def query_command(
     pretrained: PretrainedOpt = None, device: DeviceOpt = "auto", as_json: JsonOpt = False,
 ) -> None:
     """Rank indexed images (or, with --texts, indexed texts) by similarity to the query."""
-    from mmsearch.search.filters import Filters
+    from mmsearch.search.filters import Filters, lat_lon
     from mmsearch.search.query import Query
     from mmsearch.search.syntax import parse
 
@@ -51,7 +51,7 @@ def query_command(
     if not query.terms:
         raise UsageError("give something to search for: words, an image file, id:N, or --image PATH")
     filters = Filters(within=within, after=after, before=before, camera=camera,
-                      ext=tuple(ext.split(",")) if ext else (), near=_lat_lon(near), km=km,
+                      ext=tuple(ext.split(",")) if ext else (), near=lat_lon(near), km=km,
                       min_score=min_score, sort=sort, dedup=dedup, dedup_threshold=dedup_threshold)
     if texts and (filters.selects or sort != "score" or dedup):
         raise UsageError("--in, --after, --before, --camera, --ext, --near, --sort and --dedup "
@@ -65,16 +65,6 @@ def query_command(
     if getattr(hits, "hint", None):
         err(f"hint: {hits.hint}")
     _print_hits(hits, texts, as_json, filters)
-
-
-def _lat_lon(text: str | None) -> tuple[float, float] | None:
-    if text is None:
-        return None
-    try:
-        lat, lon = (float(p) for p in text.split(","))
-    except ValueError:
-        raise UsageError(f"--near {text!r}: give LAT,LON in degrees, e.g. 38.7139,-9.1393") from None
-    return lat, lon
 
 
 def _print_hits(hits: list[Any], texts: bool, as_json: bool, filters: Any) -> None:

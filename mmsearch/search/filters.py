@@ -123,6 +123,17 @@ def extensions(values: tuple[str, ...] | str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def lat_lon(text: str | None) -> tuple[float, float] | None:
+    """``"38.71,-9.14"`` -> (38.71, -9.14); None for nothing; one usage line otherwise."""
+    if not text:
+        return None
+    try:
+        lat, lon = (float(p) for p in text.split(","))
+    except ValueError:
+        raise UsageError(f"--near {text!r}: give LAT,LON in degrees, e.g. 38.7139,-9.1393") from None
+    return lat, lon
+
+
 def bounding_box(lat: float, lon: float, km: float) -> tuple[float, float, float, float]:
     """A latitude/longitude box holding every point within ``km`` of (lat, lon)."""
     dlat = math.degrees(km / EARTH_KM)

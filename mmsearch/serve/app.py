@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from mmsearch import __version__
 from mmsearch.errors import (DecodeError, IndexNotFoundError, MMSearchError, ModelError,
                              UsageError)
-from mmsearch.search.filters import Filters
+from mmsearch.search.filters import Filters, lat_lon
 from mmsearch.search.query import Query as SearchQuery
 from mmsearch.serve.security import (COOKIE, OPEN_PATHS, Access, offered_token, servable,
                                      without_token)
@@ -105,17 +105,7 @@ def filters(
     """The filters of a request (the CLI's query options)."""
     return Filters(within=in_ or None, after=after or None, before=before or None,
                    camera=camera or None, ext=tuple(ext.split(",")) if ext else (),
-                   near=_lat_lon(near), km=km, min_score=min_score, sort=sort, dedup=dedup)
-
-
-def _lat_lon(text: str | None) -> tuple[float, float] | None:
-    if not text:
-        return None
-    try:
-        lat, lon = (float(p) for p in text.split(","))
-    except ValueError:
-        raise UsageError(f"near={text!r}: give LAT,LON in degrees") from None
-    return lat, lon
+                   near=lat_lon(near), km=km, min_score=min_score, sort=sort, dedup=dedup)
 
 
 def _image_id(raw: str, service: SearchService) -> tuple[int, dict[str, Any]]:
