@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,7 @@ class Engine:
         s = self.settings
         with _Writing(self.store):
             self._ensure_model_recorded()
+            self._record_older_roots()
             report = index_files(self.store, lambda: self.embedder,
                                  [Path(p).expanduser() for p in paths],
                                  batch_size=s.batch_size, workers=s.workers, draft=s.draft,
@@ -165,6 +167,13 @@ class Engine:
             self.store.add_roots(str(canonical_root(Path(p).expanduser())) for p in paths)
             self.store.retype(s.index_type)
             return report
+
+    def _record_older_roots(self) -> None:
+        """An index made before roots were recorded: its photos' folders stand for its roots,
+        so that recording this run's roots keeps the earlier photos servable."""
+        if self.store.roots is None and self.store.read.image_count():
+            self.store.add_roots(sorted({os.path.dirname(p) for _, p in
+                                         self.store.read.all_image_paths()}))
 
     def check(self, *, repair: bool = False) -> tuple[list[str], list[str]]:
         """(problems found, what was done about them). ``repair`` needs the write lock."""

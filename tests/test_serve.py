@@ -207,3 +207,30 @@ def test_new_photos_appear_without_a_restart(client: TestClient, library, tiny_m
         assert writer.index([extra]).added == 1
     hits = client.get("/api/search", params={"q": "a yellow square", "k": 50}).json()
     assert "fresh.png" in {Path(h["path"]).name for h in hits["hits"]} and hits["total"] == 29
+
+
+def test_photos_of_an_index_made_before_roots_were_recorded_stay_servable(
+        tmp_path: Path, tiny_model) -> None:
+    import sqlite3
+    from contextlib import closing
+
+    config, ckpt = tiny_model
+    old, new = tmp_path / "old", tmp_path / "new"
+    draw_shapes(old, per_combo=1)
+    draw_shapes(new, per_combo=1)
+    home = tmp_path / "home"
+    with Engine.open("legacy", home=home, model=str(config), pretrained=str(ckpt)) as e:
+        e.index([old])
+    with closing(sqlite3.connect(home / "legacy" / "catalog.sqlite")) as db, db:
+        db.execute("DELETE FROM meta WHERE key = 'roots'")  # as an older mmsearch left it
+    with Engine.open("legacy", home=home) as e:
+        e.index([new])
+        assert str(old.resolve()) in e.store.roots and str(new.resolve()) in e.store.roots
+    svc = SearchService(resolve(home=home, index="legacy"), warm=False)
+    try:
+        client = TestClient(create_app(svc, Access("127.0.0.1", None)), base_url="http://localhost")
+        first = dict(svc.engine.store.read.all_image_paths())
+        old_id = next(i for i, p in first.items() if p.startswith(str(old.resolve())))
+        assert client.get(f"/original/{old_id}").status_code == 200
+    finally:
+        svc.close()
