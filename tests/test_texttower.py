@@ -163,3 +163,18 @@ def test_a_tagged_model_records_its_cached_file_for_open_clip_free_queries(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"hits": [list(h) for h in expected], "open_clip": False}
+
+
+def test_text_queries_take_the_plain_torch_tower_even_with_the_full_model_loaded(
+        home: Path, tiny_model: tuple[Path, Path], shapes: dict) -> None:
+    """A server (or an index run) has the full model loaded; its text queries still go
+    through the faster plain-torch tower, with the same results."""
+    from mmsearch import Engine
+
+    config, ckpt = tiny_model
+    with Engine.open("lean", model=str(config), pretrained=str(ckpt)) as engine:
+        engine.index([next(iter(shapes)).parent])
+        full = engine.embedder.encode_texts(["a red circle"])
+        assert type(engine.text_embedder).__name__ == "_PlainTextEncoder"
+        np.testing.assert_allclose(engine.embed_texts(["a red circle"]), full, atol=1e-5)
+        assert engine.search("a red circle", k=2)[0].path.name.startswith("red_circle_")

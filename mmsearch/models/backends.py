@@ -37,3 +37,14 @@ def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,
     from mmsearch.models import openclip
 
     return openclip.load_text_encoder(identity, device, weights_path=weights_path)
+
+
+def lean_text_encoder(identity: ModelIdentity, device: str = "auto", *,
+                      weights_path: str | None = None) -> "TextEncoder | None":
+    """The plain-torch text tower for ``identity`` where it applies (open_clip's standard
+    CLIP text tower, weights in a file, on the CPU), else None."""
+    if identity.backend == CHINESE_CLIP:
+        return None
+    from mmsearch.models import openclip
+
+    return openclip.lean_text_encoder(identity, device, weights_path=weights_path)

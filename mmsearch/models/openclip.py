@@ -244,6 +244,14 @@ def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,
     imported. Otherwise it is open_clip's model with the text tower alone.
     """
     check_supported(identity)
+    lean = lean_text_encoder(identity, device, weights_path=weights_path)
+    return lean if lean is not None else load_embedder(identity, device, image_tower=False)
+
+
+def lean_text_encoder(identity: ModelIdentity, device: str = "auto", *,
+                      weights_path: str | None = None) -> TextEncoder | None:
+    """:mod:`mmsearch.models.texttower` for ``identity`` where it applies (a plain CLIP text
+    tower, its weights in a file, on the CPU), else None."""
     if identity.fingerprint.startswith("file:"):
         weights_path = checked_file(identity)
     if weights_path and Path(weights_path).is_file() and resolve_device(device) == "cpu":
@@ -252,7 +260,7 @@ def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,
         tower = texttower.load(identity.arch, identity.config_path, weights_path)
         if tower is not None:
             return _PlainTextEncoder(identity, tower)
-    return load_embedder(identity, device, image_tower=False)
+    return None
 
 
 def _create(identity: ModelIdentity, pretrained: str | None, device: str) -> tuple[Any, Callable]:
