@@ -110,14 +110,7 @@ def _train(model, tokenizer, processor) -> int:
         img = F.normalize(_features(model.get_image_features(pixel_values=images.flatten(0, 1))), dim=-1)
         txt = F.normalize(_features(model.get_text_features(**tokens)), dim=-1)
         logits = model.logit_scale.exp() * img.view(GROUPS, n, -1) @ txt.T
-        loss = (F.cross_entropy(logits.flatten(0, 1), labels)
-                + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        tinyclip.contrastive_step(model, logits, labels, opt, sched)
         if step % CHECK_EVERY == 0 and _all_right(model.eval(), tokens, valid):
             break
     model.eval()

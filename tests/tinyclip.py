@@ -173,6 +173,24 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def contrastive_step(model, logits, labels, opt, sched) -> float:
+    """One step of symmetric InfoNCE on ``logits`` (groups, images, texts) whose matching
+    pairs are ``labels``; the learnable temperature is clamped at 100 as open_clip does.
+    Shared by the tiny models the tests train (this one, tinyml, Chinese-CLIP)."""
+    import torch
+    import torch.nn.functional as F
+
+    loss = (F.cross_entropy(logits.flatten(0, 1), labels)
+            + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), labels)) / 2
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return float(loss)
+
+
 def train_tiny_clip(out_dir: Path, seconds: float | None = None, seed: int = 0) -> tuple[Path, Path]:
     """Train (or reuse) the tiny CLIP in ``out_dir``; return (config, checkpoint).
 
@@ -259,14 +277,7 @@ def train_tiny_clip(out_dir: Path, seconds: float | None = None, seed: int = 0) 
             img_f = F.normalize(model.encode_image(images), dim=-1).view(_GROUPS, n, -1)
             txt_f = F.normalize(model.encode_text(texts), dim=-1)
             logits = model.logit_scale.exp() * img_f @ txt_f.T  # (_GROUPS, n img, n txt)
-            loss = (F.cross_entropy(logits.flatten(0, 1), labels)
-                    + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), labels)) / 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
+            loss = contrastive_step(model, logits, labels, opt, sched)
             steps_done += 1
         model.eval()
 
@@ -284,6 +295,6 @@ def train_tiny_clip(out_dir: Path, seconds: float | None = None, seed: int = 0) 
         return config_path, ckpt_path
     _atomic_write_text(meta_path, json.dumps({
         "recipe": recipe, "complete": complete, "steps_done": steps_done,
-        "final_loss": round(float(loss.detach()), 5), "seconds": round(elapsed, 2),
+        "final_loss": round(float(loss), 5), "seconds": round(elapsed, 2),
     }, indent=2) + "\n")
     return config_path, ckpt_path

@@ -256,14 +256,7 @@ def build_tiny_multilingual(out_dir: Path, steps: int = STEPS, seed: int = 0) ->
             txt_f = txt_f.repeat_interleave(_GROUPS // 2, dim=0)  # (_GROUPS, n, d)
             logits = model.logit_scale.exp() * img_f @ txt_f.transpose(1, 2)  # (G, n img, n txt)
             lab = labels.repeat(_GROUPS)
-            loss = (F.cross_entropy(logits.flatten(0, 1), lab)
-                    + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), lab)) / 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
+            loss = tinyclip.contrastive_step(model, logits, lab, opt, sched)
         model.eval()
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         tmp = out_dir / f".{WEIGHTS_NAME}.{os.getpid()}.tmp"
@@ -274,7 +267,7 @@ def build_tiny_multilingual(out_dir: Path, steps: int = STEPS, seed: int = 0) ->
 
     _atomic_write_text(meta_path, json.dumps({
         "recipe": recipe, "complete": True, "steps_done": steps,
-        "final_loss": round(float(loss.detach()), 5),
+        "final_loss": round(float(loss), 5),
         "seconds": round(time.monotonic() - start, 2),
     }, indent=2, ensure_ascii=False) + "\n")
     return out_dir
