@@ -396,10 +396,13 @@ def test_a_second_ctrl_c_aborts_and_still_leaves_a_consistent_index(
     home, root = tmp_path / "home", tmp_path / "home" / "sig2"
     argv = ["index", str(folder), "--home", str(home), "--index", "sig2", "--batch-size", "4",
             "--model", model["model"], "--pretrained", model["pretrained"]]
-    pid = forker.start(mode="cli", argv=argv, commit_every=4, sleep=0.3)
+    # each batch sleeps 1 s first, so the graceful stop the first Ctrl-C starts lasts long enough
+    # for the second to arrive while it is still running, even on a loaded CI machine
+    pid = forker.start(mode="cli", argv=argv, commit_every=4, sleep=1.0)
     wait_for(lambda: catalog_count(root) >= 4 or forker.done(), what="a first commit")
     os.kill(pid, signal.SIGINT)
-    time.sleep(0.1)
+    wait_for(lambda: "stopping after the current batch" in forker.output()[1] or forker.done(),
+             what="the first Ctrl-C's message")
     os.kill(pid, signal.SIGINT)  # the second one aborts at once, between two bytecodes
     assert forker.wait(pid) == 130
     assert forker.output()[1].strip().splitlines()[-1] == "mmsearch: interrupted"
