@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from mmsearch.errors import UsageError
+from mmsearch.errors import ModelMismatchError, UsageError
 from mmsearch.ingest.backfill import backfill_metadata
 from mmsearch.ingest.discover import canonical_root
 from mmsearch.ingest.embed import default_workers
@@ -135,9 +135,33 @@ class Engine:
         return self._text_embedder
 
     def _ensure_model_recorded(self) -> None:
-        if self.store.model is None:
+        stored = self.store.model
+        if stored is None:
             self.store.set_model(self.identity, self.embedder.embed_dim)
+        elif stored.text_fingerprint != self.identity.text_fingerprint:
+            self._adopt_text_tower()
         self._record_weights_file()
+
+    def _adopt_text_tower(self) -> None:
+        """Make this engine's text tower (same image tower, e.g. fine-tuned) the index's own:
+        the stored texts are embedded again with it; the images' vectors stay valid."""
+        ids = self.store.read.all_text_ids()
+        texts = self.store.read.texts_by_id(ids)
+        vectors: dict[int, np.ndarray] = {}
+        for i in range(0, len(ids), TEXT_BATCH):
+            chunk = [int(t) for t in ids[i:i + TEXT_BATCH]]
+            embedded = self.embedder.encode_texts([texts[t][1] for t in chunk])
+            vectors.update(zip(chunk, embedded))
+        self.store.switch_text_tower(self.identity, vectors)
+
+    def _check_stored_texts(self) -> None:
+        """Refuse to rank stored texts embedded by another text tower than this engine's."""
+        stored = self.store.model
+        if stored is not None and stored.text_fingerprint != self.identity.text_fingerprint:
+            raise ModelMismatchError(
+                "the stored texts were embedded with another text tower than this model's; run "
+                "`mmsearch index PATHS --model ...` (or `texts add`) with this model once to "
+                "embed them again (the images are not re-embedded)")
 
     def _record_weights_file(self) -> None:
         """Remember where a tag's weights were cached, for text queries that skip open_clip."""
@@ -257,6 +281,7 @@ class Engine:
         self.store.refresh()
         if self.store.read.text_count() == 0:
             raise empty_index(self.store, "texts")
+        self._check_stored_texts()
         vector = self.query_vector(query)
         return Hits.of([] if k == 0 else search_texts(self.store, vector, k)[0], self.hint(query))
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: scan, hash, embed, ...
+# A stage "key|text" is stage ``key`` shown as ``text`` (training: "train|epoch 2/5, loss 3.1").
 
 
 def no_progress(stage: str, done: int, total: int) -> None:
     """A :data:`Progress` that reports nowhere."""
 
-_LABELS = {"scan": "scanning", "hash": "checking", "embed": "embedding"}
+_LABELS = {"scan": "scanning", "hash": "checking", "embed": "embedding", "decode": "decoding"}
 
 
 class ProgressBar:
@@ -38,9 +39,11 @@ class ProgressBar:
     def update(self, stage: str, done: int, total: int) -> None:
         if self._progress is None:
             return
-        if stage not in self._tasks:
-            self._tasks[stage] = self._progress.add_task(_LABELS.get(stage, stage), total=total)
-        self._progress.update(self._tasks[stage], completed=done, total=total)
+        key, _, text = stage.partition("|")
+        label = text or _LABELS.get(key, key)
+        if key not in self._tasks:
+            self._tasks[key] = self._progress.add_task(label, total=total)
+        self._progress.update(self._tasks[key], completed=done, total=total, description=label)
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:

@@ -18,6 +18,7 @@ from mmsearch.cli.common import (BatchSizeOpt, DeviceOpt, DraftOpt, HomeOpt, Ind
 from mmsearch.cli.eval import eval_command
 from mmsearch.cli.query import query_command
 from mmsearch.cli.serve import serve_command
+from mmsearch.cli.train import distill_command, finetune_command
 from mmsearch.errors import UsageError
 
 app = typer.Typer(help="Search photo folders and image-text collections by meaning.",
@@ -222,6 +223,8 @@ def check(repair: Annotated[bool, typer.Option(help="Fix what can be fixed: rebu
 app.command("query")(query_command)
 app.command("serve")(serve_command)
 app.command("eval")(eval_command)
+app.command("finetune")(finetune_command)
+app.command("distill")(distill_command)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from mmsearch.errors import ModelError, ModelMismatchError, UsageError
@@ -32,6 +32,7 @@ PRESETS = {
     "multilingual": (OPEN_CLIP, "xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
     "chinese": (CHINESE_CLIP, "chinese-clip-vit-base-patch16", "OFA-Sys/chinese-clip-vit-base-patch16"),
 }
+MANIFEST = "mmsearch_manifest.json"  # written by finetune/distill beside open_clip's files
 _OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _FINGERPRINT_CHUNK = 4 << 20
@@ -132,8 +133,31 @@ def _local_dir(folder_text: str, pretrained: str | None) -> ModelIdentity:
     folder = Path(folder_text).expanduser()
     if not (folder / "open_clip_config.json").is_file():
         raise ModelError(f"no open_clip model folder at {folder} (it needs open_clip_config.json)")
-    fingerprint = _folder_fingerprint(folder, _OPEN_CLIP_WEIGHTS)
-    return ModelIdentity(f"{LOCAL_DIR}{folder.name}", str(folder.resolve()), f"dir:{fingerprint}")
+    fingerprint = f"dir:{_folder_fingerprint(folder, _OPEN_CLIP_WEIGHTS)}"
+    base = text_tower_base(folder)
+    if base is not None:  # a fine-tuned text tower on a base model's unchanged image tower
+        return replace(base, text_pretrained=str(folder.resolve()), text_fingerprint=fingerprint)
+    return ModelIdentity(f"{LOCAL_DIR}{folder.name}", str(folder.resolve()), fingerprint)
+
+
+def text_tower_base(folder: Path) -> ModelIdentity | None:
+    """The base model of a folder whose manifest says only its text tower was trained, else None."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        if data.get("towers_changed") != ["text"]:
+            return None
+        base = ModelIdentity.from_json(json.dumps(data["base"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"unreadable model manifest {manifest}: {exc}") from exc
+    return replace(base, text_pretrained=None, text_fingerprint=None)
+
+
+def same_image_tower(a: ModelIdentity, b: ModelIdentity) -> bool:
+    """True when ``a`` and ``b`` embed images identically (they may differ in the text tower)."""
+    return (a.backend, a.arch, a.fingerprint) == (b.backend, b.arch, b.fingerprint)
 
 
 def _folder_fingerprint(folder: Path, names: tuple[str, ...]) -> str:
@@ -145,10 +169,12 @@ def _folder_fingerprint(folder: Path, names: tuple[str, ...]) -> str:
 
 
 def check_loaded(stored: ModelIdentity, asked: ModelIdentity | None) -> ModelIdentity:
-    """The identity to load for an existing index, refusing a different model."""
+    """The identity to load for an existing index, refusing a different model. A model that
+    differs only in its text tower (a fine-tuned one) is accepted: the images stay valid."""
     if asked is not None:
-        stored.check_same(asked)
-        return asked  # same weights, possibly at a new path
+        if not same_image_tower(stored, asked):
+            stored.check_same(asked)
+        return asked  # same weights, possibly at a new path, or another text tower
     return stored
 
 
@@ -206,6 +232,13 @@ def checked_folder(identity: ModelIdentity, names: tuple[str, ...] = _OPEN_CLIP_
     return str(folder)
 
 
+def checked_text_folder(identity: ModelIdentity) -> str:
+    """The folder of a fine-tuned text tower, refusing one whose weights have changed."""
+    assert identity.text_pretrained and identity.text_fingerprint
+    return checked_folder(replace(identity, pretrained=identity.text_pretrained,
+                                  fingerprint=identity.text_fingerprint))
+
+
 def hf_weight_names() -> tuple[str, ...]:
     return _HF_WEIGHTS
 
@@ -215,6 +248,6 @@ def check_supported(identity: ModelIdentity) -> None:
     if identity.backend not in BACKENDS:
         raise ModelError(f"this index was built with the {identity.backend!r} backend, which this "
                          f"mmsearch does not have (it has: {', '.join(BACKENDS)}); upgrade mmsearch")
-    if identity.text_pretrained:
-        raise ModelError(f"this index uses a separate text tower ({identity.text_pretrained}), "
-                         "which this mmsearch cannot load; upgrade mmsearch")
+    if identity.text_pretrained and identity.backend != OPEN_CLIP:
+        raise ModelError(f"this index uses a separate text tower ({identity.text_pretrained}) "
+                         f"with the {identity.backend} backend, which this mmsearch cannot load")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from mmsearch.errors import ModelError
 from mmsearch.models.device import resolve_device
 from mmsearch.models.identity import (LOCAL_DIR, NO_WEIGHTS, ModelIdentity, check_supported,
-                                      checked_file, checked_folder)
+                                      checked_file, checked_folder, checked_text_folder)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -108,6 +108,15 @@ class Embedder(TextEncoder):
         mean, std = self._norm
         batch = torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).float().div_(255)
         return batch.sub_(mean).div_(std).contiguous()
+
+    @property
+    def torch_model(self) -> Any:
+        """The open_clip ``nn.Module`` itself (for training; search code never needs it)."""
+        return self._model
+
+    def tokenize(self, texts: Sequence[str]) -> "torch.Tensor":
+        """Token ids as the model's tokenizer makes them (N, context length), on the CPU."""
+        return self._tokenizer(list(texts))
 
     @functools.cached_property
     def weights_path(self) -> str | None:
@@ -213,10 +222,13 @@ def load_embedder(identity: ModelIdentity, device: str = "auto", *,
         raise ModelError(f"unknown model architecture {identity.arch!r} "
                          "(see `python -c 'import open_clip; print(open_clip.list_models())'`)")
     dev = resolve_device(device)
-    if identity.fingerprint.startswith("file:"):
-        checked_file(identity)
     pretrained = None if identity.pretrained == NO_WEIGHTS else identity.pretrained
-    if identity.fingerprint.startswith("dir:"):
+    if identity.text_pretrained:  # a fine-tuned text tower: its folder holds the whole model
+        checked_text_folder(identity)  # (with the base's image tower, bit for bit)
+        pretrained = None
+    elif identity.fingerprint.startswith("file:"):
+        checked_file(identity)
+    elif identity.fingerprint.startswith("dir:"):
         checked_folder(identity)
         pretrained = None  # a local-dir: model: the folder is the model, weights included
     text_only = None if image_tower or pretrained is None else _create_text_only(identity, dev)
@@ -229,6 +241,8 @@ def load_embedder(identity: ModelIdentity, device: str = "auto", *,
 
 def open_clip_name(identity: ModelIdentity) -> str:
     """The model name open_clip knows ``identity`` by (``local-dir:FOLDER`` for a folder)."""
+    if identity.text_pretrained:
+        return f"{LOCAL_DIR}{identity.text_pretrained}"
     if identity.fingerprint.startswith("dir:"):
         return f"{LOCAL_DIR}{identity.pretrained}"
     return identity.arch
@@ -252,6 +266,8 @@ def lean_text_encoder(identity: ModelIdentity, device: str = "auto", *,
                       weights_path: str | None = None) -> TextEncoder | None:
     """:mod:`mmsearch.models.texttower` for ``identity`` where it applies (a plain CLIP text
     tower, its weights in a file, on the CPU), else None."""
+    if identity.text_pretrained:
+        return None  # a fine-tuned text tower: open_clip reads its folder
     if identity.fingerprint.startswith("file:"):
         weights_path = checked_file(identity)
     if weights_path and Path(weights_path).is_file() and resolve_device(device) == "cpu":
@@ -354,5 +370,7 @@ def _quiet_open_clip() -> Iterator[None]:
     finally:
         root.setLevel(level)
 
+
+quiet_open_clip = _quiet_open_clip  # for the trainers, which build models themselves
 
 __all__ = ["Embedder", "TextEncoder", "load_embedder", "load_text_encoder", "encode_text_trimmed"]

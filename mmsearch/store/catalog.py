@@ -555,6 +555,16 @@ class Catalog(CatalogReader):
             for key, value in values.items():
                 self._put_meta(conn, key, value)
 
+    def revector_texts(self, vectors: dict[int, np.ndarray], metas: dict[str, str]) -> None:
+        """One transaction: new vectors for these text ids, and these meta keys."""
+        with self._write() as conn:
+            if vectors:
+                conn.execute(update(TextRow).where(TextRow.id == bindparam("tid"))
+                             .values(vector=bindparam("vec")),
+                             [{"tid": i, "vec": to_blob(v)} for i, v in vectors.items()])
+            for key, value in metas.items():
+                self._put_meta(conn, key, value)
+
     def _write(self) -> "_WriteTxn":
         return _WriteTxn(self._engine, self.path)
 

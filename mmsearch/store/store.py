@@ -234,6 +234,13 @@ class Store:
         self._writer().set_metas({"model": identity.to_json(), "dim": str(dim)})  # both or neither
         self._files.forget_loaded()  # any index opened before had no dimension to go by
 
+    def switch_text_tower(self, identity: ModelIdentity, texts: dict[int, np.ndarray]) -> None:
+        """Record ``identity`` (the same image tower, another text tower) and the stored texts'
+        vectors from it, in one transaction; the images' vectors stay as they are."""
+        self._loaded_before_write("texts")
+        self._writer().revector_texts(texts, {"model": identity.to_json()})
+        self._files.rebuild("texts", note=False)
+
     def add_roots(self, roots: Iterable[str]) -> None:
         """Remember folders (or files) given to ``index``: the server serves files under them only."""
         known = self.roots or []
