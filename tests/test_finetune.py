@@ -302,10 +302,12 @@ def test_finetune_command_prints_the_table_and_refuses_to_overwrite(
     out = tmp_path / "model"
     argv = ["finetune", str(folder), "--out", str(out), "--model", base["model"], "--pretrained",
             base["pretrained"], "--device", "cpu", "--epochs", "1", "--batch-size", "8",
-            "--holdout", "0.25", "--lr", "1e-3"]
+            "--holdout", "0.25", "--lr", "1e-12"]  # too small to change anything
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
-    assert "text->image R@1" in result.output and "fine-tuned (WiSE alpha" in result.output
+    assert "text->image R@1" in result.output and "fine-tuned (WiSE alpha 0)" in result.output
+    assert "not better: held-out R@1 did not improve" in result.output
+    assert json.loads((out / "mmsearch_manifest.json").read_text())["improved"] is False
     assert (out / "open_clip_model.safetensors").is_file()
     again = CliRunner().invoke(app, argv)
     assert again.exit_code == 2
