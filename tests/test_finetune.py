@@ -364,3 +364,23 @@ def test_student_starts_from_the_teacher_where_shapes_fit(base: dict[str, str]) 
     assert torch.equal(mine.transformer.resblocks[1].mlp.c_fc.weight,
                        theirs.transformer.resblocks[3].mlp.c_fc.weight)
     assert torch.equal(mine.conv1.weight, theirs.conv1.weight)
+
+
+def test_distillation_without_captions_uses_the_feature_loss(
+        base: dict[str, str], tmp_path: Path) -> None:
+    """A photographer's folder has no captions: the student still learns the teacher's space."""
+    draw_shapes(tmp_path / "photos", per_combo=10)
+    config = tmp_path / "student.json"
+    config.write_text(json.dumps(STUDENT))
+    argv = ["distill", str(tmp_path / "photos"), "--out", str(tmp_path / "student"), "--model",
+            base["model"], "--pretrained", base["pretrained"], "--device", "cpu", "--student",
+            str(config), "--init", "scratch", "--lr", "3e-3", "--epochs", "8",
+            "--batch-size", "32", "--holdout", "0.2"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "no captions" in result.output and "mean cosine to the teacher" in result.output
+    cosine = float(result.output.split("mean cosine to the teacher on held-out photos ")[1].split()[0])
+    assert cosine > 0.5
+    with pytest.raises(DatasetError, match="no image-caption rows"):
+        load_pairs(tmp_path / "photos")  # finetune needs captions
+

@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DataArg = Annotated[Path, typer.Argument(
     help="Pairs: a Karpathy JSON (train+restval train, val or test held out), a .jsonl or .csv "
-    "of image,caption rows, or a folder where photo.jpg has its captions in photo.txt.")]
+    "of image,caption rows, or a folder where photo.jpg has its captions in photo.txt "
+    "(distill also takes a folder of photos without captions).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder to write the model to "
                                       "(open_clip's local-dir layout; must not exist yet).")]
 ImagesOpt = Annotated[Optional[Path], typer.Option(
@@ -115,19 +116,23 @@ def distill_command(
         raise UsageError("--init must be teacher or scratch")
     options = DistillOptions(student=student, from_teacher=init == "teacher", affinity=affinity,
                              lr=lr, epochs=epochs, batch_size=batch_size, seed=seed)
-    split = _pairs(data, images, holdout, seed)
+    split = _pairs(data, images, holdout, seed, photos_only=True)
     with _base(index, home, model, pretrained, device) as (teacher, store), _Bar(as_json) as bar:
         report = distill_to_folder(teacher, split, options, out, store=store,
                                    progress=bar.update, stop=bar.stop)
     if as_json:
-        typer.echo(json.dumps({"out": str(out), "teacher": report.teacher.to_dict(),
-                               "student": report.student.to_dict(), "cosine": report.cosine,
+        recall = {k: getattr(report, k).to_dict() if getattr(report, k) else None
+                  for k in ("teacher", "student_before", "student")}
+        typer.echo(json.dumps({"out": str(out), **recall, "cosine": report.cosine,
                                "teacher_params": report.teacher_params,
                                "student_params": report.student_params}, indent=2))
         return
-    rows = [("teacher", report.teacher), ("student, untrained", report.student_before),
-            ("student", report.student)]
-    typer.echo(_table(rows))
+    if report.teacher is not None:
+        typer.echo(_table([("teacher", report.teacher), ("student, untrained",
+                                                         report.student_before),
+                           ("student", report.student)]))
+    else:
+        typer.echo("no captions: trained on the teacher's image vectors alone (no recalls)")
     typer.echo(f"image tower: {report.student_params:,} parameters against the teacher's "
                f"{report.teacher_params:,}; initialised {report.initialised}; mean cosine to the "
                f"teacher on held-out photos {report.cosine:.3f}")
@@ -135,10 +140,11 @@ def distill_command(
                f"--model local-dir:{out}")
 
 
-def _pairs(data: Path, images: Path | None, holdout: float, seed: int) -> Any:
+def _pairs(data: Path, images: Path | None, holdout: float, seed: int,
+           photos_only: bool = False) -> Any:
     from mmsearch.train.pairs import load_pairs
 
-    return load_pairs(data, images, holdout=holdout, seed=seed)
+    return load_pairs(data, images, holdout=holdout, seed=seed, photos_only=photos_only)
 
 
 def _reference(path: Path | None, images: Path | None) -> Any:

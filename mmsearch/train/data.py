@@ -39,6 +39,9 @@ class TrainSet:
         size = min(options.batch_size, len(order))
         for start in range(0, len(order) - size + 1, size):
             images = order[start:start + size]
+            if not self.pairs.n_captions:  # photos only (distillation without captions)
+                yield images, np.full(len(images), -1)
+                continue
             captions = np.asarray([rng.choice(self.pairs.image_captions(int(i))) for i in images])
             yield images, captions
 
@@ -68,4 +71,5 @@ def prepare_set(embedder: "Embedder", pairs: RetrievalDataset, image_trains: boo
     if len(kept) < len(paths):
         pairs = keep_images(pairs, kept)
     notes = [note] if (note := bad.describe()) else []
-    return TrainSet(pairs, embedder.tokenize(pairs.captions), vectors, inputs, notes)
+    tokens = embedder.tokenize(pairs.captions) if pairs.n_captions else torch.zeros(0, 1)
+    return TrainSet(pairs, tokens, vectors, inputs, notes)

@@ -17,7 +17,7 @@ import re
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,8 @@ from mmsearch.train.output import model_config
 from mmsearch.train.pairs import PairSplit
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from mmsearch.models.openclip import Embedder
     from mmsearch.store import Store
 
@@ -54,9 +56,11 @@ class DistillOptions:
 
 @dataclass
 class DistillReport:
-    teacher: Recalls
-    student_before: Recalls
-    student: Recalls
+    """Held-out recalls (None when the photos have no captions) and the cosine to the teacher."""
+
+    teacher: Recalls | None
+    student_before: Recalls | None
+    student: Recalls | None
     cosine: float  # mean cosine of student and teacher vectors on the held-out photos
     teacher_params: int
     student_params: int
@@ -152,9 +156,8 @@ def _block_key(key: str, blocks: dict[int, int]) -> str:
 def distill(teacher: "Embedder", split: PairSplit, options: DistillOptions, *,
             store: "Store | None" = None, progress: Progress = no_progress,
             stop: threading.Event | None = None) -> tuple["Embedder", dict, DistillReport]:
-    """Train a student image tower; returns (student, its config, the report)."""
-    import torch
-
+    """Train a student image tower; returns (student, its config, the report). Photos
+    without captions train on the feature loss alone and report the cosine only."""
     start = time.monotonic()
     student, cfg, how = build_student(teacher, options)
     model = student.torch_model
@@ -163,18 +166,25 @@ def distill(teacher: "Embedder", split: PairSplit, options: DistillOptions, *,
     targets = [prepare_set(teacher, pairs, False, store=store, progress=progress)
                for pairs in (split.train, split.heldout)]
     inputs = [_inputs(student, t, progress) for t in targets]
-    logit_scale = getattr(teacher.torch_model, "logit_scale", None)
-    scale = float(logit_scale.detach().exp()) if logit_scale is not None else 100.0
-    text = [torch.from_numpy(_texts(teacher, t)) for t in targets]
+    text = [_texts(teacher, t) for t in targets]
+    if text[0] is None:
+        options = replace(options, affinity=0.0)  # no captions: no soft targets
     before = _evaluate(student, inputs[1], targets[1], text[1])[0]
-    log, interrupted = _fit(student, inputs[0], targets[0], text[0], options, scale, progress, stop)
+    log, interrupted = _fit(student, inputs[0], targets[0], text[0], options,
+                            _logit_scale(teacher), progress, stop)
     after, cosine = _evaluate(student, inputs[1], targets[1], text[1])
-    teacher_r = recalls(targets[1].vectors.numpy(), text[1].numpy(), targets[1].pairs)
+    teacher_r = None if text[1] is None else recalls(targets[1].vectors.numpy(), text[1].numpy(),
+                                                      targets[1].pairs)
     count = lambda m: sum(p.numel() for p in m.visual.parameters())  # noqa: E731
     report = DistillReport(teacher_r, before, after, cosine, count(teacher.torch_model),
                            count(model), how, log, interrupted, time.monotonic() - start,
                            targets[0].unreadable + targets[1].unreadable)
     return student, cfg, report
+
+
+def _logit_scale(teacher: "Embedder") -> float:
+    scale = getattr(teacher.torch_model, "logit_scale", None)
+    return float(scale.detach().exp()) if scale is not None else 100.0
 
 
 def _inputs(student: "Embedder", target: TrainSet, progress: Progress) -> list[Any]:
@@ -186,10 +196,15 @@ def _inputs(student: "Embedder", target: TrainSet, progress: Progress) -> list[A
     return inputs
 
 
-def _texts(teacher: "Embedder", target: TrainSet) -> np.ndarray:
+def _texts(teacher: "Embedder", target: TrainSet) -> "torch.Tensor | None":
+    """The teacher's vectors of the split's captions (None: photos only)."""
+    import torch
+
     from mmsearch.train.forward import embed_texts
 
-    return embed_texts(teacher.torch_model, target.tokens)
+    if not target.pairs.n_captions:
+        return None
+    return torch.from_numpy(embed_texts(teacher.torch_model, target.tokens))
 
 
 def _fit(student: "Embedder", inputs: list[Any], target: TrainSet, text: Any,
@@ -224,10 +239,14 @@ def _fit(student: "Embedder", inputs: list[Any], target: TrainSet, text: Any,
 
 
 def _evaluate(student: "Embedder", inputs: list[Any], target: TrainSet,
-              text: Any) -> tuple[Recalls, float]:
+              text: Any) -> tuple[Recalls | None, float]:
     vectors = embed_images(student.torch_model, student, inputs)
     cosine = float(np.mean(np.sum(vectors * target.vectors.numpy(), axis=1)))
-    return recalls(vectors, text.numpy(), target.pairs), cosine
+    return (None if text is None else recalls(vectors, text.numpy(), target.pairs)), cosine
+
+
+def _dict(recalls: Recalls | None) -> dict | None:
+    return None if recalls is None else recalls.to_dict()
 
 
 def manifest(report: DistillReport, options: DistillOptions, teacher: dict[str, Any],
@@ -236,8 +255,8 @@ def manifest(report: DistillReport, options: DistillOptions, teacher: dict[str, 
                                                                       time.gmtime()),
             "teacher": teacher, "towers_changed": ["image"], "data": data,
             "settings": asdict(options), "initialised": report.initialised,
-            "metrics": {"teacher": report.teacher.to_dict(), "student": report.student.to_dict(),
-                        "student_before": report.student_before.to_dict(),
+            "metrics": {"teacher": _dict(report.teacher), "student": _dict(report.student),
+                        "student_before": _dict(report.student_before),
                         "cosine_to_teacher": report.cosine, "epochs": report.epochs},
             "interrupted": report.interrupted}
 

@@ -40,13 +40,15 @@ class PairSplit:
 
 
 def load_pairs(path: Path, images: Path | None = None, *, holdout: float = DEFAULT_HOLDOUT,
-               seed: int = 0) -> PairSplit:
-    """Read pairs from ``path`` (a Karpathy JSON, a .jsonl/.csv, or a folder) and split them."""
+               seed: int = 0, photos_only: bool = False) -> PairSplit:
+    """Read pairs from ``path`` (a Karpathy JSON, a .jsonl/.csv, or a folder) and split them.
+    ``photos_only``: a folder without caption files gives its photos, with no captions."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DatasetError(f"training data not found: {path}")
     if path.is_dir():
-        return split_by_image(_folder_pairs(path), holdout, seed)
+        pairs = _folder_pairs(path, photos_only)
+        return split_by_image(pairs, holdout, seed)
     suffix = path.suffix.lower()
     if suffix == ".json":
         return _karpathy_pairs(path, images or path.parent, holdout, seed)
@@ -155,12 +157,20 @@ def _group(name: str, rows: Iterator[tuple[str, str, str]], root: Path,
     return RetrievalDataset(name, "all", list(index), captions, np.asarray(owners, dtype=np.int64))
 
 
-def _folder_pairs(folder: Path) -> RetrievalDataset:
-    """``photo.jpg`` + ``photo.txt`` (one caption per non-empty line), anywhere under ``folder``."""
+def _folder_pairs(folder: Path, photos_only: bool = False) -> RetrievalDataset:
+    """``photo.jpg`` + ``photo.txt`` (one caption per non-empty line), anywhere under ``folder``;
+    with ``photos_only``, a folder with no caption file gives every photo and no captions."""
+    photos = [p for p in sorted(folder.rglob("*"))
+              if p.suffix.lower() in IMAGE_EXTENSIONS | HEIF_EXTENSIONS and p.is_file()]
+    if photos_only and not any(p.with_suffix(".txt").is_file() for p in photos):
+        if not photos:
+            raise DatasetError(f"{folder}: no photos")
+        return RetrievalDataset(folder.name, "all", photos, [], np.zeros(0, dtype=np.int64))
+
     def rows() -> Iterator[tuple[str, str, str]]:
-        for image in sorted(folder.rglob("*")):
+        for image in photos:
             text = image.with_suffix(".txt")
-            if image.suffix.lower() in IMAGE_EXTENSIONS | HEIF_EXTENSIONS and text.is_file():
+            if text.is_file():
                 for line in text.read_text(encoding="utf-8", errors="replace").splitlines():
                     if line.strip():
                         yield str(image.relative_to(folder)), line, str(text)
