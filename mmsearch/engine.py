@@ -176,22 +176,35 @@ class Engine:
 
     # -- writing ---------------------------------------------------------------
     def index(self, paths: Sequence[str | Path], *, progress: Progress | None = None,
-              stop: threading.Event | None = None) -> IndexReport:
+              stop: threading.Event | None = None, runner: str = "local",
+              address: str | None = None) -> IndexReport:
         """Add, update and forget images under ``paths`` (folders or files).
 
         Setting ``stop`` ends the run after the batch in progress, with everything
-        done so far committed (``report.interrupted`` is then True).
+        done so far committed (``report.interrupted`` is then True). ``runner="ray"``
+        embeds on a Ray cluster (``address``; None: a local Ray for the run), see
+        :mod:`mmsearch.distributed`.
         """
         if not paths:
             raise UsageError("nothing to index: give one or more folders or files")
+        if runner not in ("local", "ray"):
+            raise UsageError(f"unknown runner {runner!r}: choose local or ray")
         s = self.settings
         with _Writing(self.store):
             self._ensure_model_recorded()
             self._record_older_roots()
-            report = index_files(self.store, lambda: self.embedder,
-                                 [Path(p).expanduser() for p in paths],
-                                 batch_size=s.batch_size, workers=s.workers, draft=s.draft,
-                                 progress=progress or no_progress, stop=stop)
+            if runner == "ray":
+                from mmsearch.distributed import index_on_ray, options_from
+
+                report = index_on_ray(self.store, lambda: self.embedder, self.identity,
+                                      [Path(p).expanduser() for p in paths],
+                                      options_from(s, address), progress=progress or no_progress,
+                                      stop=stop)
+            else:
+                report = index_files(self.store, lambda: self.embedder,
+                                     [Path(p).expanduser() for p in paths],
+                                     batch_size=s.batch_size, workers=s.workers, draft=s.draft,
+                                     progress=progress or no_progress, stop=stop)
             self._record_weights_file()
             self.store.add_roots(str(canonical_root(Path(p).expanduser())) for p in paths)
             self.store.retype(s.index_type)

@@ -57,3 +57,7 @@ class StorageError(MMSearchError):
 
 class DatasetError(MMSearchError):
     """An evaluation dataset is missing, malformed or empty."""
+
+
+class ClusterError(MMSearchError):
+    """The Ray cluster of a distributed run cannot be reached, or its work failed."""

@@ -37,6 +37,11 @@ def index(
     batch_size: BatchSizeOpt = 32, workers: WorkersOpt = 0, draft: DraftOpt = True,
     index_type: Annotated[Optional[str], typer.Option(help="auto, flat, hnsw, ivf, ivfsq, ivfpq or a "
                                                       "FAISS factory string.")] = None,
+    runner: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster; "
+                                        "pip install 'mmsearch[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray "
+                                                   "(auto: the one this machine joined; "
+                                                   "default: a local Ray for the run).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image under PATHS (recursively); re-runs only embed what changed."""
@@ -47,7 +52,8 @@ def index(
                      device=device, batch_size=batch_size, workers=workers, draft=draft,
                      index_type=index_type) as engine, ProgressBar(enabled=not as_json) as bar, \
             _stop_on_sigint(stop):
-        report = engine.index(paths, progress=bar.update, stop=stop)
+        report = engine.index(paths, progress=bar.update, stop=stop, runner=runner,
+                              address=address)
     if as_json:
         print_json(report)
     else:

@@ -569,13 +569,15 @@ class Catalog(CatalogReader):
         return _WriteTxn(self._engine, self.path)
 
     def commit_images(self, new_vectors: dict[str, np.ndarray], files: list[ImageFile],
-                      delete_ids: Iterable[int] = ()) -> np.ndarray:
+                      delete_ids: Iterable[int] = (), ids: Iterable[int] | None = None) -> np.ndarray:
         """One transaction: store new embeddings, add rows for ``files`` under fresh ids
-        (returned, in order), delete the rows ``delete_ids``."""
+        (returned, in order; ``ids``: ids reserved before, see ``reserve_image_ids``),
+        delete the rows ``delete_ids``."""
         delete_ids = [int(i) for i in delete_ids]
         with self._write() as conn:
-            first = self._last_id(conn, ImageRow, "images_last_id") + 1
-            ids = np.arange(first, first + len(files), dtype=np.int64)
+            last = self._last_id(conn, ImageRow, "images_last_id")
+            ids = (np.arange(last + 1, last + 1 + len(files), dtype=np.int64) if ids is None
+                   else np.asarray(list(ids), dtype=np.int64))
             if new_vectors:
                 conn.execute(insert(EmbeddingRow).prefix_with("OR IGNORE"),
                              [{"content_hash": h, "vector": to_blob(v)} for h, v in new_vectors.items()])
@@ -583,8 +585,15 @@ class Catalog(CatalogReader):
                 conn.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
             if files:
                 conn.execute(insert(ImageRow), [f.row(int(i)) for i, f in zip(ids, files)])
-                self._put_meta(conn, "images_last_id", str(int(ids[-1])))
+                self._put_meta(conn, "images_last_id", str(max(last, int(ids.max()))))
         return ids
+
+    def reserve_image_ids(self, n: int) -> int:
+        """Give out ``n`` image ids for later rows (never to be given again); the first."""
+        with self._write() as conn:
+            last = self._last_id(conn, ImageRow, "images_last_id")
+            self._put_meta(conn, "images_last_id", str(last + n))
+        return last + 1
 
     def touch_images(self, rows: list[StoredImage]) -> None:
         """Record a new size/mtime for files whose content did not change."""

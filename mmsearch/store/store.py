@@ -252,21 +252,38 @@ class Store:
         self._writer().set_meta(WEIGHTS_FILE, path)
 
     def put_images(self, files: Sequence[ImageFile], vectors: np.ndarray, *,
-                   replaces: Sequence[int | None] = (), new_content: bool = True) -> np.ndarray:
+                   replaces: Sequence[int | None] = (), new_content: bool = True,
+                   ids: Sequence[int] | None = None) -> np.ndarray:
         """Add rows for ``files`` with their ``vectors``; returns their new ids.
 
         ``replaces[i]``: the id of the row ``files[i]`` replaces (a changed file), or
         None. ``new_content=False``: the vectors are already stored under these
-        content hashes (a moved or copied file), only rows are added. One catalog
+        content hashes (a moved or copied file), only rows are added. ``ids``: ids
+        given out before by :meth:`reserve_image_ids` (default: fresh ones). One catalog
         transaction, then the loaded FAISS index.
         """
         old = np.asarray([i for i in replaces if i is not None], dtype=np.int64)
         new = {f.content_hash: v for f, v in zip(files, vectors)} if new_content else {}
         self._loaded_before_write("images")
-        ids = self._writer().commit_images(new, list(files), delete_ids=old)
+        ids = self._writer().commit_images(new, list(files), delete_ids=old, ids=ids)
         if self._drop_vectors("images", old) and len(files):
             self._files.get("images").add(ids, np.asarray(vectors, dtype=np.float32))
         return ids
+
+    def reserve_image_ids(self, n: int) -> int:
+        """Give out ``n`` consecutive image ids now (rows come later, through ``put_images(ids=)``:
+        a distributed run names its shards' rows before they are embedded); the first."""
+        return self._writer().reserve_image_ids(n)
+
+    def install_index(self, index: VectorIndex, asked: str) -> None:
+        """Serve and save ``index``, built elsewhere over the catalog's vectors (a sharded
+        build) as the factory ``asked``; ids it lacks or should not have are synced first."""
+        self._writer()
+        index.gpu = self._files.gpu
+        index = self._files._sync("images", index, index.ids())
+        self._files._loaded["images"] = index
+        self._files.save("images", index, {"images_index": index.description,
+                                           "images_index_asked": asked})
 
     def touch_images(self, rows: Sequence[StoredImage]) -> None:
         """Record a new size/mtime for files whose content did not change."""

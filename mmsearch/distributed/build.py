@@ -1,0 +1,122 @@
+"""Building a FAISS index on a Ray cluster: train on the driver, add parts in tasks, merge.
+
+The index type is decided as for a local build (:func:`mmsearch.store.vectors.plan_index`:
+the automatic choice, a named type or a factory string) and trained on the driver on a
+sample (the one a local rebuild draws). The rows are then added in parallel Ray tasks,
+a part each, and the parts merged in order (:mod:`mmsearch.store.sharded`): in memory
+(``merge_from``), or on disk (``merge_ondisk``) for an IVF index too big for memory.
+Adding in parts gives the index a single process builds, so the same search results.
+
+:func:`build_store_index` does this for a store after a distributed run (its parts are
+chunks of the catalog's float32 vectors, so the index is the one a local run builds);
+:func:`build_from_shards` for clip-retrieval shards (``img_emb/*.npy`` with their
+``metadata/*.parquet`` ids) read by the tasks themselves.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from mmsearch.progress import Progress, no_progress
+from mmsearch.store import sharded
+from mmsearch.store.vectors import IndexPlan, VectorIndex, plan_index
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmsearch.store import Store
+
+CHUNK = 65_536  # catalog vectors per part
+IN_FLIGHT = 2   # parts submitted per cluster CPU before the first is merged
+
+
+def _fill(blob: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    return sharded.filled(blob, ids, vectors)
+
+
+def _fill_shard(blob: np.ndarray, npy: str, metadata: str) -> np.ndarray:
+    from mmsearch.distributed.shards import read_vectors
+
+    return sharded.filled(blob, *read_vectors(Path(npy), Path(metadata)))
+
+
+def _fill_to_file(blob: np.ndarray, npy: str, metadata: str, out: str) -> str:
+    return str(sharded.write_part(_fill_shard(blob, npy, metadata), Path(out)))
+
+
+def store_needs_build(store: "Store", index_type: str | None) -> IndexPlan | None:
+    """The plan to build on the cluster, or None: the type is exact or a graph (the store
+    builds those), or the index already has it."""
+    dim, n = store.dim, store.read.image_count()
+    if not dim or not n:
+        return None
+    plan = plan_index(index_type or store.requested_type, n, dim)
+    built = store.read.get_meta("images_index_asked") or store.image_index
+    if not plan.needs_training or not sharded.mergeable(plan.factory) or built == plan.factory:
+        return None
+    return plan
+
+
+def build_store_index(store: "Store", index_type: str | None, ray: Callable[[], Any],
+                      progress: Progress = no_progress) -> bool:
+    """Build the store's image index on the cluster when :func:`store_needs_build` says so,
+    and install it; returns whether it did."""
+    plan = store_needs_build(store, index_type)
+    if plan is None:
+        return False
+    ids = store.read.all_image_ids()
+    size = plan.train_size
+    chosen = ids if size >= ids.size else np.random.default_rng(0).choice(ids, size, replace=False)
+    blob = sharded.trained(plan, store.image_vectors(chosen)[1], fall_back=True)
+    r = ray()
+    task = r.remote(num_cpus=1)(_fill)
+    ref = r.put(blob)
+    chunks = store.read.vector_chunks("images", plan.dim, CHUNK)
+    calls = ((task, (ref, i, v)) for i, v in chunks)
+    index = sharded.merged(blob, _in_order(r, calls, -(-ids.size // CHUNK), progress))
+    store.install_index(index, plan.factory)
+    return True
+
+
+def _in_order(ray: Any, calls: Iterable[tuple[Any, tuple]], total: int,
+              progress: Progress) -> Iterator[Any]:
+    """The results of ``task.remote(*args)`` for each call, in order, with at most
+    :data:`IN_FLIGHT` per CPU of the cluster submitted and not yet taken."""
+    window = max(2, IN_FLIGHT * int(ray.cluster_resources().get("CPU", 1)))
+    pending: deque[Any] = deque()
+    done = 0
+    for task, args in calls:
+        pending.append(task.remote(*args))
+        if len(pending) >= window:
+            done += 1
+            yield ray.get(pending.popleft())
+            progress("build", done, total)
+    while pending:
+        done += 1
+        yield ray.get(pending.popleft())
+        progress("build", done, total)
+
+
+def build_from_shards(ray: Any, shards: list[tuple[Path, Path]], blob: np.ndarray, *,
+                      on_disk: Path | None = None,
+                      progress: Progress = no_progress) -> VectorIndex:
+    """The trained index ``blob`` (:func:`mmsearch.store.sharded.trained`) filled with
+    clip-retrieval shards ((npy, metadata parquet) pairs, read by the tasks), one part per
+    shard; ``on_disk``: merge IVF parts into that file (and its ``.ivfdata``) instead of
+    memory (the parts are written beside it, then removed)."""
+    ref = ray.put(blob)
+    if on_disk is None:
+        task = ray.remote(num_cpus=1)(_fill_shard)
+        calls = ((task, (ref, str(n), str(m))) for n, m in shards)
+        return sharded.merged(blob, _in_order(ray, calls, len(shards), progress))
+    task = ray.remote(num_cpus=1)(_fill_to_file)
+    outs = [task.remote(ref, str(n), str(m), f"{on_disk}.part{k}") for k, (n, m) in enumerate(shards)]
+    files = [Path(p) for p in ray.get(outs)]
+    try:
+        sharded.merged_on_disk(blob, files, on_disk)
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+    return sharded.load_on_disk(on_disk)

@@ -1,0 +1,85 @@
+"""Planning a distributed run on the driver: which files the cluster must process.
+
+The folders are walked as locally (:func:`mmsearch.ingest.run.scan`). A file whose
+size and mtime match its catalog row is unchanged and never leaves the driver; files
+gone from disk are forgotten at once; every other file (new, or changed in size or
+mtime) becomes a manifest row with an id given out now by the catalog
+(:meth:`Store.reserve_image_ids`: never given again, whatever happens to the run),
+and the id and content hash of the row it may replace. The cluster hashes it: same
+content as its old row means only the mtime changed (no decode, no model). The
+manifest is cut into shards of ``shard_size`` rows and written before ``run.json``,
+which makes the run exist: a driver killed before that leaves only unused ids.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+from mmsearch.distributed.shards import MANIFEST_COLUMNS, Run, ShardLayout, write_table
+from mmsearch.ingest.run import IndexReport, scan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmsearch.store import Store, StoredImage
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A run written to disk, or None when nothing needs the cluster."""
+
+    run: Run | None
+    roots: list[str]
+
+
+def plan_run(store: "Store", layout: ShardLayout, roots: Iterable[Path], model: str,
+             report: IndexReport, shard_size: int, stop: threading.Event | None = None,
+             just_stored: set[int] | frozenset[int] = frozenset(),
+             just_failed: set[str] | frozenset[str] = frozenset()) -> Planned:
+    """Scan ``roots``, forget deleted files, write the manifest of the rest; see the module.
+    This invocation's work (a resumed run) is not counted or tried again: rows in
+    ``just_stored`` are not unchanged, files in ``just_failed`` are left as they are."""
+    found, canon, keep = scan(roots, report, stop)
+    stored = _stored(store, canon)
+    todo = []
+    for f in found:
+        row = stored.get(str(f.path))
+        if row and (row.size, row.mtime_ns) == (f.size, f.mtime_ns):
+            report.unchanged += row.id not in just_stored
+        elif str(f.path) not in just_failed:
+            todo.append((f, row))
+    seen = {str(f.path) for f in found}
+    gone = [r.id for p, r in stored.items() if p not in seen and not any(_inside(p, k) for k in keep)]
+    store.forget_images(np.asarray(gone, dtype=np.int64))
+    report.removed += len(gone)
+    if not todo:
+        return Planned(None, canon)
+    first_id = store.reserve_image_ids(len(todo))
+    first = layout.next_shard()
+    rows = [{"id": first_id + n, "path": str(f.path), "size": f.size, "mtime_ns": f.mtime_ns,
+             "old_id": row.id if row else None, "old_hash": row.content_hash if row else None}
+            for n, (f, row) in enumerate(todo)]
+    count = 0
+    for count, start in enumerate(range(0, len(rows), shard_size), 1):
+        write_table(layout.manifest(first + count - 1), rows[start:start + shard_size],
+                    MANIFEST_COLUMNS)
+    run = Run(first, count, len(rows), model, canon)
+    layout.write_run(run)
+    return Planned(run, canon)
+
+
+def _stored(store: "Store", roots: list[str]) -> dict[str, "StoredImage"]:
+    """The catalog's rows at or under ``roots`` (canonical), by path."""
+    folders = [r for r in roots if os.path.isdir(r)]
+    stored = store.read.images_at([r for r in roots if r not in folders])
+    for root in folders:
+        stored.update(store.read.images_under(root))
+    return stored
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")

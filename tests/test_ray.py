@@ -1,0 +1,232 @@
+"""`mmsearch index --runner ray` on a local Ray: the local runner's index, shards, resumes.
+
+One Ray for the module (4 logical CPUs, no dashboard, a small object store), the tiny
+test model and a few dozen real Flickr photos. The Ray run is killed (as a driver dies)
+after two of its four shards and run again, losing one embedding worker on the way;
+what it ends with is compared with the local runner's index of the same photos.
+Skipped only when Ray Data (or pyarrow) is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mmsearch[ray]')")
+pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'mmsearch[ray]')")
+pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install 'mmsearch[ray]')")
+
+from mmsearch import Engine, Query  # noqa: E402
+from mmsearch.distributed import run as ray_run  # noqa: E402
+from mmsearch.distributed.ray_runner import FAULT_ENV  # noqa: E402
+from mmsearch.distributed.shards import FOLDER, ShardLayout, read_table  # noqa: E402
+from mmsearch.ingest.run import IndexReport  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own
+N_PHOTOS = 24
+SHARD_SIZE = 8   # 24 photos + 3 hostile files: shards of 8, 8, 8 and 3 rows
+HOSTILE = {"zz_empty.jpg": b"", "zz_garbage.jpg": b"this is not a picture"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A local Ray; yields the fault file that, when it exists, kills one embed worker."""
+    fault = tmp_path_factory.mktemp("fault") / "kill-one-worker"
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
+             logging_level=logging.ERROR, log_to_driver=False,
+             runtime_env={"env_vars": {FAULT_ENV: str(fault)}})
+    yield fault
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory, flickr_images: list[Path]) -> Path:
+    """Real photos, then (sorting last) an empty, a garbage and a truncated file."""
+    folder = tmp_path_factory.mktemp("photos")
+    for src in flickr_images[:N_PHOTOS]:
+        shutil.copy(src, folder / src.name)
+    for name, data in HOSTILE.items():
+        (folder / name).write_bytes(data)
+    (folder / "zz_truncated.jpg").write_bytes(flickr_images[N_PHOTOS].read_bytes()[:4000])
+    return folder
+
+
+def _open(home: Path, name: str, model: tuple[Path, Path]) -> Engine:
+    return Engine.open(name, home=home, model=str(model[0]), pretrained=str(model[1]))
+
+
+class _DriverKilled(BaseException):
+    """Stands for the driver dying: nothing of the run is cleaned up or finished."""
+
+
+def _die_after_two_shards(stage: str, done: int, total: int) -> None:
+    if stage == "store" and done == 2:
+        raise _DriverKilled
+
+
+@dataclass
+class Built:
+    local: Engine
+    dist: Engine
+    local_report: IndexReport
+    report: IndexReport          # the resumed Ray run's
+    killed_shards: list[int]     # complete when the driver died
+    killed_files: dict[int, int]  # their npy files' mtimes then
+    embed_total: int             # rows the resumed run sent to the cluster
+    worker_killed: bool
+
+
+@pytest.fixture(scope="module")
+def built(cluster: Path, photos: Path, tiny_model: tuple[Path, Path],
+          tmp_path_factory: pytest.TempPathFactory):
+    """The photos indexed locally, and by Ray: killed after two shards, then resumed."""
+    home = tmp_path_factory.mktemp("home")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ray_run, "SHARD_SIZE", SHARD_SIZE)
+    with _open(home, "local", tiny_model) as local, _open(home, "ray", tiny_model) as dist:
+        local_report = local.index([photos])
+        with pytest.raises(_DriverKilled):
+            dist.index([photos], runner="ray", progress=_die_after_two_shards)
+        layout = ShardLayout(dist.store.root / FOLDER)
+        done = layout.numbers("status")
+        assert layout.run_file.exists()
+        mtimes = {k: layout.npy(k).stat().st_mtime_ns for k in done}
+        seen: list[tuple[str, int, int]] = []
+        cluster.touch()  # armed: the first embed call removes it and kills its worker
+        report = dist.index([photos], runner="ray", progress=lambda *a: seen.append(a))
+        total = max(t for s, _, t in seen if s == "embed")
+        yield Built(local, dist, local_report, report, done, mtimes, total, not cluster.exists())
+    patch.undo()
+
+
+def _by_path(engine: Engine) -> dict[str, tuple[int, np.ndarray]]:
+    ids, vectors = engine.store.image_vectors()
+    paths = engine.store.read.image_paths(ids)
+    return {paths[int(i)]: (int(i), v) for i, v in zip(ids, vectors)}
+
+
+def test_same_ids_vectors_and_top_k_as_the_local_runner(built: Built) -> None:
+    want, got = _by_path(built.local), _by_path(built.dist)
+    assert len(want) == N_PHOTOS and sorted(got) == sorted(want)
+    assert {p: i for p, (i, _) in got.items()} == {p: i for p, (i, _) in want.items()}
+    for path, (_, vector) in want.items():
+        np.testing.assert_allclose(got[path][1], vector, atol=1e-5)
+    photo = next(iter(want))
+    for query in ("a red circle", "a dog running on grass", Query.image(photo)):
+        a, b = built.local.search(query, k=8), built.dist.search(query, k=8)
+        assert [h.path for h in b] == [h.path for h in a]
+        np.testing.assert_allclose([h.score for h in b], [h.score for h in a], atol=1e-5)
+
+
+def test_a_killed_driver_resumes_only_the_missing_shards(built: Built) -> None:
+    layout = ShardLayout(built.dist.store.root / FOLDER)
+    assert built.killed_shards == [0, 1]
+    assert built.embed_total == N_PHOTOS + len(HOSTILE) + 1 - 2 * SHARD_SIZE
+    r = built.report
+    assert (r.added, r.embedded, r.unchanged, r.updated, r.removed) == (8, 8, 16, 0, 0)
+    assert {k: layout.npy(k).stat().st_mtime_ns for k in (0, 1)} == built.killed_files
+    assert layout.numbers("status") == [0, 1, 2, 3] and not layout.run_file.exists()
+    ids = built.dist.store.read.all_image_ids()
+    assert sorted(ids.tolist()) == list(range(1, N_PHOTOS + 1))
+
+
+def test_a_killed_worker_was_retried_with_nothing_lost(built: Built) -> None:
+    assert built.worker_killed, "the armed fault file was not used: no worker was killed"
+    assert built.dist.store.read.image_count() == N_PHOTOS  # and the vectors are the local ones
+
+
+def test_hostile_files_are_reported_as_the_local_runner_reports_them(built: Built) -> None:
+    assert sorted((s.path, s.reason) for s in built.report.skipped) == \
+        sorted((s.path, s.reason) for s in built.local_report.skipped)
+    assert len(built.report.skipped) == len(HOSTILE) + 1
+
+
+def test_shards_are_in_clip_retrievals_layout(built: Built) -> None:
+    layout = ShardLayout(built.dist.store.root / FOLDER)
+    for k in (0, 1, 2):
+        vectors, meta = np.load(layout.npy(k)), read_table(layout.metadata(k))
+        assert vectors.dtype == np.float16 and vectors.shape == (SHARD_SIZE, built.dist.store.dim)
+        np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1,
+                                   atol=2e-3)
+        ids, stored = built.dist.store.image_vectors([m["id"] for m in meta])
+        assert [m["id"] for m in meta] == ids.tolist()
+        np.testing.assert_allclose(vectors, stored, atol=2e-3)
+        assert {"image_path", "id", "size", "mtime_ns", "content_hash", "width"} <= set(meta[0])
+    assert np.load(layout.npy(3)).shape == (0, built.dist.store.dim)
+    assert [r["status"] for r in read_table(layout.status(3))] == ["failed"] * 3
+    assert not layout.numbers("manifest")
+
+
+def test_the_index_serves_queries_like_a_local_one(built: Built, tiny_model, photos: Path) -> None:
+    with _open(built.dist.store.root.parent, "ray", tiny_model) as engine:
+        hits = engine.search("a photo of a dog", k=5)
+        assert len(hits) == 5 and all(Path(h.path).parent == photos for h in hits)
+        photo = str(sorted(photos.glob("*.jpg"))[3].resolve())
+        assert str(engine.search(image=photo, k=1)[0].path) == photo
+        assert engine.search(Query.id(hits[0].id), k=1)[0].id == hits[0].id
+        assert engine.info().images == N_PHOTOS
+
+
+def test_a_rerun_handles_touched_changed_and_deleted_files(built: Built, photos: Path) -> None:
+    """Last: it changes the photos folder."""
+    names = sorted(p.name for p in photos.glob("*.jpg") if not p.name.startswith("zz_"))
+    touched, changed, gone = (photos / names[i] for i in (0, 1, 2))
+    before = _by_path(built.dist)
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    changed.write_bytes((photos / names[-1]).read_bytes())
+    gone.unlink()
+    report = built.dist.index([photos], runner="ray")
+    assert (report.added, report.updated, report.removed, report.unchanged) == \
+        (0, 1, 1, N_PHOTOS - 3 + 1)
+    after = _by_path(built.dist)
+    assert len(after) == N_PHOTOS - 1 and str(gone) not in after
+    assert after[str(touched)][0] == before[str(touched)][0]
+    assert after[str(changed)][0] > max(i for i, _ in before.values())
+    np.testing.assert_allclose(after[str(changed)][1], after[str(photos / names[-1])][1],
+                               atol=1e-5)
+    assert len(report.skipped) == len(HOSTILE) + 1  # tried again, as locally
+
+
+def test_an_ivf_index_built_on_the_cluster_is_the_one_process_build(built: Built) -> None:
+    """Trained on the driver, filled in Ray tasks, merged: the same search results."""
+    from mmsearch.distributed.build import CHUNK, build_store_index
+
+    store = built.local.store
+    single = store.build_index("images", "IVF4,Flat")
+    queries = store.image_vectors()[1][:6]
+    store.lock()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("mmsearch.distributed.build.CHUNK", 7)  # four parts
+            assert build_store_index(store, "IVF4,Flat", lambda: ray)
+        assert CHUNK > 7 and not build_store_index(store, "IVF4,Flat", lambda: ray)  # built
+    finally:
+        store.unlock()
+    served = store.vectors("images")
+    assert served.description == "IVF4,Flat" and store.image_index == "IVF4,Flat"
+    a, b = single.search(queries, 5), served.search(queries, 5)
+    assert (a.ids == b.ids).all()
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+
+
+def test_the_cli_runs_the_ray_runner_and_refuses_an_unknown_one(built: Built, photos: Path,
+                                                                 tiny_model) -> None:
+    from typer.testing import CliRunner
+
+    from mmsearch.cli.main import app
+
+    home = str(built.dist.store.root.parent)
+    flags = ["--home", home, "-m", str(tiny_model[0]), "-p", str(tiny_model[1])]
+    bad = CliRunner().invoke(app, ["index", str(photos), "--runner", "spark", *flags])
+    assert bad.exit_code == 2 and "unknown runner 'spark'" in bad.output
+    photo = sorted(photos.glob("1*.jpg"))[5]  # indexed and unchanged: no work for the cluster
+    ok = CliRunner().invoke(app, ["index", str(photo), "--runner", "ray", "--index", "ray",
+                                  "--json", *flags])
+    assert ok.exit_code == 0, ok.output
+    assert '"unchanged": 1' in ok.output and '"embedded": 0' in ok.output
