@@ -3,13 +3,18 @@
     python benchmarks/bench_ingest.py                       # ViT-B-32, random weights
     python benchmarks/bench_ingest.py --pretrained /path/to/ViT-B-32.pt --n 1000
     python benchmarks/bench_ingest.py --device cuda --n 1000 --big 0 --batch-size 256 --workers 16
+    python benchmarks/bench_ingest.py --photos DIR --big-dir DIR --decoders threads,processes,nvjpeg
 
 Sets: real Flickr8k photos from ../shared (about 500x375) and the same photos
-re-encoded as 12-megapixel JPEGs (4000x3000, quality 90), the size phones make.
-For each set it measures images/s of
-  * model only  - encode_image on ready tensors at the same batch size,
+re-encoded as 12-megapixel JPEGs (4000x3000, quality 90), the size phones make
+(or the folders --photos / --big-dir name). For each set it measures images/s of
+  * model only  - encode_image on ready float32 tensors from the CPU at the same batch size,
+  * on device   - encode_image on uint8 batches already on the model's device, normalised
+                  there (the ceiling for an input pipeline that feeds uint8),
   * naive       - one process: PIL open + open_clip preprocess + batched encode_image,
-  * mmsearch    - `Engine.index` on a fresh index: walk, hash, decode, embed, store,
+  * mmsearch    - `Engine.index` on a fresh index: walk, hash, decode, embed, store
+                  (the decoder `auto` picks),
+  * embed_paths - decoding + model alone, once per decoder in --decoders,
 with per-stage seconds, and the peak RSS of mmsearch at n and 2n images.
 Speed does not depend on the weights, so random weights (--pretrained none) are fine.
 """
@@ -60,10 +65,14 @@ def big_set(n: int) -> Path:
     return folder
 
 
-def model_only(emb, batch: int, n: int) -> float:
+def model_only(emb, batch: int, n: int, on_device: bool = False) -> float:
+    """encode_images on one batch, repeated: float32 from the CPU, or uint8 on the device."""
     import torch
 
-    x = torch.randn(batch, 3, emb.image_size, emb.image_size)
+    size = emb.image_size
+    x = torch.randn(batch, 3, size, size)
+    if on_device:
+        x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=emb.device)
     emb.encode_images(x)  # warm-up
     batches = max(2, -(-n // batch) // 2)
     t = time.perf_counter()
@@ -94,28 +103,87 @@ def naive(emb, files: list[Path], batch: int) -> tuple[float, dict[str, float]]:
     return len(files) / (time.perf_counter() - start), stages
 
 
-def mmsearch_run(folder: Path, args: argparse.Namespace) -> tuple[float, dict[str, float]]:
+def mmsearch_run(folder: Path, emb, args: argparse.Namespace) -> tuple[float, dict[str, dict]]:
+    """Engine.index on a fresh index (images/s), then embed_paths alone per decoder."""
     from mmsearch import Engine
-    from mmsearch.ingest.embed import StageTimes, embed_paths
 
     home = Path(tempfile.mkdtemp(prefix="mmsearch-bench-"))
     try:
         with Engine.open("bench", home=home, model=args.model, pretrained=args.pretrained,
                          batch_size=args.batch_size, workers=args.workers, draft=args.draft,
                          device=args.device) as e:
-            e.embedder  # load the model outside the timed run, as naive does
+            e._embedder = emb  # the model loaded once, outside the timed run, as naive does
             t = time.perf_counter()
             report = e.index([folder])
             rate = report.embedded / (time.perf_counter() - t)
-            times = StageTimes()
             files = sorted(folder.iterdir())
-            for _ in embed_paths(e.embedder, files, batch_size=args.batch_size,
-                                 workers=args.workers, draft=args.draft, times=times):
-                pass
+            decoders = {d: embed_rate(e.embedder, files, d, args) for d in args.decoders}
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    return rate, {"decode (summed over threads)": times.decode,
-                  "prepare (summed over threads)": times.prepare, "model": times.model}
+    return rate, decoders
+
+
+def vectors_vs_cpu(emb, files: list[Path], args: argparse.Namespace) -> dict:
+    """The lowest cosine between this device's vectors (decoder auto) and the CPU path's
+    (threads, float32) for the same weights, over ``files``."""
+    from mmsearch.ingest.embed import embed_paths
+    from mmsearch.models import identify, load_embedder
+
+    cpu = load_embedder(identify(args.model, args.pretrained), "cpu")
+    module = lambda e: getattr(e, "torch_model", None) or e._model  # noqa: E731
+    module(cpu).load_state_dict(module(emb).state_dict())
+
+    def vectors(e, decoder: str) -> tuple[list[Path], np.ndarray]:
+        batches = list(embed_paths(e, files, batch_size=args.batch_size, draft=args.draft,
+                                   decoder=decoder))
+        return ([p for b in batches for p in b.paths],
+                np.concatenate([b.vectors for b in batches if len(b.paths)]))
+
+    paths, ours = vectors(emb, "auto")
+    cpu_paths, theirs = vectors(cpu, "threads")
+    assert paths == cpu_paths
+    cos = (ours * theirs).sum(axis=1)
+    return {"images": len(paths), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+
+
+def decode_rate(emb, files: list[Path], decoder: str, args: argparse.Namespace) -> float:
+    """Images/s of one decoder with no model: the input pipeline's own limit (batches made
+    as for the model: uint8, on its device)."""
+    from mmsearch.ingest import embed
+
+    kind = embed.choose_decoder(decoder, emb)
+    workers = embed.decode_workers(kind, args.workers)
+    ahead = max(2 * args.batch_size, 4 * workers)
+    source = embed._open_source(kind, emb, emb.image_size if args.draft else None, workers, {},
+                                ahead)
+    times, done = embed.StageTimes(), 0
+    t = time.perf_counter()
+    try:
+        prepared = embed._prefetch(source.submit, files, ahead=min(ahead, getattr(source, "slots", ahead)))
+        for chunk in embed._batches(prepared, args.batch_size):
+            paths, _, batch = source.collate(chunk, times)
+            if batch is not None and batch.dtype.is_floating_point is False:
+                batch[:1, :1, :1].cpu()  # (wait for the device)
+            done += len(paths)
+    finally:
+        source.close()
+    return done / (time.perf_counter() - t)
+
+
+def embed_rate(emb, files: list[Path], decoder: str, args: argparse.Namespace) -> dict:
+    """embed_paths alone with one decoder: images/s and stage seconds."""
+    from mmsearch.ingest.embed import StageTimes, choose_decoder, embed_paths
+
+    times = StageTimes()
+    t = time.perf_counter()
+    for _ in embed_paths(emb, files, batch_size=args.batch_size, workers=args.workers,
+                         draft=args.draft, times=times, decoder=decoder):
+        pass
+    return {"decoder": choose_decoder(decoder, emb), "ips": times.images / (time.perf_counter() - t),
+            "decode_only_ips": decode_rate(emb, files, decoder, args),
+            "stages_s": {"decode (summed over workers)": times.decode,
+                         "prepare (summed over workers)": times.prepare,
+                         "tensor decode+resize": times.gpu_decode, "model": times.model}}
 
 
 def peak_rss_mb(folder: Path, args: argparse.Namespace) -> float:
@@ -132,11 +200,14 @@ def peak_rss_mb(folder: Path, args: argparse.Namespace) -> float:
 def bench_set(name: str, folder: Path, emb, args: argparse.Namespace) -> dict:
     files = sorted(folder.iterdir())
     only = model_only(emb, args.batch_size, len(files))
-    base, base_stages = naive(emb, files, args.batch_size)
-    ours, our_stages = mmsearch_run(folder, args)
-    return {"set": name, "images": len(files), "model_only_ips": only, "naive_ips": base,
-            "mmsearch_ips": ours, "vs_naive": ours / base, "vs_model_only": ours / only,
-            "naive_stages_s": base_stages, "mmsearch_stages_s": our_stages}
+    on_device = model_only(emb, args.batch_size, len(files), on_device=True)
+    base, base_stages = naive(emb, files[:args.naive_n or len(files)], args.batch_size)
+    ours, decoders = mmsearch_run(folder, emb, args)
+    return {"set": name, "images": len(files), "model_only_ips": only,
+            "model_on_device_ips": on_device, "naive_ips": base, "mmsearch_ips": ours,
+            "vs_naive": ours / base, "vs_model_only": ours / only,
+            "vs_model_on_device": ours / on_device, "naive_stages_s": base_stages,
+            "embed_paths": decoders}
 
 
 def main() -> None:
@@ -150,9 +221,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--no-draft", dest="draft", action="store_false")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS at n and 2n")
+    parser.add_argument("--check-vectors", type=int, default=0,
+                        help="compare this many images' vectors with the CPU path's")
+    parser.add_argument("--photos", type=Path, help="a folder of Flickr-sized JPEGs instead")
+    parser.add_argument("--big-dir", type=Path, help="a folder of 12 MP JPEGs instead")
+    parser.add_argument("--naive-n", type=int, default=0, help="naive loop on this many (0: all)")
+    parser.add_argument("--decoders", type=lambda s: s.split(","), default=["auto"],
+                        help="embed_paths alone with each: auto,threads,processes,nvjpeg")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
-    if not FLICKR.is_dir():
+    if not FLICKR.is_dir() and not (args.photos and (args.big_dir or not args.big)):
         sys.exit(f"photos not found: {FLICKR} (see ../shared/README.md)")
     from mmsearch.models import identify, load_embedder
 
@@ -160,16 +238,17 @@ def main() -> None:
     print(header())
     print(f"# model {args.model} / {args.pretrained}, device {emb.device}, batch {args.batch_size}, "
           f"draft {args.draft}")
-    results = [bench_set("flickr (~500x375)", flickr_set(args.n), emb, args)]
+    results = [bench_set("flickr (~500x375)", args.photos or flickr_set(args.n), emb, args)]
     if args.big:
-        results.append(bench_set("12 MP (4000x3000)", big_set(args.big), emb, args))
+        results.append(bench_set("12 MP (4000x3000)", args.big_dir or big_set(args.big), emb, args))
     for r in results:
-        print(f"\n{r['set']}: {r['images']} images")
-        print(f"  model only  {r['model_only_ips']:7.2f} images/s")
-        print(f"  naive       {r['naive_ips']:7.2f} images/s   stages {_fmt(r['naive_stages_s'])}")
-        print(f"  mmsearch    {r['mmsearch_ips']:7.2f} images/s   stages {_fmt(r['mmsearch_stages_s'])}")
-        print(f"  mmsearch / naive = {r['vs_naive']:.2f}x   mmsearch / model only = "
-              f"{r['vs_model_only']:.0%}")
+        print_set(r)
+    if args.check_vectors:
+        files = sorted((args.photos or flickr_set(args.n)).iterdir())[:args.check_vectors]
+        check = vectors_vs_cpu(emb, files, args)
+        print(f"\nvectors vs the CPU path ({check['images']} images): min cosine "
+              f"{check['min_cosine']:.5f}, mean {check['mean_cosine']:.5f}")
+        results.append({"vectors_vs_cpu": check})
     if args.rss and args.big:
         rss = {n: peak_rss_mb(big_set(n), args) for n in (args.big, 2 * args.big)}
         print(f"\npeak RSS indexing 12 MP photos: " +
@@ -179,8 +258,21 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2))
 
 
+def print_set(r: dict) -> None:
+    print(f"\n{r['set']}: {r['images']} images")
+    print(f"  model only  {r['model_only_ips']:7.2f} images/s (float32 from the CPU)")
+    print(f"  on device   {r['model_on_device_ips']:7.2f} images/s (uint8 already on the device)")
+    print(f"  naive       {r['naive_ips']:7.2f} images/s   stages {_fmt(r['naive_stages_s'])}")
+    print(f"  mmsearch    {r['mmsearch_ips']:7.2f} images/s   (Engine.index, decoder auto)")
+    for asked, d in r["embed_paths"].items():
+        print(f"  embed_paths {d['ips']:7.2f} images/s   decoder {asked} -> {d['decoder']} "
+              f"(decoding alone {d['decode_only_ips']:.0f}/s), stages {_fmt(d['stages_s'])}")
+    print(f"  mmsearch / naive = {r['vs_naive']:.2f}x   mmsearch / model only = "
+          f"{r['vs_model_only']:.0%}   mmsearch / on device = {r['vs_model_on_device']:.0%}")
+
+
 def _fmt(stages: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.1f}s" for k, v in stages.items())
+    return ", ".join(f"{k} {v:.1f}s" for k, v in stages.items() if v)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from mmsearch.ingest.backfill import backfill_metadata
 from mmsearch.ingest.discover import canonical_root
 from mmsearch.ingest.embed import default_workers
 from mmsearch.ingest.run import IndexReport, index_files
-from mmsearch.models.device import faiss_gpu, resolve_device
+from mmsearch.models.device import faiss_gpu, resolve_device, text_device
 from mmsearch.models.identity import ModelIdentity, check_loaded, identify
 from mmsearch.progress import Progress, no_progress
 from mmsearch.search.duplicates import DEFAULT_THRESHOLD, DuplicateGroup, find_duplicates
@@ -126,11 +126,12 @@ class Engine:
             from mmsearch.models.backends import lean_text_encoder, load_text_encoder
 
             weights = self.store.weights_file
+            device = text_device(self.settings.device)  # auto: the CPU (CUDA not started)
             if self._embedder is None:
-                self._text_embedder = load_text_encoder(self.identity, self.device,
+                self._text_embedder = load_text_encoder(self.identity, device,
                                                         weights_path=weights)
             else:
-                lean = lean_text_encoder(self.identity, self.device, weights_path=weights)
+                lean = lean_text_encoder(self.identity, device, weights_path=weights)
                 self._text_embedder = self._embedder if lean is None else lean
         return self._text_embedder
 

@@ -123,6 +123,34 @@ def load_image(
         return _decode(fh, formats, draft_size, max_pixels)
 
 
+CHANGED = "changed while being indexed; run index again"
+
+
+def check_unchanged(path: Path | str, expect: tuple[int, int]) -> None:
+    """Raise `DecodeError` (`CHANGED`) unless ``path`` still has the (size, mtime_ns) ``expect``."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DecodeError(CHANGED) from exc
+    if (st.st_size, st.st_mtime_ns) != expect:
+        raise DecodeError(CHANGED)
+
+
+def read_bytes(path: Path | str) -> bytearray:
+    """The whole file (writable, so a tensor can wrap it without a copy), or `DecodeError`
+    with the reasons :func:`load_image` gives."""
+    with _open_regular(path) as fh:
+        try:
+            data = bytearray(os.fstat(fh.fileno()).st_size)
+            del data[fh.readinto(data):]  # (in place: a file that shrank meanwhile)
+            data += fh.read()             # (a file that grew: the rest too)
+        except OSError as exc:
+            raise DecodeError(_os_reason(exc)) from exc
+    if not data:
+        raise DecodeError("empty file")
+    return data
+
+
 def decode_bytes(data: bytes, *, draft_size: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """:func:`load_image` for an image held in memory (an upload): the same checks

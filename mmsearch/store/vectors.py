@@ -584,13 +584,32 @@ class VectorIndex:
                 self._gpu = (res, faiss.index_cpu_to_gpu(res, device, cpu))
             except RuntimeError:
                 self._gpu = False  # this index type has no GPU version: stay on the CPU
+        elif self._gpu is None and device is not None and self.is_exact:
+            self._gpu = self._torch_exact()  # FAISS without GPUs: torch's matmul + top-k
         return self._gpu or None
+
+    def _torch_exact(self) -> Any:
+        """(None, :class:`~mmsearch.search.gpu.TorchExact`) on the GPU for this exact index;
+        None: decide at the next search; False: search on the CPU."""
+        from mmsearch.search import gpu as torch_search
+
+        self._searches = getattr(self, "_searches", 0) + 1
+        if torch_search.too_soon(self.gpu, self._searches - 1):
+            return None
+        device = torch_search.cuda_device(self.gpu)
+        flat = _faiss().downcast_index(self._index.index) if self._has_id_map else None
+        if device is None or not isinstance(flat, _faiss().IndexFlat) or \
+                not torch_search.fits(flat.ntotal, flat.d, device):
+            return False  # (decided: FAISS on the CPU until the index changes)
+        n, dim = flat.ntotal, flat.d
+        vectors = _faiss().rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim)  # a view
+        return None, torch_search.TorchExact(self.ids(), vectors, device, owner=self._index)
 
     def _gpu_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         _, gpu = self._gpu
         scores, pos = gpu.search(queries, k)
-        if not self._has_id_map:
-            return scores, pos  # IVF lists hold the catalog ids themselves
+        if not self._has_id_map or getattr(gpu, "returns_ids", False):
+            return scores, pos  # IVF lists hold the catalog ids themselves (torch's: ids too)
         id_map = self.ids()
         return scores, np.where(pos >= 0, id_map[np.clip(pos, 0, None)], -1)
 
