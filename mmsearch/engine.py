@@ -205,7 +205,8 @@ class Engine:
                 report = index_files(self.store, lambda: self.embedder,
                                      [Path(p).expanduser() for p in paths],
                                      batch_size=s.batch_size, workers=s.workers, draft=s.draft,
-                                     progress=progress or no_progress, stop=stop)
+                                     progress=progress or no_progress, stop=stop,
+                                     decoder=s.decoder)
             self._record_weights_file()
             self.store.add_roots(str(canonical_root(Path(p).expanduser())) for p in paths)
             self.store.retype(s.index_type)

@@ -27,6 +27,9 @@ def default_home() -> Path:
     return base / "mmsearch"
 
 
+DECODERS = ("auto", "threads", "processes", "nvjpeg")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a run needs to know, fixed before any work starts.
@@ -43,6 +46,7 @@ class Settings:
     batch_size: int = 32
     workers: int = 0              # decode threads; 0 -> chosen from the core count
     draft: bool = True            # JPEG reduced-size DCT decoding before the resize
+    decoder: str = "auto"         # threads | processes | nvjpeg | auto (see ingest/embed.py)
     index_type: str | None = None  # None: keep the index's; "auto", "flat", "hnsw", "ivf",
                                    # "ivfsq", "ivfpq" or a FAISS factory string
 
@@ -73,11 +77,14 @@ def resolve(
     workers: int | None = None,
     draft: bool | None = None,
     index_type: str | None = None,
+    decoder: str | None = None,
 ) -> Settings:
     """Build :class:`Settings` from explicit values, then the environment, then defaults."""
     name = index or os.environ.get("MMSEARCH_INDEX") or DEFAULT_INDEX
     if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if decoder is not None and decoder not in DECODERS:
+        raise UsageError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if workers is not None and workers < 0:
         raise UsageError("--workers must be 0 (auto) or more")
     settings = Settings(home=Path(home).expanduser() if home else default_home(),
@@ -85,5 +92,6 @@ def resolve(
     changes = {
         "model": model, "pretrained": pretrained, "device": device,
         "batch_size": batch_size, "workers": workers, "draft": draft, "index_type": index_type,
+        "decoder": decoder,
     }
     return settings.with_(**{k: v for k, v in changes.items() if v is not None})

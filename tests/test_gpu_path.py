@@ -236,6 +236,23 @@ def test_text_queries_stay_on_the_cpu_on_a_gpu_machine(home: Path, tiny_model: t
         assert engine.embed_texts(["a red circle"]).shape[0] == 1
 
 
+def test_index_decoder_setting_reaches_the_decoder(home: Path, tiny_model: tuple[Path, Path],
+                                                    shapes: dict[Path, str]) -> None:
+    """`mmsearch index --decoder processes` indexes what `--decoder threads` does, vector for vector."""
+    from mmsearch import Engine
+
+    config, ckpt = tiny_model
+    vectors = []
+    for decoder in ("threads", "processes"):
+        with Engine.open(decoder, model=str(config), pretrained=str(ckpt), device="cpu",
+                         decoder=decoder) as engine:
+            assert engine.index([next(iter(shapes)).parent]).added == len(shapes)
+            vectors.append(engine.store.image_vectors()[1])
+    np.testing.assert_array_equal(vectors[0], vectors[1])
+    with pytest.raises(UsageError, match="--decoder must be one of"):
+        Engine.open("x", decoder="gpu")
+
+
 # -- on a GPU machine only ----------------------------------------------------------------------
 
 @needs_cuda

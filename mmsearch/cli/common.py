@@ -35,6 +35,9 @@ BatchSizeOpt = Annotated[int, typer.Option(help="Images per model batch.")]
 WorkersOpt = Annotated[int, typer.Option(help="Decode threads (0 = auto).")]
 DraftOpt = Annotated[bool, typer.Option(help="Fast reduced-size JPEG decoding before the "
                                         "resize (--no-draft: decode in full).")]
+DecoderOpt = Annotated[str, typer.Option(
+    help="auto, threads, processes or nvjpeg: where images are decoded (auto: threads on a "
+    "CPU; nvJPEG on a CUDA GPU for baseline JPEGs, else worker processes).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from mmsearch.cli.common import (BatchSizeOpt, DeviceOpt, DraftOpt, HomeOpt, IndexOpt, JsonOpt,
+from mmsearch.cli.common import (BatchSizeOpt, DecoderOpt, DeviceOpt, DraftOpt, HomeOpt, IndexOpt, JsonOpt,
                                  ModelOpt, PretrainedOpt, WorkersOpt, err, handle_errors,
                                  open_engine, print_json)
 from mmsearch.cli.eval import eval_command
@@ -35,6 +35,7 @@ def index(
     index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
     pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 32, workers: WorkersOpt = 0, draft: DraftOpt = True,
+    decoder: DecoderOpt = "auto",
     index_type: Annotated[Optional[str], typer.Option(help="auto, flat, hnsw, ivf, ivfsq, ivfpq or a "
                                                       "FAISS factory string.")] = None,
     runner: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster; "
@@ -50,7 +51,7 @@ def index(
     stop = threading.Event()
     with open_engine(create=True, index=index, home=home, model=model, pretrained=pretrained,
                      device=device, batch_size=batch_size, workers=workers, draft=draft,
-                     index_type=index_type) as engine, ProgressBar(enabled=not as_json) as bar, \
+                     index_type=index_type, decoder=decoder) as engine, ProgressBar(enabled=not as_json) as bar, \
             _stop_on_sigint(stop):
         report = engine.index(paths, progress=bar.update, stop=stop, runner=runner,
                               address=address)

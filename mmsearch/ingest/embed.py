@@ -39,6 +39,7 @@ import numpy as np
 from mmsearch.errors import DecodeError, UsageError
 from mmsearch.ingest.decode import CHANGED, check_unchanged, load_image, read_bytes
 from mmsearch.ingest.steps import CropSpec, crop_spec
+from mmsearch.settings import DECODERS
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -49,7 +50,6 @@ __all__ = ["CHANGED", "DECODERS", "Batch", "StageTimes", "check_unchanged", "cho
            "decode_workers", "default_workers", "embed_paths", "prepare"]
 
 Identity = tuple[int, int]  # (size, mtime_ns) of a file, as the scan saw it
-DECODERS = ("auto", "threads", "processes", "nvjpeg")
 PROCESS_MIN_CORES = 4  # auto: fewer cores than this feed a GPU from threads
 
 

@@ -181,7 +181,7 @@ def _hash_all(files: list[FoundFile], workers: int, progress: Progress, report: 
 def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", roots: Iterable[Path], *, batch_size: int = 32,
         workers: int = 0, draft: bool = True, progress: Progress = no_progress,
         stop: threading.Event | None = None, commit_every: int | None = None,
-        save_every: float | None = None) -> IndexReport:
+        save_every: float | None = None, decoder: str = "auto") -> IndexReport:
     """Bring the index in line with ``roots``. The caller holds the store's write lock.
 
     ``commit_every`` images go in one catalog transaction; the FAISS file is
@@ -196,7 +196,7 @@ def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", r
         raise UsageError(f"commit_every must be at least 1, got {commit_every}")
     start = time.perf_counter()
     report = IndexReport()
-    workers = workers or default_workers()
+    decoders, workers = workers, workers or default_workers()  # 0: the decoder chooses
     try:
         found, canon, keep = scan(roots, report, stop)
     except _Stopped:
@@ -210,7 +210,7 @@ def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", r
     _apply_removals(store, todo, report)
     _apply_reuse(store, todo.reuse, todo.meta, report, saver)
     _embed_new(store, embedder, todo, report, progress, stop, saver, commit_every,
-               batch_size=batch_size, workers=workers, draft=draft)
+               batch_size=batch_size, workers=decoders, draft=draft, decoder=decoder)
     _apply_reuse(store, todo.dupes if not report.interrupted else [], todo.meta, report, saver)
     if not report.interrupted:
         store.prune()
