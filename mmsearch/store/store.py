@@ -279,11 +279,8 @@ class Store:
         """Serve and save ``index``, built elsewhere over the catalog's vectors (a sharded
         build) as the factory ``asked``; ids it lacks or should not have are synced first."""
         self._writer()
-        index.gpu = self._files.gpu
-        index = self._files._sync("images", index, index.ids())
-        self._files._loaded["images"] = index
-        self._files.save("images", index, {"images_index": index.description,
-                                           "images_index_asked": asked})
+        self._files.install("images", index, {"images_index": index.description,
+                                              "images_index_asked": asked})
 
     def touch_images(self, rows: Sequence[StoredImage]) -> None:
         """Record a new size/mtime for files whose content did not change."""

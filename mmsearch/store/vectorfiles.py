@@ -136,6 +136,15 @@ class VectorFiles:
         index.gpu = self.gpu
         return index
 
+    def install(self, kind: Kind, index: VectorIndex, meta: dict[str, str]) -> VectorIndex:
+        """Serve and save ``index``, built elsewhere from the catalog's vectors (a sharded
+        build): rows it lacks or should not have are synced first."""
+        index.gpu = self.gpu
+        index = self._sync(kind, index, index.ids())
+        self._loaded[kind] = index
+        self.save(kind, index, meta)
+        return index
+
     def rebuild(self, kind: Kind, *, note: bool = True, index_type: str | None = None) -> VectorIndex:
         """:meth:`build`, kept as the loaded index of ``kind`` and saved (when writing)."""
         plan = self.plan(kind, index_type)
