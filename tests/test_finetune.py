@@ -19,7 +19,7 @@ from mmsearch.engine import Engine
 from mmsearch.errors import DatasetError, ModelMismatchError, TrainingError, UsageError
 from mmsearch.eval.datasets import load_karpathy
 from mmsearch.ingest.decode import load_image
-from mmsearch.models.backends import load_embedder
+from mmsearch.models.backends import lean_text_encoder, load_embedder
 from mmsearch.models.identity import identify, same_image_tower
 from mmsearch.train import losses
 from mmsearch.train.distill import DistillOptions, distill_to_folder
@@ -166,6 +166,9 @@ def test_saved_folder_reloads_to_the_same_vectors(tuned: tuple, base: dict[str, 
                                   base_embedder.encode_images(base_embedder.collate(batch)))
     texts = ["a dog on the beach", "two children"]
     assert not np.allclose(loaded.encode_texts(texts), base_embedder.encode_texts(texts), atol=1e-3)
+    lean = lean_text_encoder(identity, "cpu")  # text queries skip open_clip for the folder too
+    assert lean is not None and type(lean).__name__ == "_PlainTextEncoder"
+    np.testing.assert_allclose(lean.encode_texts(texts), loaded.encode_texts(texts), atol=1e-5)
 
 
 def test_an_index_built_with_the_base_takes_the_tuned_text_tower(

@@ -278,14 +278,19 @@ def lean_text_encoder(identity: ModelIdentity, device: str = "auto", *,
                       weights_path: str | None = None) -> TextEncoder | None:
     """:mod:`mmsearch.models.texttower` for ``identity`` where it applies (a plain CLIP text
     tower, its weights in a file, on the CPU), else None."""
-    if identity.text_pretrained:
-        return None  # a fine-tuned text tower: open_clip reads its folder
-    if identity.fingerprint.startswith("file:"):
+    config_path = identity.config_path
+    if identity.text_pretrained or identity.fingerprint.startswith("dir:"):  # a model folder
+        folder = Path(checked_text_folder(identity) if identity.text_pretrained
+                      else checked_folder(identity))
+        config_path, weights_path = str(folder / "open_clip_config.json"), None
+        if (folder / "open_clip_model.safetensors").is_file():
+            weights_path = str(folder / "open_clip_model.safetensors")
+    elif identity.fingerprint.startswith("file:"):
         weights_path = checked_file(identity)
     if weights_path and Path(weights_path).is_file() and resolve_device(device) == "cpu":
         from mmsearch.models import texttower
 
-        tower = texttower.load(identity.arch, identity.config_path, weights_path)
+        tower = texttower.load(identity.arch, config_path, weights_path)
         if tower is not None:
             return _PlainTextEncoder(identity, tower)
     return None

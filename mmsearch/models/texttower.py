@@ -58,6 +58,7 @@ def text_spec(arch: str, config_path: str | None) -> TextSpec | None:
         return None  # SigLIP names pick another tokenizer in open_clip
     try:
         cfg = json.loads(path.read_text())
+        cfg = cfg.get("model_cfg", cfg)  # a local-dir folder's open_clip_config.json
         text = cfg["text_cfg"]
         if set(cfg) - _PLAIN_TOP_KEYS or set(text) - _PLAIN_TEXT_KEYS:
             return None
