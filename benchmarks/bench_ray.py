@@ -33,22 +33,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_ingest import DATA, flickr_set  # noqa: E402
 from _machine import load_avg, machine_info, machine_text, write_results  # noqa: E402
 
-FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-1k" / "images"
-DATA = ROOT / "indexes" / "bench-data"
 DIM = 512
 QUERIES = 100
-
-
-def flickr_set(n: int) -> Path:
-    """A folder of symlinks to the first n Flickr photos."""
-    folder = DATA / f"flickr-{n}"
-    if not folder.is_dir():
-        folder.mkdir(parents=True)
-        for src in sorted(FLICKR.glob("*.jpg"))[:n]:
-            (folder / src.name).symlink_to(src)
-    return folder
 
 
 def _vectors(engine) -> dict[str, np.ndarray]:
