@@ -25,6 +25,7 @@ from mmsearch.errors import ModelMismatchError, UsageError
 from mmsearch.ingest.backfill import backfill_metadata
 from mmsearch.ingest.discover import canonical_root
 from mmsearch.ingest.embed import default_workers
+from mmsearch.ingest.remote import as_url, canonical_url, is_url
 from mmsearch.ingest.run import IndexReport, index_files
 from mmsearch.models.device import faiss_gpu, resolve_device, text_device
 from mmsearch.models.identity import ModelIdentity, check_loaded, identify
@@ -184,12 +185,16 @@ class Engine:
         Setting ``stop`` ends the run after the batch in progress, with everything
         done so far committed (``report.interrupted`` is then True). ``runner="ray"``
         embeds on a Ray cluster (``address``; None: a local Ray for the run), see
-        :mod:`mmsearch.distributed`.
+        :mod:`mmsearch.distributed`; it also reads fsspec URLs (``s3://bucket/photos/``).
         """
         if not paths:
             raise UsageError("nothing to index: give one or more folders or files")
         if runner not in ("local", "ray"):
             raise UsageError(f"unknown runner {runner!r}: choose local or ray")
+        url = next((str(p) for p in paths if is_url(p)), None)
+        if url is not None and runner == "local":
+            raise UsageError(f"{as_url(url)}: URLs are read by the Ray runner only: "
+                             "add --runner ray")
         s = self.settings
         with _Writing(self.store):
             self._ensure_model_recorded()
@@ -198,7 +203,7 @@ class Engine:
                 from mmsearch.distributed import index_on_ray, options_from
 
                 report = index_on_ray(self.store, lambda: self.embedder, self.identity,
-                                      [Path(p).expanduser() for p in paths],
+                                      [p if is_url(p) else Path(p).expanduser() for p in paths],
                                       options_from(s, address), progress=progress or no_progress,
                                       stop=stop)
             else:
@@ -208,7 +213,8 @@ class Engine:
                                      progress=progress or no_progress, stop=stop,
                                      decoder=s.decoder)
             self._record_weights_file()
-            self.store.add_roots(str(canonical_root(Path(p).expanduser())) for p in paths)
+            self.store.add_roots(canonical_url(p) if is_url(p) else
+                                 str(canonical_root(Path(p).expanduser())) for p in paths)
             self.store.retype(s.index_type)
             return report
 

@@ -230,3 +230,74 @@ def test_the_cli_runs_the_ray_runner_and_refuses_an_unknown_one(built: Built, ph
                                   "--json", *flags])
     assert ok.exit_code == 0, ok.output
     assert '"unchanged": 1' in ok.output and '"embedded": 0' in ok.output
+
+
+N_URL = 12
+
+
+@dataclass
+class ByUrl:
+    plain: Engine         # the photos indexed from their local path (the local runner)
+    remote: Engine        # the same photos indexed from a file:// URL with Ray
+    url: str
+    folder: Path
+    first: IndexReport
+    second: IndexReport
+
+
+@pytest.fixture(scope="module")
+def by_url(cluster: Path, flickr_images: list[Path], tiny_model: tuple[Path, Path],
+           tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("url_photos").resolve()
+    for src in flickr_images[:N_URL]:
+        shutil.copy(src, folder / src.name)
+    (folder / ".hidden.jpg").write_bytes(flickr_images[0].read_bytes())  # skipped, as locally
+    home = tmp_path_factory.mktemp("url_home")
+    url = folder.as_uri() + "/"
+    with _open(home, "plain", tiny_model) as plain, _open(home, "url", tiny_model) as remote:
+        plain.index([folder])
+        first = remote.index([url], runner="ray")
+        second = remote.index([url], runner="ray")
+        yield ByUrl(plain, remote, url, folder, first, second)
+
+
+def test_a_file_url_is_indexed_with_full_urls_and_the_local_vectors(by_url: ByUrl) -> None:
+    want, got = _by_path(by_url.plain), _by_path(by_url.remote)
+    assert len(want) == N_URL and by_url.first.added == N_URL
+    assert sorted(got) == sorted(Path(p).as_uri() for p in want)
+    assert all(p.startswith(by_url.url) for p in got)
+    for path, (_, vector) in want.items():
+        np.testing.assert_allclose(got[Path(path).as_uri()][1], vector, atol=1e-5)
+    meta = {Path(h.path).name: (h.width, h.height, h.size, h.ext)
+            for h in by_url.plain.search("a dog", k=N_URL)}
+    assert {str(h.path).rsplit("/", 1)[-1]: (h.width, h.height, h.size, h.ext)
+            for h in by_url.remote.search("a dog", k=N_URL)} == meta
+    assert by_url.folder.as_uri() in (by_url.remote.store.roots or [])
+    assert not [p for p in by_url.remote.check()[0] if "no longer exist" in p]  # not on disk
+
+
+def test_a_second_run_of_a_url_embeds_nothing(by_url: ByUrl) -> None:
+    r = by_url.second
+    assert (r.added, r.embedded, r.updated, r.removed, r.unchanged) == (0, 0, 0, 0, N_URL)
+
+
+def test_urls_refused_with_one_line(by_url: ByUrl, tiny_model) -> None:
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from mmsearch.cli.main import app
+    from mmsearch.errors import UsageError
+
+    with pytest.raises(UsageError, match="add --runner ray"):
+        by_url.remote.index([by_url.url])
+    home = str(by_url.remote.store.root.parent)
+    flags = ["--home", home, "--index", "url", "-m", str(tiny_model[0]), "-p", str(tiny_model[1])]
+    local = CliRunner().invoke(app, ["index", by_url.url, *flags])
+    assert local.exit_code == 2 and "--runner ray" in local.output
+    assert len(local.output.strip().splitlines()) == 1
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed: no missing package to report")
+    missing = CliRunner().invoke(app, ["index", "gcs://bucket/photos/", "--runner", "ray", *flags])
+    assert missing.exit_code == 2 and "pip install gcsfs" in missing.output
+    assert len(missing.output.strip().splitlines()) == 1

@@ -31,7 +31,8 @@ app.add_typer(texts_app, name="texts")
 @app.command()
 @handle_errors
 def index(
-    paths: Annotated[list[Path], typer.Argument(help="Folders or files to index.")],
+    paths: Annotated[list[Path], typer.Argument(help="Folders or files to index (with --runner ray also "
+                                                       "fsspec URLs: s3://bucket/photos/).")],
     index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
     pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 32, workers: WorkersOpt = 0, draft: DraftOpt = True,

@@ -1,6 +1,7 @@
 """Planning a distributed run on the driver: which files the cluster must process.
 
-The folders are walked as locally (:func:`mmsearch.ingest.run.scan`). A file whose
+The folders are walked as locally (:func:`mmsearch.ingest.run.scan`); URLs are listed
+with fsspec (:func:`mmsearch.ingest.remote.list_url`) and kept as full URLs. A file whose
 size and mtime match its catalog row is unchanged and never leaves the driver; files
 gone from disk are forgotten at once; every other file (new, or changed in size or
 mtime) becomes a manifest row with an id given out now by the catalog
@@ -22,7 +23,9 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from mmsearch.distributed.shards import MANIFEST_COLUMNS, Run, ShardLayout, write_table
-from mmsearch.ingest.run import IndexReport, scan
+from mmsearch.ingest.discover import FoundFile
+from mmsearch.ingest.remote import RemoteFile, is_url, list_url
+from mmsearch.ingest.run import IndexReport, _Stopped, scan
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store, StoredImage
@@ -36,15 +39,15 @@ class Planned:
     roots: list[str]
 
 
-def plan_run(store: "Store", layout: ShardLayout, roots: Iterable[Path], model: str,
+def plan_run(store: "Store", layout: ShardLayout, roots: Iterable[Path | str], model: str,
              report: IndexReport, shard_size: int, stop: threading.Event | None = None,
              just_stored: set[int] | frozenset[int] = frozenset(),
              just_failed: set[str] | frozenset[str] = frozenset()) -> Planned:
     """Scan ``roots``, forget deleted files, write the manifest of the rest; see the module.
     This invocation's work (a resumed run) is not counted or tried again: rows in
     ``just_stored`` are not unchanged, files in ``just_failed`` are left as they are."""
-    found, canon, keep = scan(roots, report, stop)
-    stored = _stored(store, canon)
+    found, canon, keep, remote = _scan(list(roots), report, stop)
+    stored = _stored(store, canon, remote)
     todo = []
     for f in found:
         row = stored.get(str(f.path))
@@ -72,9 +75,27 @@ def plan_run(store: "Store", layout: ShardLayout, roots: Iterable[Path], model: 
     return Planned(run, canon)
 
 
-def _stored(store: "Store", roots: list[str]) -> dict[str, "StoredImage"]:
+def _scan(roots: list[Path | str], report: IndexReport, stop: threading.Event | None
+          ) -> tuple[list[FoundFile | RemoteFile], list[str], list[str], set[str]]:
+    """:func:`scan` of the local roots, then the URLs listed with fsspec: found files,
+    canonical roots, unreadable dirs to keep, and the URL roots that are folders."""
+    urls = [r for r in roots if is_url(r)]
+    local, canon, keep = scan([Path(r) for r in roots if not is_url(r)], report, stop)
+    found: dict[str, FoundFile | RemoteFile] = {str(f.path): f for f in local}
+    folders: set[str] = set()
+    for url in urls:
+        root, folder, files = list_url(url, stop)
+        if stop is not None and stop.is_set():
+            raise _Stopped
+        canon.append(root)
+        folders |= {root} if folder else set()
+        found.update((f.path, f) for f in files if f.path not in found)
+    return list(found.values()), canon, keep, folders
+
+
+def _stored(store: "Store", roots: list[str], url_folders: set[str]) -> dict[str, "StoredImage"]:
     """The catalog's rows at or under ``roots`` (canonical), by path."""
-    folders = [r for r in roots if os.path.isdir(r)]
+    folders = [r for r in roots if r in url_folders or os.path.isdir(r)]
     stored = store.read.images_at([r for r in roots if r not in folders])
     for root in folders:
         stored.update(store.read.images_under(root))

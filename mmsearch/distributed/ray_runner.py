@@ -2,10 +2,11 @@
 
 * **decode** (CPU tasks, ``map_batches``): hash the file, read its metadata, decode and
   preprocess it with the local runner's code (:func:`mmsearch.ingest.embed.prepare`
-  with the model's own ``prepare``). A file that cannot be read or decoded becomes a
-  row with status ``failed`` and its reason (the reason the local runner gives); a
-  file whose content hash is its old row's becomes ``same`` (only its mtime changed).
-  No row ever fails its block.
+  with the model's own ``prepare``; a URL's bytes are read once with fsspec, then
+  hashed, read and decoded in memory by the same code). A file that cannot be read or
+  decoded becomes a row with status ``failed`` and its reason (the reason the local
+  runner gives); a file whose content hash is its old row's becomes ``same`` (only its
+  mtime changed). No row ever fails its block.
 * **embed** (an actor pool, ``ActorPoolStrategy``): each actor loads the model once
   (one GPU per actor when the cluster has GPUs, else CPUs) and runs the local runner's
   ``collate`` + ``encode_images`` on the ``ok`` rows, so vectors are the local ones.
@@ -33,9 +34,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from mmsearch.errors import ClusterError, DecodeError, UsageError
-from mmsearch.ingest.backfill import file_metadata
-from mmsearch.ingest.decode import content_hash
-from mmsearch.ingest.embed import prepare
+from mmsearch.ingest.backfill import bytes_metadata, file_metadata
+from mmsearch.ingest.decode import CHANGED, bytes_hash, content_hash
+from mmsearch.ingest.embed import prepare, prepare_bytes
+from mmsearch.ingest.remote import is_url, read_url
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -116,18 +118,35 @@ def decode_batch(batch: dict[str, np.ndarray], shell: "Embedder", draft: bool) -
 def _decode_one(row: dict[str, Any], shell: "Embedder",
                 draft_size: int | None) -> tuple[str, str, str, dict, Any]:
     """(status, reason, content hash, metadata, model input) of one manifest row."""
-    path = Path(str(row["path"]))
+    path = str(row["path"])
     try:
+        if is_url(path):
+            return _decode_url(path, row, shell, draft_size)
         digest = content_hash(path)
         meta = file_metadata(path, int(row["mtime_ns"]))
         if row["old_hash"] is not None and digest == str(row["old_hash"]):
             return "same", "", digest, meta, None
-        pixels, _, _ = prepare(path, shell, draft_size, (int(row["size"]), int(row["mtime_ns"])))
+        pixels, _, _ = prepare(Path(path), shell, draft_size,
+                               (int(row["size"]), int(row["mtime_ns"])))
         return "ok", "", digest, meta, pixels
     except DecodeError as exc:
         return "failed", str(exc), "", {}, None
     except Exception as exc:  # noqa: BLE001 - a row's failure must never fail its block
         return "failed", f"unexpected error: {type(exc).__name__}: {exc}", "", {}, None
+
+
+def _decode_url(url: str, row: dict[str, Any], shell: "Embedder",
+                draft_size: int | None) -> tuple[str, str, str, dict, Any]:
+    """:func:`_decode_one` of a URL's row: its bytes read once, then hashed, their headers
+    read and decoded by the same code as a local file's."""
+    data = read_url(url)
+    if len(data) != int(row["size"]):
+        raise DecodeError(CHANGED)
+    digest = bytes_hash(data)
+    meta = bytes_metadata(data, url, int(row["mtime_ns"]))
+    if row["old_hash"] is not None and digest == str(row["old_hash"]):
+        return "same", "", digest, meta, None
+    return "ok", "", digest, meta, prepare_bytes(data, shell, draft_size)
 
 
 def _maybe_int(value: Any) -> int:

@@ -2,8 +2,9 @@
 
 1. A run left unfinished by a killed or stopped driver is finished first: its shards
    that are complete are not redone.
-2. The folders are planned (:mod:`.plan`): unchanged files stay on the driver, deleted
-   ones are forgotten, the rest go to the cluster in manifest shards.
+2. The folders (and fsspec URLs: ``s3://bucket/photos/``) are planned (:mod:`.plan`):
+   unchanged files stay on the driver, deleted ones are forgotten, the rest go to the
+   cluster in manifest shards.
 3. The cluster decodes and embeds (:mod:`.ray_runner`). As each shard's rows are all
    back, the driver stores them through the store's verbs (rows and float32 vectors in
    one catalog transaction, under the ids the plan gave out), then writes the shard's
@@ -22,12 +23,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from mmsearch.distributed.shards import FOLDER, Run, ShardLayout, pyarrow, read_
 from mmsearch.errors import UsageError
 from mmsearch.ingest.backfill import backfill_metadata
 from mmsearch.ingest.embed import default_workers
+from mmsearch.ingest.remote import as_url, filesystem, is_url
 from mmsearch.ingest.run import IndexReport, Skipped, _Stopped  # (the scan's stop signal)
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import ImageFile, StoredImage
@@ -47,7 +48,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store
 
 SHARD_SIZE = 10_000   # manifest rows per shard
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # s3://..., gs://... (a Path keeps one slash)
 
 
 @dataclass(frozen=True)
@@ -70,15 +70,16 @@ def options_from(settings: "Settings", address: str | None,
 
 
 def index_on_ray(store: "Store", embedder: "Callable[[], Embedder]", identity: "ModelIdentity",
-                 roots: list[Path], options: RayOptions, *, progress: Progress = no_progress,
+                 roots: Sequence[Path | str], options: RayOptions, *,
+                 progress: Progress = no_progress,
                  stop: threading.Event | None = None) -> IndexReport:
     """Bring the index in line with ``roots`` on a Ray cluster (see the module). The caller
     holds the store's write lock; ``stop`` ends the run after the shard being stored."""
-    for root in roots:
-        if _URL.match(str(root)):
-            raise UsageError(f"{root}: URLs are not read yet; give a folder every Ray node "
-                             "sees at the same path (a shared file system)")
-        if not os.path.lexists(root):
+    targets: list[Path | str] = [as_url(r) if is_url(r) else Path(r) for r in roots]
+    for root in targets:
+        if isinstance(root, str):
+            filesystem(root)  # a missing s3fs, gcsfs...: one line before Ray starts
+        elif not os.path.lexists(root):
             raise UsageError(f"no such file or directory: {root}")
     if options.shard_size < 1:
         raise UsageError(f"shard size must be at least 1, got {options.shard_size}")
@@ -91,7 +92,7 @@ def index_on_ray(store: "Store", embedder: "Callable[[], Embedder]", identity: "
         work = _Work(store, layout, embedder, identity, options, report, progress, stop, session)
         if options.address is not None:
             work.ray()  # a named cluster is reached first (a local Ray starts only if needed)
-        work.run(roots)
+        work.run(targets)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -110,7 +111,7 @@ class _Work:
         self.stored: set[int] = set()  # ids this invocation stored or touched
         self.failed: set[str] = set()  # paths that failed in this invocation
 
-    def run(self, roots: list[Path]) -> None:
+    def run(self, roots: list[Path | str]) -> None:
         """Finish a pending run, plan and execute a new one, build the index."""
         layout, report = self.layout, self.report
         pending = layout.read_run()
@@ -127,7 +128,7 @@ class _Work:
                 return  # the new index is saved
         self.store.flush()
 
-    def _plan_and_execute(self, roots: list[Path]) -> None:
+    def _plan_and_execute(self, roots: list[Path | str]) -> None:
         try:
             planned = plan_run(self.store, self.layout, roots, self.identity.fingerprint,
                                self.report, self.options.shard_size, self.stop, self.stored,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from mmsearch.errors import DecodeError
-from mmsearch.ingest.metadata import read_metadata
+from mmsearch.ingest.metadata import metadata_from_bytes, read_metadata
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store
@@ -30,6 +30,14 @@ def file_metadata(path: Path | str, mtime_ns: int | None = None) -> dict[str, An
         return dataclasses.asdict(read_metadata(path, mtime_ns=mtime_ns))
     except DecodeError:
         return {"taken_source": "unreadable", "ext": Path(path).suffix.lower().lstrip(".")}
+
+
+def bytes_metadata(data: bytes, name: str, mtime_ns: int) -> dict[str, Any]:
+    """:func:`file_metadata` of a file's bytes already in memory (read from a URL)."""
+    try:
+        return dataclasses.asdict(metadata_from_bytes(data, name, mtime_ns))
+    except DecodeError:
+        return {"taken_source": "unreadable", "ext": Path(name).suffix.lower().lstrip(".")}
 
 
 def backfill_metadata(store: "Store", roots: Iterable[str] | None, workers: int,

@@ -101,6 +101,11 @@ def content_hash(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def bytes_hash(data: bytes) -> str:
+    """:func:`content_hash` of a file's bytes already in memory (the same digest)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def load_image(
     path: Path | str,
     *,

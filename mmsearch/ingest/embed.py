@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 import numpy as np
 
 from mmsearch.errors import DecodeError, UsageError
-from mmsearch.ingest.decode import CHANGED, check_unchanged, load_image, read_bytes
+from mmsearch.ingest.decode import (CHANGED, check_unchanged, decode_bytes, load_image,
+                                    read_bytes)
 from mmsearch.ingest.steps import CropSpec, crop_spec
 from mmsearch.settings import DECODERS
 
@@ -105,8 +106,18 @@ def prepare(path: Path, embedder: "Embedder", draft_size: int | None,
     if expect is not None:
         check_unchanged(path, expect)
     t1 = time.perf_counter()
+    return model_input(image, embedder), t1 - t0, time.perf_counter() - t1
+
+
+def prepare_bytes(data: bytes, embedder: "Embedder", draft_size: int | None) -> Any:
+    """:func:`prepare` of a file's bytes already in memory (read from a URL)."""
+    return model_input(decode_bytes(data, draft_size=draft_size), embedder)
+
+
+def model_input(image: Any, embedder: "Embedder") -> Any:
+    """The model's input for a decoded image; a failing transform is a `DecodeError`."""
     try:
-        return embedder.prepare(image), t1 - t0, time.perf_counter() - t1
+        return embedder.prepare(image)
     except Exception as exc:  # a transform failing on a strange image is a decode failure
         raise DecodeError(f"preprocessing failed: {exc}") from exc
 

@@ -35,6 +35,7 @@ Pillow quirks handled here:
 
 from __future__ import annotations
 
+import io
 import math
 import numbers
 import os
@@ -116,6 +117,16 @@ def read_metadata(path: Path | str, *, mtime_ns: int | None = None) -> ImageMeta
             return _from_image(img, _extension(path), mtime_ns)
         finally:
             img.close()
+
+
+def metadata_from_bytes(data: bytes, name: str, mtime_ns: int) -> ImageMetadata:
+    """:func:`read_metadata` of a file's bytes already in memory (``name`` gives the
+    extension); `DecodeError` when they cannot be opened as an image."""
+    img = _open(io.BytesIO(data), allowed_formats())
+    try:
+        return _from_image(img, _extension(name), mtime_ns)
+    finally:
+        img.close()
 
 
 def _from_image(img: Image.Image, ext: str, mtime_ns: int) -> ImageMetadata:

@@ -7,6 +7,7 @@ Both functions run for :class:`~mmsearch.store.Store` (``store.check()``,
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store.store import Store
     from mmsearch.store.vectors import VectorIndex
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # s3://... (a Ray run's): not checked on disk
 CHECK_SAMPLE = 50_000      # vectors compared with the catalog by `check`
 
 
@@ -44,7 +46,7 @@ def check(store: "Store") -> list[str]:
     dangling = catalog.dangling_images()
     if dangling:
         problems.append(f"{len(dangling)} images have no stored vector")
-    gone = sum(1 for _, p in catalog.all_image_paths() if not os.path.lexists(p))
+    gone = sum(1 for _, p in catalog.all_image_paths() if _gone(p))
     if gone:
         problems.append(f"{gone} indexed files no longer exist on disk")
     unread = len(store.missing_metadata())
@@ -119,7 +121,7 @@ def repair(store: "Store") -> tuple[list[str], list[tuple[str, str]]]:
     damaged_texts = catalog.damaged_texts(dim)
     catalog.delete_text_ids(damaged_texts)
     dangling = catalog.dangling_images()
-    gone = [i for i, p in catalog.all_image_paths() if not os.path.lexists(p)]
+    gone = [i for i, p in catalog.all_image_paths() if _gone(p)]
     catalog.commit_images({}, [], delete_ids=sorted(set(gone) | set(dangling)))
     redo += list(dangling.values())
     catalog.drop_orphan_embeddings()
@@ -127,3 +129,8 @@ def repair(store: "Store") -> tuple[list[str], list[tuple[str, str]]]:
         files.rebuild(kind, note=False, index_type=catalog.get_meta(f"{kind}_index"))
     files.remove_temp_files()
     return [p for p in redo if os.path.lexists(p)], list(damaged_texts.values())
+
+
+def _gone(path: str) -> bool:
+    """Whether a catalog path is a local file no longer on disk (a URL is never checked)."""
+    return not _URL.match(path) and not os.path.lexists(path)
