@@ -166,7 +166,7 @@ def report(rows, quality, speed, index_s, info) -> str:
         lines.append(f"{r['name']:<38}{r['held'][1]:>9.2f}{r['held'][3]:>11.1f}{r['ref'][1]:>9.2f}"
                      f"{r['ref'][3]:>10.1f}{r['alpha']:>7g}{r['best_epoch']:>8}{r['seconds']:>8.1f}")
     lines += ["", "R@1: mean of text->image and image->text R@1 (%); rsum: the six R@1/5/10 summed.",
-              f"reference rsum, ratio to the base: " + ", ".join(
+              "reference rsum, ratio to the base: " + ", ".join(
                   f"{r['name']}: {r['ref'][3] / base['ref'][2]:.2f}x" for r in rows),
               "", "held-out mean R@1 by WiSE alpha:"]
     lines += [f"  {r['name']:<38}" + "  ".join(f"{a:g}: {v:.2f}" for a, v in r["wise"].items())

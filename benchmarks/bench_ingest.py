@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -251,7 +250,7 @@ def main() -> None:
         results.append({"vectors_vs_cpu": check})
     if args.rss and args.big:
         rss = {n: peak_rss_mb(big_set(n), args) for n in (args.big, 2 * args.big)}
-        print(f"\npeak RSS indexing 12 MP photos: " +
+        print("\npeak RSS indexing 12 MP photos: " +
               ", ".join(f"{n} images {mb:.0f} MB" for n, mb in rss.items()))
         results.append({"peak_rss_mb_12mp": rss})
     if args.out:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from conftest import FLICKR, draw_shapes
 from mmsearch.cli import app
 from mmsearch.engine import Engine
-from mmsearch.errors import DatasetError, ModelMismatchError, TrainingError, UsageError
+from mmsearch.errors import DatasetError, ModelMismatchError, TrainingError
 from mmsearch.eval.datasets import load_karpathy
 from mmsearch.ingest.decode import load_image
 from mmsearch.models.backends import lean_text_encoder, load_embedder

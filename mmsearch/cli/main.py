@@ -19,7 +19,6 @@ from mmsearch.cli.eval import eval_command
 from mmsearch.cli.query import query_command
 from mmsearch.cli.serve import serve_command
 from mmsearch.cli.train import distill_command, finetune_command
-from mmsearch.errors import UsageError
 
 app = typer.Typer(help="Search photo folders and image-text collections by meaning.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
