@@ -7,12 +7,12 @@ Both functions run for :class:`~mmsearch.store.Store` (``store.check()``,
 from __future__ import annotations
 
 import os
-import re
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mmsearch.errors import CorruptIndexError
+from mmsearch.ingest.remote import is_url
 from mmsearch.store.lock import lock_holder
 from mmsearch.store.vectorfiles import KINDS, Kind
 
@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store.store import Store
     from mmsearch.store.vectors import VectorIndex
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # s3://... (a Ray run's): not checked on disk
 CHECK_SAMPLE = 50_000      # vectors compared with the catalog by `check`
 
 
@@ -133,4 +132,4 @@ def repair(store: "Store") -> tuple[list[str], list[tuple[str, str]]]:
 
 def _gone(path: str) -> bool:
     """Whether a catalog path is a local file no longer on disk (a URL is never checked)."""
-    return not _URL.match(path) and not os.path.lexists(path)
+    return not is_url(path) and not os.path.lexists(path)
