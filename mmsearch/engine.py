@@ -37,7 +37,7 @@ from mmsearch.search.query import Filters, Query, combine
 from mmsearch.search.search import (check_k, check_text_query, empty_index, search_images,
                                     search_texts)
 from mmsearch.settings import Settings, resolve
-from mmsearch.store import MetadataSummary, Store
+from mmsearch.store import STORAGES, MetadataSummary, Store
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -71,6 +71,7 @@ class IndexInfo:
     schema_version: int
     repairs: list[str]
     metadata: MetadataSummary
+    storage: str = "catalog"
 
 
 class Engine:
@@ -136,10 +137,10 @@ class Engine:
                 self._text_embedder = self._embedder if lean is None else lean
         return self._text_embedder
 
-    def _ensure_model_recorded(self) -> None:
+    def _ensure_model_recorded(self, storage: str = "catalog") -> None:
         stored = self.store.model
         if stored is None:
-            self.store.set_model(self.identity, self.embedder.embed_dim)
+            self.store.set_model(self.identity, self.embedder.embed_dim, storage)
         elif stored.text_fingerprint != self.identity.text_fingerprint:
             self._adopt_text_tower()
         self._record_weights_file()
@@ -179,13 +180,16 @@ class Engine:
     # -- writing ---------------------------------------------------------------
     def index(self, paths: Sequence[str | Path], *, progress: Progress | None = None,
               stop: threading.Event | None = None, runner: str = "local",
-              address: str | None = None) -> IndexReport:
+              address: str | None = None, storage: str = "auto") -> IndexReport:
         """Add, update and forget images under ``paths`` (folders or files).
 
         Setting ``stop`` ends the run after the batch in progress, with everything
         done so far committed (``report.interrupted`` is then True). ``runner="ray"``
         embeds on a Ray cluster (``address``; None: a local Ray for the run), see
         :mod:`mmsearch.distributed`; it also reads fsspec URLs (``s3://bucket/photos/``).
+        ``storage`` (``catalog``, ``shards``; ``auto``: the index's own, and for a new
+        index ``shards`` with the Ray runner, else ``catalog``) says where a new index
+        keeps its image vectors (:mod:`mmsearch.store.shardvectors`).
         """
         if not paths:
             raise UsageError("nothing to index: give one or more folders or files")
@@ -195,9 +199,10 @@ class Engine:
         if url is not None and runner == "local":
             raise UsageError(f"{as_url(url)}: URLs are read by the Ray runner only: "
                              "add --runner ray")
+        storage = self._storage_for(runner, storage)
         s = self.settings
         with _Writing(self.store):
-            self._ensure_model_recorded()
+            self._ensure_model_recorded(storage)
             self._record_older_roots()
             if runner == "ray":
                 from mmsearch.distributed import index_on_ray, options_from
@@ -218,6 +223,23 @@ class Engine:
             self.store.retype(s.index_type)
             return report
 
+    def _storage_for(self, runner: str, asked: str) -> str:
+        """The storage of this run: the index's own (an explicit other one is refused),
+        or for a new index ``asked`` (``auto``: shards with the Ray runner)."""
+        if asked not in ("auto", *STORAGES):
+            raise UsageError(f"unknown storage {asked!r}: choose auto, catalog or shards")
+        name = self.settings.index
+        if self.store.model is None:
+            return asked if asked != "auto" else ("shards" if runner == "ray" else "catalog")
+        have = self.store.storage
+        if asked not in ("auto", have):
+            raise UsageError(f"index {name!r} keeps its vectors in its {have}, and always will: "
+                             f"leave out --storage, or make a new index (--index NEW)")
+        if have == "shards" and runner == "local":
+            raise UsageError(f"index {name!r} keeps its vectors in npy shards (it was made by "
+                             "--runner ray): index it with --runner ray")
+        return have
+
     def _record_older_roots(self) -> None:
         """An index made before roots were recorded: its photos' folders stand for its roots,
         so that recording this run's roots keeps the earlier photos servable."""
@@ -236,7 +258,10 @@ class Engine:
             read = backfill_metadata(self.store, None, self.settings.workers or default_workers())
             if read:
                 done.append(f"read the metadata of {read} images")
-            if redo:
+            if redo and self.store.storage == "shards":
+                done.append(f"forgot {len(redo)} images whose vectors were damaged; run "
+                            "`mmsearch index FOLDER --runner ray` on their folders to embed them")
+            elif redo:
                 self._ensure_model_recorded()
                 report = index_files(self.store, self.embedder, [Path(p) for p in redo],
                                      batch_size=self.settings.batch_size, draft=self.settings.draft)
@@ -360,7 +385,7 @@ class Engine:
             texts=read.text_count(), image_index=store.image_index,
             files={name: size for name, _, size in store.files()},
             schema_version=store.schema_version, repairs=list(store.repairs),
-            metadata=store.metadata_summary())
+            metadata=store.metadata_summary(), storage=store.storage)
 
 
 def as_query(text: "str | Query | None", image: "ImageQuery | None") -> Query:

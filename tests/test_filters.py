@@ -205,7 +205,7 @@ def test_an_older_index_is_back_filled_without_loading_a_model(
             db.execute(f"ALTER TABLE images DROP COLUMN {column}")
         db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     with Engine.open("old", create=False) as e:
-        assert e.info().schema_version == 3 and e.info().metadata.not_read == 25
+        assert e.info().schema_version == 4 and e.info().metadata.not_read == 25
         assert "25 images have no metadata yet" in " ".join(e.check()[0])
         assert e.search("a photo", k=5, filters=Filters(camera="fuji")) == []  # not read yet
         report = e.index([folder])

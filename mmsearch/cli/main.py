@@ -43,6 +43,10 @@ def index(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray "
                                                    "(auto: the one this machine joined; "
                                                    "default: a local Ray for the run).")] = None,
+    storage: Annotated[str, typer.Option(help="Where a new index keeps its image vectors: catalog "
+                                         "(SQLite), shards (npy files; the catalog keeps rows) "
+                                         "or auto (shards with --runner ray, else catalog); an "
+                                         "existing index keeps its own.")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image under PATHS (recursively); re-runs only embed what changed."""
@@ -54,7 +58,7 @@ def index(
                      index_type=index_type, decoder=decoder) as engine, ProgressBar(enabled=not as_json) as bar, \
             _stop_on_sigint(stop):
         report = engine.index(paths, progress=bar.update, stop=stop, runner=runner,
-                              address=address)
+                              address=address, storage=storage)
     if as_json:
         print_json(report)
     else:
@@ -134,6 +138,9 @@ def info(index: IndexOpt = None, home: HomeOpt = None, as_json: JsonOpt = False)
     typer.echo(f"model      {data.model.describe() if data.model else '-'} (dim {data.dim})")
     typer.echo(f"images     {data.images} ({data.distinct_images} distinct)\ntexts      {data.texts}")
     typer.echo(f"vectors    {data.image_index} (schema v{data.schema_version})")
+    if data.storage == "shards":
+        typer.echo("storage    shards: image vectors in shards/img_emb/*.npy (float16), "
+                   "rows in the catalog")
     for name, size in data.files.items():
         typer.echo(f"  {name:<16} {size / 1e6:10.1f} MB")
     _print_metadata(data.metadata)

@@ -7,8 +7,11 @@ a part each, and the parts merged in order (:mod:`mmsearch.store.sharded`): in m
 (``merge_from``), or on disk (``merge_ondisk``) for an IVF index too big for memory.
 Adding in parts gives the index a single process builds, so the same search results.
 
-:func:`build_store_index` does this for a store after a distributed run (its parts are
-chunks of the catalog's float32 vectors, so the index is the one a local run builds);
+:func:`build_store_index` does this for a store after a distributed run: in an index
+stored in the catalog its parts are chunks of the catalog's float32 vectors sent from the
+driver, so the index is the one a local run builds; in an index stored as shards each
+task reads its shard's npy file itself, at the rows the catalog names (the driver sends
+ids and row numbers only);
 :func:`build_from_shards` for clip-retrieval shards (``img_emb/*.npy`` with their
 ``metadata/*.parquet`` ids) read by the tasks themselves.
 """
@@ -23,6 +26,7 @@ import numpy as np
 
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import sharded
+from mmsearch.store.shardvectors import FOLDER, npy_path
 from mmsearch.store.vectors import IndexPlan, VectorIndex, plan_index
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,6 +44,11 @@ def _fill_shard(blob: np.ndarray, npy: str, metadata: str) -> np.ndarray:
     from mmsearch.distributed.shards import read_vectors
 
     return sharded.filled(blob, *read_vectors(Path(npy), Path(metadata)))
+
+
+def _fill_located(blob: np.ndarray, npy: str, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    vectors = np.load(npy, mmap_mode="r")[rows].astype(np.float32)
+    return sharded.filled(blob, ids, vectors)
 
 
 def _fill_to_file(blob: np.ndarray, npy: str, metadata: str, out: str) -> str:
@@ -71,11 +80,19 @@ def build_store_index(store: "Store", index_type: str | None, ray: Callable[[], 
     chosen = ids if size >= ids.size else np.random.default_rng(0).choice(ids, size, replace=False)
     blob = sharded.trained(plan, store.image_vectors(chosen)[1], fall_back=True)
     r = ray()
-    task = r.remote(num_cpus=1)(_fill)
     ref = r.put(blob)
-    chunks = store.read.vector_chunks("images", plan.dim, CHUNK)
-    calls = ((task, (ref, i, v)) for i, v in chunks)
-    index = sharded.merged(blob, _in_order(r, calls, -(-ids.size // CHUNK), progress))
+    if store.storage == "shards":
+        task = r.remote(num_cpus=1)(_fill_located)
+        folder = store.root / FOLDER
+        calls = ((task, (ref, str(npy_path(folder, k)), i, rows))
+                 for k, i, rows in store.read.shard_locations())  # streamed, a shard at a time
+        total = store.read.shard_count()
+    else:
+        task = r.remote(num_cpus=1)(_fill)
+        chunks = store.read.vector_chunks("images", plan.dim, CHUNK)
+        calls = ((task, (ref, i, v)) for i, v in chunks)
+        total = -(-ids.size // CHUNK)
+    index = sharded.merged(blob, _in_order(r, calls, total, progress))
     store.install_index(index, plan.factory)
     return True
 

@@ -6,16 +6,22 @@
    unchanged files stay on the driver, deleted ones are forgotten, the rest go to the
    cluster in manifest shards.
 3. The cluster decodes and embeds (:mod:`.ray_runner`). As each shard's rows are all
-   back, the driver stores them through the store's verbs (rows and float32 vectors in
-   one catalog transaction, under the ids the plan gave out), then writes the shard's
-   files in clip-retrieval's layout (:mod:`.shards`). A shard whose files exist was
-   stored, so a re-run never redoes it; a shard stored but not yet written is redone,
-   and rows already in the catalog are not added twice.
+   back, the driver stores them through the store's verbs, under the ids the plan gave
+   out, and writes the shard's files in clip-retrieval's layout (:mod:`.shards`). How
+   depends on the index's storage (:mod:`mmsearch.store.shardvectors`):
+
+   ``catalog``  rows and float32 vectors in one catalog transaction, then the files (a
+                copy of the vectors for other tools). A shard whose files exist was
+                stored, so a re-run never redoes it; a shard stored but not yet
+                written is redone, and rows already in the catalog are not added twice.
+   ``shards``   the files first (the npy holds the vectors for good), then the rows with
+                their (shard, row) locations in one transaction. A re-run commits a
+                shard whose files exist but whose rows do not, from its files: an npy
+                file is never rewritten once the catalog points into it.
 4. When the index type needs training and can be merged (IVF), it is built in parts
    on the cluster (:mod:`.build`); otherwise the store builds it as after a local run.
 
-The catalog keeps every vector, as after a local run, so ``query`` and ``serve`` use
-the index unchanged; the shards are a copy of the vectors for other tools.
+Either way ``query`` and ``serve`` use the index as a local one.
 """
 
 from __future__ import annotations
@@ -32,14 +38,16 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from mmsearch.distributed.plan import plan_run
-from mmsearch.distributed.shards import FOLDER, Run, ShardLayout, pyarrow, read_arrow, write_shard
-from mmsearch.errors import UsageError
+from mmsearch.distributed.shards import (FOLDER, Run, ShardLayout, pyarrow, read_arrow, read_npy,
+                                         read_table, write_shard)
+from mmsearch.errors import StorageError, UsageError
 from mmsearch.ingest.backfill import backfill_metadata
 from mmsearch.ingest.embed import default_workers
 from mmsearch.ingest.remote import as_url, filesystem, is_url
 from mmsearch.ingest.run import IndexReport, Skipped, _Stopped  # (the scan's stop signal)
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import ImageFile, StoredImage
+from mmsearch.store.shardvectors import as_stored
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.models.identity import ModelIdentity
@@ -108,6 +116,7 @@ class _Work:
         self.identity, self.options, self.report = identity, options, report
         self.progress, self.stop, self.session = progress, stop, session
         self._ray: Any = None
+        self.sharded = store.storage == "shards"
         self.stored: set[int] = set()  # ids this invocation stored or touched
         self.failed: set[str] = set()  # paths that failed in this invocation
 
@@ -154,6 +163,10 @@ class _Work:
     def execute(self, run: Run) -> None:
         """Process the shards of ``run`` that are not complete; finish the run if all are."""
         todo = [k for k in run.shards if not self.layout.complete(k)]
+        if self.sharded:
+            for k in run.shards:
+                if k not in todo:
+                    self._commit_written(k)
         if todo:
             self._cluster(todo)
         if all(self.layout.complete(k) for k in run.shards):
@@ -188,8 +201,39 @@ class _Work:
                 return
 
     def _store_shard(self, k: int, rows: list[dict[str, Any]]) -> None:
-        """Rows of shard ``k`` into the catalog (the new rows and their vectors in one
-        transaction), then the shard's files, the status last."""
+        """Rows of shard ``k`` into the catalog and its files (the status last): in an index
+        stored as shards the files first, else the rows (and vectors) first."""
+        ok = [r for r in rows if r["status"] == "ok"]
+        status = [_status_row(r) for r in rows]
+        if self.sharded:
+            vectors = np.stack([r["vector"] for r in ok]) if ok else self._no_vectors()
+            write_shard(self.layout, k, np.asarray([r["id"] for r in ok], np.int64), vectors,
+                        status)
+            self._commit(k, rows, as_stored(vectors))
+            return
+        self._commit(k, rows)
+        ids, vectors = self.store.image_vectors([r["id"] for r in ok])
+        write_shard(self.layout, k, ids, vectors, status)
+
+    def _no_vectors(self) -> np.ndarray:
+        return np.zeros((0, self.store.dim or 0), dtype=np.float32)
+
+    def _commit_written(self, k: int) -> None:
+        """Shard ``k``'s files exist (an index stored as shards): commit its rows unless a
+        killed driver already did (the one transaction adds every new row or none)."""
+        status = [_from_status(r) for r in read_table(self.layout.status(k))]
+        ok = [r for r in status if r["status"] == "ok"]
+        if len(self.store.read.image_paths([r["id"] for r in ok])) == len(ok):
+            return
+        vectors = read_npy(self.layout.npy(k)) if ok else self._no_vectors()
+        if len(vectors) != len(ok):
+            raise StorageError(f"{self.layout.npy(k)}: {len(vectors)} vectors for {len(ok)} "
+                               f"rows; delete {self.layout.status(k)} to embed the shard again")
+        self._commit(k, status, vectors)
+
+    def _commit(self, k: int, rows: list[dict[str, Any]], stored: np.ndarray | None = None) -> None:
+        """Record shard ``k``'s rows: failures in the report, touched files, new rows (with
+        ``stored``, the vectors as the shard holds them, for an index stored as shards)."""
         report = self.report
         for r in rows:
             if r["status"] == "failed":
@@ -202,28 +246,26 @@ class _Work:
         report.unchanged += len(same)
         self.stored.update(r["old_id"] for r in same)
         self.stored.update(r["id"] for r in rows if r["status"] == "ok")
-        ok = [r for r in rows if r["status"] == "ok"]
-        self._put(ok)
-        ids, vectors = self.store.image_vectors([r["id"] for r in ok])
-        status = [_status_row(r) for r in rows]
-        write_shard(self.layout, k, ids, vectors, status)
+        self._put(k, [r for r in rows if r["status"] == "ok"], stored)
 
-    def _put(self, ok: list[dict[str, Any]]) -> None:
+    def _put(self, k: int, ok: list[dict[str, Any]], stored: np.ndarray | None) -> None:
         """Add the rows not yet in the catalog, each replacing the row that holds its path
-        now (its old row, normally); a content already stored keeps its vector."""
+        now (its old row, normally); a content already stored keeps its vector. ``stored``:
+        row j of shard ``k``'s npy is ``ok[j]``'s vector (an index stored as shards)."""
         present = set(self.store.read.image_paths([r["id"] for r in ok]))
-        fresh = [r for r in ok if r["id"] not in present]
+        fresh = [(j, r) for j, r in enumerate(ok) if r["id"] not in present]
         if not fresh:
             return
-        holders = self.store.read.images_at([r["path"] for r in fresh])
-        known = self.store.known_vectors({r["content_hash"] for r in fresh})
-        for r in fresh:
-            known.setdefault(r["content_hash"], r["vector"])
+        holders = self.store.read.images_at([r["path"] for _, r in fresh])
+        known = self.store.known_vectors({r["content_hash"] for _, r in fresh})
+        for j, r in fresh:
+            known.setdefault(r["content_hash"], r["vector"] if stored is None else stored[j])
         files = [ImageFile(r["path"], r["size"], r["mtime_ns"], r["content_hash"],
-                           json.loads(r["meta"])) for r in fresh]
-        replaces = [holders[r["path"]].id if r["path"] in holders else None for r in fresh]
-        vectors = np.stack([known[r["content_hash"]] for r in fresh])
-        self.store.put_images(files, vectors, replaces=replaces, ids=[r["id"] for r in fresh])
+                           json.loads(r["meta"])) for _, r in fresh]
+        replaces = [holders[r["path"]].id if r["path"] in holders else None for _, r in fresh]
+        vectors = np.stack([known[r["content_hash"]] for _, r in fresh])
+        self.store.put_images(files, vectors, replaces=replaces, ids=[r["id"] for _, r in fresh],
+                              locations=None if stored is None else [(k, j) for j, _ in fresh])
         n_replaced = sum(old is not None for old in replaces)
         self.report.embedded += len(fresh)
         self.report.updated += n_replaced
@@ -234,6 +276,13 @@ class _Work:
         from mmsearch.distributed.build import build_store_index
 
         return build_store_index(self.store, self.options.index_type, self.ray, self.progress)
+
+
+def _from_status(s: dict[str, Any]) -> dict[str, Any]:
+    """A row of a status file as the row the cluster sent (without its vector)."""
+    return {**s, "path": s["image_path"], "reason": s["reason"] or "",
+            "content_hash": s["content_hash"] or "", "meta": s["meta"] or "{}",
+            "old_id": -1 if s["old_id"] is None else s["old_id"], "vector": None}
 
 
 def _status_row(r: dict[str, Any]) -> dict[str, Any]:

@@ -31,11 +31,12 @@ import numpy as np
 
 from mmsearch.errors import StorageError, UsageError
 from mmsearch.export import IMAGE_COLUMNS
+from mmsearch.store.shardvectors import FOLDER as FOLDER  # re-exported: the folder of the files
+from mmsearch.store.shardvectors import npy_path, write_npy
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-FOLDER = "shards"
 _INTEGER = {"id", "size", "mtime_ns", "width", "height", "orientation", "old_id"}
 _FLOAT = {"gps_lat", "gps_lon"}
 MANIFEST_COLUMNS = ("id", "path", "size", "mtime_ns", "old_id", "old_hash")
@@ -75,7 +76,7 @@ class ShardLayout:
     root: Path
 
     def npy(self, k: int) -> Path:
-        return self.root / "img_emb" / f"img_emb_{k}.npy"
+        return npy_path(self.root, k)
 
     def metadata(self, k: int) -> Path:
         return self.root / "metadata" / f"metadata_{k}.parquet"
@@ -177,14 +178,9 @@ def write_shard(layout: ShardLayout, k: int, ids: np.ndarray, vectors: np.ndarra
     of every manifest row, which marks the shard complete."""
     by_id = {r["id"]: r for r in status}
     meta = [_metadata_row(by_id[int(i)]) for i in ids]
-    _atomic(layout.npy(k), lambda tmp: _save_npy(tmp, vectors))
+    write_npy(layout.npy(k), vectors)
     write_table(layout.metadata(k), meta, IMAGE_COLUMNS)
     write_table(layout.status(k), status, STATUS_COLUMNS)
-
-
-def _save_npy(tmp: Path, vectors: np.ndarray) -> None:
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(vectors, dtype="<f2"))
 
 
 def _metadata_row(status: dict[str, Any]) -> dict[str, Any]:
@@ -194,12 +190,17 @@ def _metadata_row(status: dict[str, Any]) -> dict[str, Any]:
             "content_hash": status["content_hash"]}
 
 
-def read_vectors(npy: Path, metadata: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, float32 vectors) of one shard: its ``.npy`` and the ids of its metadata file."""
+def read_npy(npy: Path) -> np.ndarray:
+    """A shard's vectors as float32."""
     try:
-        vectors = np.load(npy).astype(np.float32)
+        return np.load(npy).astype(np.float32)
     except (OSError, ValueError) as exc:
         raise StorageError(f"cannot read {npy}: {exc}") from None
+
+
+def read_vectors(npy: Path, metadata: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 vectors) of one shard: its ``.npy`` and the ids of its metadata file."""
+    vectors = read_npy(npy)
     try:
         column = pyarrow().parquet.read_table(str(metadata), columns=["id"]).column("id")
     except (OSError, ValueError, KeyError) as exc:

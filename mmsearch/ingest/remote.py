@@ -38,6 +38,12 @@ def is_url(path: Path | str) -> bool:
     return bool(_URL.match(str(path)))
 
 
+def location(path: str) -> Path | str:
+    """A catalog path as hits carry it: a ``Path``, or the URL as it is (``Path`` would
+    fold ``s3://b/k`` into ``s3:/b/k``)."""
+    return path if is_url(path) else Path(path)
+
+
 def as_url(path: Path | str) -> str:
     """The URL ``path`` stands for, with the ``//`` a ``Path`` drops put back."""
     text = str(path)

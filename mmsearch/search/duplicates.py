@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmsearch.errors import UsageError
+from mmsearch.ingest.remote import location
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store
@@ -143,7 +144,7 @@ class DuplicateGroup:
     (one content). ``contents`` counts the distinct file contents in the group."""
 
     ids: list[int]
-    paths: list[Path]
+    paths: list[Path | str]  # URLs stay str
     exact: bool
     contents: int
 
@@ -174,4 +175,4 @@ def find_duplicates(store: "Store", *, threshold: float = DEFAULT_THRESHOLD,
 
 def _group(ids: list[int], records: dict[int, dict]) -> DuplicateGroup:
     contents = len({records[i]["content_hash"] for i in ids})
-    return DuplicateGroup(ids, [Path(records[i]["path"]) for i in ids], contents == 1, contents)
+    return DuplicateGroup(ids, [location(records[i]["path"]) for i in ids], contents == 1, contents)

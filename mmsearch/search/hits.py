@@ -15,7 +15,7 @@ class ImageHit:
     rank: int       # 1 = best
     score: float    # cosine similarity, -1..1
     id: int
-    path: Path
+    path: Path | str  # a URL (s3://bucket/a.jpg: indexed by the Ray runner) stays a str
     taken: str | None = None          # local date-time, ISO
     taken_source: str | None = None   # "exif" or "mtime" (the file's modification time)
     camera_make: str | None = None

@@ -15,6 +15,7 @@ import numpy as np
 
 from mmsearch.errors import CorruptIndexError, EmptyIndexError, UsageError
 from mmsearch.ingest.discover import canonical_root
+from mmsearch.ingest.remote import location
 from mmsearch.search.duplicates import dedup_ranked
 from mmsearch.search.filters import (Filters, bounding_box, extensions, period, within_km)
 from mmsearch.search.hits import HIT_METADATA, ImageHit, TextHit
@@ -75,7 +76,7 @@ def search_images(store: "Store", query: np.ndarray, k: int,
 
 def _hit(score: float, image_id: int, record: dict) -> ImageHit:
     fields = {f: record.get(f) for f in HIT_METADATA}
-    return ImageHit(0, float(score), int(image_id), Path(record["path"]), **fields)
+    return ImageHit(0, float(score), int(image_id), location(record["path"]), **fields)
 
 
 def selected_ids(store: "Store", filters: Filters) -> np.ndarray:

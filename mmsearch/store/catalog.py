@@ -17,7 +17,10 @@ Schema changes go in ``_MIGRATIONS``: bump ``SCHEMA_VERSION`` and add a step.
 v1: the tables above. v2: the stored model identity names its backend and its
 text tower (``backend``, ``text_pretrained``, ``text_fingerprint``). v3: image
 rows carry the photo's metadata (date taken, camera, lens, GPS, size after
-orientation, extension; :data:`METADATA_COLUMNS`).
+orientation, extension; :data:`METADATA_COLUMNS`). v4: an index records its *storage*
+(meta ``storage``: ``catalog``, every index before v4, or ``shards``); in an index stored
+as ``shards`` an embedding row holds no vector (an empty blob) but where it lies, shard
+``k`` row ``r`` of an npy file (``shard``, ``shard_row``; see :mod:`.shardvectors`).
 
 :class:`CatalogReader` has every query and no write; :class:`Catalog` adds the
 writes, which only :class:`mmsearch.store.Store` calls.
@@ -43,8 +46,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from mmsearch.errors import CorruptIndexError, MMSearchError, StorageError
+from mmsearch.store.shardvectors import ShardVectors
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+STORAGE = "storage"  # meta: where image vectors are kept (shardvectors.STORAGES)
 
 
 class Base(DeclarativeBase):
@@ -60,7 +65,10 @@ class MetaRow(Base):
 class EmbeddingRow(Base):
     __tablename__ = "embeddings"
     content_hash: Mapped[str] = mapped_column(String, primary_key=True)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # empty when the vector is in a shard
+    # v4: where the vector lies in an index stored as shards (NULL: in ``vector``)
+    shard: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    shard_row: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ImageRow(Base):
@@ -129,9 +137,21 @@ def _migrate_2_to_3(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_images_taken ON images (taken)")
 
 
+def _migrate_3_to_4(conn: Connection) -> None:
+    """Embedding rows can say where their vector lies in an npy shard; an index made
+    before records its storage: ``catalog`` (its vectors stay where they are)."""
+    have = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(embeddings)")}
+    for column in ("shard", "shard_row"):
+        if column not in have:  # a new file was made whole by create_all
+            conn.exec_driver_sql(f"ALTER TABLE embeddings ADD COLUMN {column} INTEGER")
+    if conn.execute(select(MetaRow.value).where(MetaRow.key == "model")).first():
+        conn.execute(insert(MetaRow).prefix_with("OR IGNORE").values(key=STORAGE,
+                                                                      value="catalog"))
+
+
 # version n -> n + 1; version 0 is an empty file.
 _MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2,
-                                                        2: _migrate_2_to_3}
+                                                        2: _migrate_2_to_3, 3: _migrate_3_to_4}
 READABLE_UNMIGRATED = 1  # older schemas this code still reads as they are (a read-only file)
 
 
@@ -215,10 +235,13 @@ def to_blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
 
-def _vector_select(kind: str) -> tuple[Any, Any]:
-    """(SELECT id, vector ... ORDER BY id, the id column) for ``kind``: images or texts."""
+def _vector_select(kind: str, sharded: bool = False) -> tuple[Any, Any]:
+    """(SELECT id, vector[, shard, shard_row] ... ORDER BY id, the id column) for ``kind``:
+    images or texts; ``sharded``: an index stored as shards (whose images' vectors may lie
+    in npy files)."""
     if kind == "images":
-        return (select(ImageRow.id, EmbeddingRow.vector)
+        where = (EmbeddingRow.shard, EmbeddingRow.shard_row) if sharded else ()
+        return (select(ImageRow.id, EmbeddingRow.vector, *where)
                 .join(EmbeddingRow, ImageRow.content_hash == EmbeddingRow.content_hash)
                 .order_by(ImageRow.id)), ImageRow.id
     return select(TextRow.id, TextRow.vector).order_by(TextRow.id), TextRow.id
@@ -246,6 +269,7 @@ class CatalogReader:
     def __init__(self, engine: Engine, path: Path) -> None:
         self._engine = engine
         self.path = path
+        self._shards = ShardVectors(path.parent)
 
     @staticmethod
     def _version(conn: Connection) -> int:
@@ -269,6 +293,17 @@ class CatalogReader:
         with self._read() as conn:
             row = conn.execute(select(MetaRow.value).where(MetaRow.key == key)).first()
         return row[0] if row else None
+
+    @property
+    def storage(self) -> str:
+        """Where the image vectors are kept: ``catalog`` or ``shards`` (see :mod:`.shardvectors`)."""
+        with self._read() as conn:
+            return "shards" if self._sharded(conn) else "catalog"
+
+    @staticmethod
+    def _sharded(conn: Connection) -> bool:
+        row = conn.execute(select(MetaRow.value).where(MetaRow.key == STORAGE)).first()
+        return bool(row) and row[0] == "shards"
 
     def _read(self) -> "_ReadConn":
         return _ReadConn(self._engine, self.path)
@@ -329,13 +364,21 @@ class CatalogReader:
         return value
 
     def known_vectors(self, hashes: Iterable[str], dim: int) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
+        """The stored vectors of these content hashes (those known and undamaged)."""
+        keys: list[str] = []
+        blobs: list[Any] = []
+        places: list[tuple[int, int] | None] = []
         with self._read() as conn:
+            where = (EmbeddingRow.shard, EmbeddingRow.shard_row) if self._sharded(conn) else ()
             for chunk in _chunks(list(set(hashes)), 900):
-                rows = conn.execute(select(EmbeddingRow.content_hash, EmbeddingRow.vector)
-                                    .where(EmbeddingRow.content_hash.in_(chunk)))
-                out.update({r.content_hash: np.frombuffer(r.vector, np.float32).copy() for r in rows})
-        return {h: v for h, v in out.items() if v.shape == (dim,)}
+                for r in conn.execute(select(EmbeddingRow.content_hash, EmbeddingRow.vector, *where)
+                                      .where(EmbeddingRow.content_hash.in_(chunk))):
+                    keys.append(r[0])
+                    blobs.append(r[1])
+                    places.append((r[2], r[3]) if where and r[2] is not None else None)
+        good = [i for i, (b, p) in enumerate(zip(blobs, places)) if p or not _damaged(b, dim)]
+        vectors = self._assemble([blobs[i] for i in good], [places[i] for i in good], dim)
+        return {keys[i]: v for i, v in zip(good, vectors)}
 
     def next_image_id(self) -> int:  # for messages and tests; commit_images allocates
         """An id no image row has ever had (see :meth:`_last_id`)."""
@@ -344,38 +387,91 @@ class CatalogReader:
 
     def image_vectors(self, dim: int, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of stored images, all or the given ids, ordered by id."""
-        return self._vectors(*_vector_select("images"), dim, ids)
+        return self._vectors("images", dim, ids)
 
     def vector_chunks(self, kind: str, dim: int,
                       size: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) of every stored image (or text) in id order, ``size`` at a time,
         so building an index over millions of vectors never holds them all in memory."""
-        query, id_col = _vector_select(kind)
         last = -(1 << 62)
         while True:
-            ids, vecs = self._vectors(query.where(id_col > last).limit(size), id_col, dim, None)
+            ids, vecs = self._vectors(kind, dim, None, after=last, limit=size)
             if not ids.size:
                 return
             yield ids, vecs
             last = int(ids[-1])
 
-    def _vectors(self, query, id_col, dim: int, ids: Iterable[int] | None):
+    def _vectors(self, kind: str, dim: int, ids: Iterable[int] | None, *,
+                 after: int | None = None, limit: int | None = None):
         chunks = [None] if ids is None else list(_chunks(sorted({int(i) for i in ids}), 900))
         out_ids: list[int] = []
-        blobs: list[bytes] = []
+        blobs: list[Any] = []
+        places: list[tuple[int, int] | None] = []
         size = 4 * dim
         damaged = 0
         with self._read() as conn:
+            sharded = kind == "images" and self._sharded(conn)
+            query, id_col = _vector_select(kind, sharded)
+            if after is not None:
+                query = query.where(id_col > after)
             for chunk in chunks:
                 q = query if chunk is None else query.where(id_col.in_(chunk))
-                for r in conn.execute(q):
+                for r in conn.execute(q if limit is None else q.limit(limit)):
                     out_ids.append(r[0])
                     blobs.append(r[1])
-                    damaged += not isinstance(r[1], bytes) or len(r[1]) != size or not size
+                    place = (r[2], r[3]) if sharded and r[2] is not None else None
+                    places.append(place)
+                    damaged += place is None and (not isinstance(r[1], bytes)
+                                                  or len(r[1]) != size or not size)
             if damaged:
                 raise CorruptIndexError(f"catalog {self.path} holds {damaged} damaged vectors: "
                                         "run `mmsearch check --repair`")
-            return np.asarray(out_ids, dtype=np.int64), from_blobs(blobs, dim)
+        return np.asarray(out_ids, dtype=np.int64), self._assemble(blobs, places, dim)
+
+    def _assemble(self, blobs: list[Any], places: list[tuple[int, int] | None],
+                  dim: int) -> np.ndarray:
+        """Vectors from catalog blobs, and from npy shards where ``places[i]`` says (k, row)."""
+        located = [i for i, p in enumerate(places) if p is not None]
+        if not located:
+            return from_blobs(blobs, dim)
+        out = np.empty((len(blobs), dim), dtype=np.float32)
+        at = np.asarray(located, dtype=np.int64)
+        where = np.asarray([places[i] for i in located], dtype=np.int64)
+        out[at] = self._shards.gather(where[:, 0], where[:, 1], dim)
+        rest = [i for i, p in enumerate(places) if p is None]
+        if rest:
+            out[rest] = from_blobs([blobs[i] for i in rest], dim)
+        return out
+
+    def shard_locations(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(shard, image ids, rows) of the images whose vectors lie in npy shards, a shard
+        at a time (an index stored as shards): what a build on a cluster hands its tasks,
+        which read the vectors themselves."""
+        query = (select(ImageRow.id, EmbeddingRow.shard, EmbeddingRow.shard_row)
+                 .join(EmbeddingRow, ImageRow.content_hash == EmbeddingRow.content_hash)
+                 .where(EmbeddingRow.shard.is_not(None))
+                 .order_by(EmbeddingRow.shard, ImageRow.id))
+        with self._read() as conn:
+            if not self._sharded(conn):
+                return
+            current, ids, rows = None, [], []
+            for image_id, k, row in conn.execute(query):
+                if k != current and ids:
+                    yield current, np.asarray(ids, np.int64), np.asarray(rows, np.int64)
+                    ids, rows = [], []
+                current = k
+                ids.append(image_id)
+                rows.append(row)
+            if ids:
+                yield current, np.asarray(ids, np.int64), np.asarray(rows, np.int64)
+
+    def shard_count(self) -> int:
+        """How many npy shards hold vectors the catalog points to."""
+        with self._read() as conn:
+            if not self._sharded(conn):
+                return 0
+            return int(conn.execute(select(func.count(func.distinct(EmbeddingRow.shard)))
+                                    .where(EmbeddingRow.shard.is_not(None))).scalar())
 
     def image_count(self) -> int:
         with self._read() as conn:
@@ -409,7 +505,7 @@ class CatalogReader:
             return {(r.key, r.text) for r in conn.execute(select(TextRow.key, TextRow.text))}
 
     def text_vectors(self, dim: int, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return self._vectors(*_vector_select("texts"), dim, ids)
+        return self._vectors("texts", dim, ids)
 
     def texts_by_id(self, ids: Iterable[int]) -> dict[int, tuple[str, str]]:
         out: dict[int, tuple[str, str]] = {}
@@ -437,10 +533,21 @@ class CatalogReader:
         return [] if rows == ["ok"] else [f"sqlite: {r}" for r in rows]
 
     def damaged_embeddings(self, dim: int) -> list[str]:
-        """Content hashes whose stored vector has the wrong length or is not finite."""
+        """Content hashes whose stored vector has the wrong length or is not finite (or,
+        kept in a shard, cannot be read there: a missing, short or damaged npy file)."""
         with self._read() as conn:
-            rows = conn.execute(select(EmbeddingRow.content_hash, EmbeddingRow.vector))
-            return [h for h, blob in rows if _damaged(blob, dim)]
+            if not self._sharded(conn):
+                rows = conn.execute(select(EmbeddingRow.content_hash, EmbeddingRow.vector))
+                return [h for h, blob in rows if _damaged(blob, dim)]
+            rows = conn.execute(select(EmbeddingRow.content_hash, EmbeddingRow.vector,
+                                       EmbeddingRow.shard, EmbeddingRow.shard_row)).all()
+        bad = [h for h, blob, k, _ in rows if k is None and _damaged(blob, dim)]
+        located = [(h, k, r) for h, _, k, r in rows if k is not None]
+        if located:
+            mask = self._shards.damaged(np.asarray([k for _, k, _ in located], np.int64),
+                                        np.asarray([r for _, _, r in located], np.int64), dim)
+            bad += [h for (h, _, _), m in zip(located, mask) if m]
+        return bad
 
     def damaged_texts(self, dim: int) -> dict[int, tuple[str, str]]:
         """Texts whose stored vector has the wrong length or is not finite: id -> (key, text)."""
@@ -452,7 +559,9 @@ class CatalogReader:
         """Byte length -> how many stored vectors (images and texts) have it."""
         sizes: dict[int, int] = {}
         with self._read() as conn:
-            for table in ("embeddings", "texts"):
+            # (an index stored as shards keeps no image vector here: only its texts count)
+            tables = ("texts",) if self._sharded(conn) else ("embeddings", "texts")
+            for table in tables:
                 for size, n in conn.exec_driver_sql(
                         f"SELECT length(vector), count(*) FROM {table} GROUP BY 1"):
                     sizes[int(size or 0)] = sizes.get(int(size or 0), 0) + n
@@ -486,6 +595,7 @@ class Catalog(CatalogReader):
         if not create and not path.is_file():
             raise CorruptIndexError(f"catalog missing: {path}")
         self.path = path
+        self._shards = ShardVectors(path.parent)
         check_sqlite_file(path)
         self._engine: Engine = _engine(path)
         try:
@@ -569,10 +679,12 @@ class Catalog(CatalogReader):
         return _WriteTxn(self._engine, self.path)
 
     def commit_images(self, new_vectors: dict[str, np.ndarray], files: list[ImageFile],
-                      delete_ids: Iterable[int] = (), ids: Iterable[int] | None = None) -> np.ndarray:
-        """One transaction: store new embeddings, add rows for ``files`` under fresh ids
+                      delete_ids: Iterable[int] = (), ids: Iterable[int] | None = None,
+                      locations: dict[str, tuple[int, int]] | None = None) -> np.ndarray:
+        """One transaction: store new embeddings (``locations``: content hash -> (shard, row)
+        of vectors kept in npy shards), add rows for ``files`` under fresh ids
         (returned, in order; ``ids``: ids reserved before, see ``reserve_image_ids``),
-        delete the rows ``delete_ids``."""
+        delete the rows ``delete_ids``. A content already stored keeps its vector."""
         delete_ids = [int(i) for i in delete_ids]
         with self._write() as conn:
             last = self._last_id(conn, ImageRow, "images_last_id")
@@ -581,6 +693,10 @@ class Catalog(CatalogReader):
             if new_vectors:
                 conn.execute(insert(EmbeddingRow).prefix_with("OR IGNORE"),
                              [{"content_hash": h, "vector": to_blob(v)} for h, v in new_vectors.items()])
+            if locations:
+                conn.execute(insert(EmbeddingRow).prefix_with("OR IGNORE"),
+                             [{"content_hash": h, "vector": b"", "shard": k, "shard_row": r}
+                              for h, (k, r) in locations.items()])
             for chunk in _chunks(delete_ids, 900):
                 conn.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
             if files:
@@ -675,8 +791,10 @@ class Catalog(CatalogReader):
         return paths
 
     def reader(self) -> CatalogReader:
-        """A view of this catalog with the queries only."""
-        return CatalogReader(self._engine, self.path)
+        """A view of this catalog with the queries only (sharing its open shard files)."""
+        view = CatalogReader(self._engine, self.path)
+        view._shards = self._shards
+        return view
 
 
 class _WriteTxn:

@@ -60,7 +60,10 @@ def check(store: "Store") -> list[str]:
 def _damage(store: "Store", dim: int) -> list[str]:
     out = []
     bad = store._catalog.damaged_embeddings(dim)
-    if bad:
+    if bad and store.storage == "shards":
+        out.append(f"{len(bad)} image vectors cannot be read from their npy shards "
+                   "(shards/img_emb: a missing, short or damaged file)")
+    elif bad:
         out.append(f"{len(bad)} stored vectors are damaged")
     damaged_texts = store._catalog.damaged_texts(dim)
     if damaged_texts:

@@ -4,6 +4,8 @@
 ``<home>/<name>/images.faiss``    derived: image vectors, ids = images.id
 ``<home>/<name>/texts.faiss``     derived: text vectors, ids = texts.id
 ``<home>/<name>/write.lock``      held (flock) by the one process writing
+``<home>/<name>/shards/``         a distributed run's files; in an index stored as
+                                  ``shards``, the image vectors (:mod:`.shardvectors`)
 
 Every write goes through a verb of :class:`Store` (``put_images``,
 ``forget_images``, ``put_texts``, ``forget_texts``, ...), which commits the
@@ -32,6 +34,7 @@ from mmsearch.store import integrity, selection
 from mmsearch.store.catalog import Catalog, CatalogReader, EmptyCatalogError, ImageFile, StoredImage
 from mmsearch.store.lock import WriteLock, lock_holder
 from mmsearch.store.selection import ImageSelection, MetadataSummary
+from mmsearch.store.shardvectors import STORAGES
 from mmsearch.store.vectorfiles import KINDS, Kind, VectorFiles
 from mmsearch.store.vectors import VectorIndex, plan_index
 
@@ -106,6 +109,12 @@ class Store:
     @property
     def schema_version(self) -> int:
         return self._catalog.schema_version
+
+    @property
+    def storage(self) -> str:
+        """Where the image vectors are kept: ``catalog`` (blobs in the catalog) or ``shards``
+        (npy files under ``shards/img_emb``); recorded with the model, never changed."""
+        return self.read.storage
 
     @property
     def requested_type(self) -> str:
@@ -193,10 +202,15 @@ class Store:
         return selection.summary(self.read)
 
     def files(self) -> Iterator[tuple[str, Path, int]]:
+        """(name, path, bytes) of the index's files; an index stored as shards adds its
+        npy shards (``shards/img_emb``, their total)."""
         for name in (CATALOG, "images.faiss", "texts.faiss"):
             path = self.root / name
             if path.is_file():
                 yield name, path, path.stat().st_size
+        folder = self.root / "shards" / "img_emb"
+        if self.storage == "shards" and folder.is_dir():
+            yield "shards/img_emb", folder, sum(p.stat().st_size for p in folder.glob("*.npy"))
 
     def refresh(self) -> bool:
         """Pick up what another process committed since this store last looked.
@@ -230,8 +244,12 @@ class Store:
             raise StorageError(f"{self.root.name}: writing needs the write lock (Store.lock())")
         return self._catalog
 
-    def set_model(self, identity: ModelIdentity, dim: int) -> None:
-        self._writer().set_metas({"model": identity.to_json(), "dim": str(dim)})  # both or neither
+    def set_model(self, identity: ModelIdentity, dim: int, storage: str = "catalog") -> None:
+        """Record the model, its dimension and the storage of a new index (all or none)."""
+        if storage not in STORAGES:
+            raise StorageError(f"unknown storage {storage!r}: choose {' or '.join(STORAGES)}")
+        self._writer().set_metas({"model": identity.to_json(), "dim": str(dim),
+                                  "storage": storage})
         self._files.forget_loaded()  # any index opened before had no dimension to go by
 
     def switch_text_tower(self, identity: ModelIdentity, texts: dict[int, np.ndarray]) -> None:
@@ -253,19 +271,33 @@ class Store:
 
     def put_images(self, files: Sequence[ImageFile], vectors: np.ndarray, *,
                    replaces: Sequence[int | None] = (), new_content: bool = True,
-                   ids: Sequence[int] | None = None) -> np.ndarray:
+                   ids: Sequence[int] | None = None,
+                   locations: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
         """Add rows for ``files`` with their ``vectors``; returns their new ids.
 
         ``replaces[i]``: the id of the row ``files[i]`` replaces (a changed file), or
         None. ``new_content=False``: the vectors are already stored under these
         content hashes (a moved or copied file), only rows are added. ``ids``: ids
-        given out before by :meth:`reserve_image_ids` (default: fresh ones). One catalog
+        given out before by :meth:`reserve_image_ids` (default: fresh ones).
+        ``locations[i]``: (shard, row) of ``files[i]``'s vector in an npy shard written
+        before, for an index stored as shards (and only there); ``vectors`` are then what
+        the shard gives back (:func:`~mmsearch.store.shardvectors.as_stored`). One catalog
         transaction, then the loaded FAISS index.
         """
+        if (locations is not None) != (self.storage == "shards"):
+            raise StorageError(f"index {self.root.name!r} keeps its vectors in its "
+                               f"{self.storage}: they are stored "
+                               + ("with their shard locations" if locations is None
+                                  else "as vectors, not shard locations"))
         old = np.asarray([i for i in replaces if i is not None], dtype=np.int64)
         new = {f.content_hash: v for f, v in zip(files, vectors)} if new_content else {}
+        where = None
+        if locations is not None:
+            where = {f.content_hash: (int(k), int(r)) for f, (k, r) in zip(files, locations)}
+            new = {}
         self._loaded_before_write("images")
-        ids = self._writer().commit_images(new, list(files), delete_ids=old, ids=ids)
+        ids = self._writer().commit_images(new, list(files), delete_ids=old, ids=ids,
+                                           locations=where)
         if self._drop_vectors("images", old) and len(files):
             self._files.get("images").add(ids, np.asarray(vectors, dtype=np.float32))
         return ids
