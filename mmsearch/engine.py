@@ -230,6 +230,9 @@ class Engine:
             raise UsageError(f"unknown storage {asked!r}: choose auto, catalog or shards")
         name = self.settings.index
         if self.store.model is None:
+            if asked == "shards" and runner == "local":
+                raise UsageError("--storage shards needs --runner ray (the local runner keeps "
+                                 "vectors in the catalog)")
             return asked if asked != "auto" else ("shards" if runner == "ray" else "catalog")
         have = self.store.storage
         if asked not in ("auto", have):

@@ -170,7 +170,8 @@ def test_the_catalog_keeps_rows_and_the_shards_keep_the_vectors(built: Built) ->
     assert built.local.info().storage == "catalog"
 
 
-def test_the_storage_is_kept_and_the_local_runner_refused(built: Built, photos: Path) -> None:
+def test_the_storage_is_kept_and_the_local_runner_refused(built: Built, photos: Path,
+                                                         tiny_model) -> None:
     from mmsearch.errors import UsageError
 
     with pytest.raises(UsageError, match=r"made by --runner ray\): index it with --runner ray"):
@@ -181,6 +182,10 @@ def test_the_storage_is_kept_and_the_local_runner_refused(built: Built, photos: 
         built.local.index([photos], storage="shards")
     with pytest.raises(UsageError, match="unknown storage 'disk'"):
         built.local.index([photos], storage="disk")
+    with _open(built.local.store.root.parent, "new", tiny_model) as fresh:
+        with pytest.raises(UsageError, match="--storage shards needs --runner ray"):
+            fresh.index([photos], storage="shards")
+        assert fresh.store.model is None  # nothing was recorded
 
 
 def test_an_index_stored_as_shards_is_rebuilt_reranked_checked_and_repaired(

@@ -121,7 +121,13 @@ class _Work:
         self.failed: set[str] = set()  # paths that failed in this invocation
 
     def run(self, roots: list[Path | str]) -> None:
-        """Finish a pending run, plan and execute a new one, build the index."""
+        """Finish a pending run, plan and execute a new one, build the index. In an index
+        stored as shards the driver never holds the vectors: the image index is left alone
+        while rows are stored, then built (or brought up to date) at the end."""
+        with self.store.image_index_deferred() if self.sharded else contextlib.nullcontext():
+            self._run(roots)
+
+    def _run(self, roots: list[Path | str]) -> None:
         layout, report = self.layout, self.report
         pending = layout.read_run()
         if pending is not None and pending.model != self.identity.fingerprint:

@@ -8,14 +8,15 @@ An index's *storage* is recorded with its model when it is made, and never chang
              the rows (id, path, metadata) and, per distinct content, where its vector
              lies: shard ``k``, row ``r`` of ``<index>/shards/img_emb/img_emb_{k}.npy``
              (clip-retrieval's layout: float16, L2-normalised). At 10^9 x 512 that is
-             ~1 TB of vectors that stay out of SQLite; FAISS is rebuilt from the shards,
+             ~1 TB of vectors that stay out of SQLite (which would take ~4 TB for
+             them as float32 blobs: ``benchmarks/bench_storage.py``); FAISS is rebuilt from the shards,
              and compressed indexes are re-ranked with them.
 
 A shard's npy file is written whole under its final name (a temporary file renamed into
 place) before any catalog row points into it, and is never changed after (shard numbers
 are never reused), so a location, once committed, names one vector for ever. This
-module reads them (memory-mapped, a file opened once while it is unchanged) and writes
-them; the catalog resolves its locations through :class:`ShardVectors`.
+module reads them (:class:`ShardVectors`, through which the catalog resolves its
+locations) and writes them (:func:`write_npy`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from mmsearch.errors import CorruptIndexError, StorageError
 
 FOLDER = "shards"
 STORAGES = ("catalog", "shards")
-OPEN_FILES = 64  # memory maps kept open
+HEADERS = 1 << 16  # shard headers kept (a few dozen bytes each)
+MAPPED_ROWS = 256  # more rows than this from one shard are read through a memory map
 
 
 def npy_path(shards_folder: Path, k: int) -> Path:
@@ -56,73 +58,128 @@ def as_stored(vectors: np.ndarray) -> np.ndarray:
 
 
 class ShardVectors:
-    """The npy shards of one index folder, read by (shard, row) locations."""
+    """The npy shards of one index folder, read by (shard, row) locations.
+
+    Each file's header is read once (while the file is unchanged); a few rows are then
+    read with ``pread``, many through a memory map made for the call. No file stays
+    open, so 10^4 shards cost no file descriptors.
+    """
 
     def __init__(self, index_root: Path) -> None:
         self.folder = index_root / FOLDER
-        self._open: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
+        self._prefix = str(npy_path(self.folder, 0))[:-len("0.npy")]  # ".../img_emb_"
+        self._headers: dict[int, tuple[tuple[int, int, int],
+                                       tuple[int, tuple[int, int], np.dtype]]] = {}
 
     def path(self, k: int) -> Path:
         return npy_path(self.folder, k)
+
+    def _file(self, k: int) -> str:
+        return f"{self._prefix}{k}.npy"  # (a Path per read costs more than the read)
 
     def gather(self, shards: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
         """float32 vectors at these locations, in order; a location whose file is missing
         or too short, or a file of another dimension, raises :class:`CorruptIndexError`."""
         shards, rows = np.asarray(shards, np.int64), np.asarray(rows, np.int64)
         out = np.empty((shards.size, dim), dtype=np.float32)
-        for k in np.unique(shards):
-            at = np.flatnonzero(shards == k)
-            array = self._array(int(k), dim)
-            wanted = rows[at]
-            if wanted.size and (wanted.min() < 0 or wanted.max() >= array.shape[0]):
-                raise CorruptIndexError(f"{self.path(int(k))} holds {array.shape[0]} vectors; "
-                                        f"the catalog points to row {int(wanted.max())}: run "
-                                        "`mmsearch check`")
-            out[at] = array[wanted]
+        for k, at in _by_shard(shards):
+            out[at] = self._read(k, rows[at], dim)
         return out
 
     def damaged(self, shards: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
         """A mask of the locations whose vector cannot be read or is not finite."""
         shards, rows = np.asarray(shards, np.int64), np.asarray(rows, np.int64)
         bad = np.zeros(shards.size, dtype=bool)
-        for k in np.unique(shards):
-            at = np.flatnonzero(shards == k)
+        for k, at in _by_shard(shards):
             try:
-                array = self._array(int(k), dim)
+                n = self._header(k, dim)[1]
             except CorruptIndexError:
                 bad[at] = True
                 continue
-            inside = (rows[at] >= 0) & (rows[at] < array.shape[0])
+            inside = (rows[at] >= 0) & (rows[at] < n)
             bad[at[~inside]] = True
             ok = at[inside]
-            bad[ok] = ~np.isfinite(np.asarray(array[rows[ok]], dtype=np.float32)).all(axis=1)
+            if ok.size:
+                bad[ok] = ~np.isfinite(self._read(k, rows[ok], dim)).all(axis=1)
         return bad
 
-    def _array(self, k: int, dim: int) -> np.ndarray:
-        """Shard ``k`` memory-mapped (kept open while its file is unchanged)."""
-        path = self.path(k)
+    def _read(self, k: int, rows: np.ndarray, dim: int) -> np.ndarray:
+        """Rows ``rows`` of shard ``k`` as float32."""
+        offset, n, dtype = self._header(k, dim)
+        path = self._file(k)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise CorruptIndexError(f"{path} holds {n} vectors; the catalog points to row "
+                                    f"{int(rows.max())}: run `mmsearch check`")
+        width = dim * dtype.itemsize
         try:
-            st = path.stat()
+            if rows.size > MAPPED_ROWS:
+                data = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n, dim))
+                return np.asarray(data[rows], dtype=np.float32)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                buf = b"".join(os.pread(fd, width, offset + int(r) * width) for r in rows)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            raise CorruptIndexError(f"vector shard {path} is missing: run `mmsearch check`") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if len(buf) != rows.size * width:
+            raise CorruptIndexError(f"vector shard {path} is truncated: run `mmsearch check`")
+        return np.frombuffer(buf, dtype=dtype).reshape(-1, dim).astype(np.float32)
+
+    def _header(self, k: int, dim: int) -> tuple[int, int, np.dtype]:
+        """(data offset, rows, dtype) of shard ``k``, read once while its file is unchanged."""
+        path = self._file(k)
+        try:
+            st = os.stat(path)
         except FileNotFoundError:
             raise CorruptIndexError(f"vector shard {path} is missing: run `mmsearch check`") from None
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-        cached = self._open.get(k)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
+        cached = self._headers.get(k)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, self._parse(path))
+            if len(self._headers) >= HEADERS:
+                self._headers.pop(next(iter(self._headers)))
+            self._headers[k] = cached
+        offset, shape, dtype = cached[1]
+        if shape[1] != dim:
+            raise CorruptIndexError(f"vector shard {path} holds {dtype} {shape}, "
+                                    f"not (n, {dim}) vectors: run `mmsearch check`")
+        if _bytes_needed(offset, shape, dtype) > st.st_size:
+            raise CorruptIndexError(f"vector shard {path} is truncated: run `mmsearch check`")
+        return offset, shape[0], dtype
+
+    @staticmethod
+    def _parse(path: str) -> tuple[int, tuple[int, int], np.dtype]:
+        """(data offset, shape, dtype) from an npy file's header."""
+        fmt = np.lib.format
         try:
-            try:
-                array = np.load(path, mmap_mode="r")
-            except ValueError:  # an empty shard (every file failed) cannot be mapped
-                array = np.load(path)
+            with open(path, "rb") as f:
+                version = fmt.read_magic(f)
+                read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                offset = f.tell()
         except (OSError, ValueError) as exc:
             raise CorruptIndexError(f"vector shard {path} is unreadable ({exc}): run "
                                     "`mmsearch check`") from None
-        if array.ndim != 2 or array.shape[1] != dim or array.dtype.kind != "f":
-            raise CorruptIndexError(f"vector shard {path} holds {array.dtype} {array.shape}, "
-                                    f"not (n, {dim}) vectors: run `mmsearch check`")
-        if len(self._open) >= OPEN_FILES:
-            self._open.pop(next(iter(self._open)))
-        self._open[k] = (stamp, array)
-        return array
+        if len(shape) != 2 or dtype.kind != "f" or fortran:
+            raise CorruptIndexError(f"vector shard {path} holds {dtype} {shape}, not "
+                                    "(n, dim) vectors: run `mmsearch check`")
+        return offset, (int(shape[0]), int(shape[1])), dtype
+
+
+def _bytes_needed(offset: int, shape: tuple[int, int], dtype: np.dtype) -> int:
+    return offset + shape[0] * shape[1] * dtype.itemsize
+
+
+def _by_shard(shards: np.ndarray):
+    """(shard, positions in ``shards``) for each shard named, in shard order."""
+    order = np.argsort(shards, kind="stable")
+    ordered = shards[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if shards.size else []
+    ends = list(starts[1:]) + [shards.size]
+    for a, b in zip(starts, ends):
+        yield int(ordered[a]), order[a:b]

@@ -21,6 +21,7 @@ holding the write lock saves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -60,6 +61,7 @@ class Store:
         self._files = VectorFiles(root, catalog, self._lock, lambda: self.dim, self.repairs, gpu)
         self._seen = self._signature()
         self._selections: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._deferred: bool | None = None  # None: image writes update the loaded index
 
     @classmethod
     def open(cls, root: Path, *, create: bool, gpu: int | None = -1) -> "Store":
@@ -295,12 +297,39 @@ class Store:
         if locations is not None:
             where = {f.content_hash: (int(k), int(r)) for f, (k, r) in zip(files, locations)}
             new = {}
+        if self._skip_index():
+            return self._writer().commit_images(new, list(files), delete_ids=old, ids=ids,
+                                                locations=where)
         self._loaded_before_write("images")
         ids = self._writer().commit_images(new, list(files), delete_ids=old, ids=ids,
                                            locations=where)
         if self._drop_vectors("images", old) and len(files):
             self._files.get("images").add(ids, np.asarray(vectors, dtype=np.float32))
         return ids
+
+    @contextlib.contextmanager
+    def image_index_deferred(self) -> Iterator[None]:
+        """Image writes inside touch the catalog only, never the loaded image index: a
+        distributed run's driver then never holds the vectors it stores. Afterwards the
+        index is brought up to date from the stored vectors and saved, unless
+        :meth:`install_index` (or :meth:`rebuild`) gave it a new one after the last write."""
+        self._writer()
+        self.flush("images")
+        self._files.forget_loaded()  # (read again, and synced, when next needed)
+        self._deferred = False
+        try:
+            yield
+        finally:
+            changed, self._deferred = self._deferred, None
+            if changed:
+                self._files.catch_up("images")
+
+    def _skip_index(self) -> bool:
+        """Whether an image write leaves the loaded index alone (see :meth:`image_index_deferred`)."""
+        if self._deferred is None:
+            return False
+        self._deferred = True
+        return True
 
     def reserve_image_ids(self, n: int) -> int:
         """Give out ``n`` consecutive image ids now (rows come later, through ``put_images(ids=)``:
@@ -313,6 +342,8 @@ class Store:
         self._writer()
         self._files.install("images", index, {"images_index": index.description,
                                               "images_index_asked": asked})
+        if self._deferred:
+            self._deferred = False  # it holds every write so far
 
     def touch_images(self, rows: Sequence[StoredImage]) -> None:
         """Record a new size/mtime for files whose content did not change."""
@@ -324,6 +355,9 @@ class Store:
 
     def forget_images(self, ids: np.ndarray) -> None:
         """Delete these image rows (their vectors stay until :meth:`prune`) and their FAISS entries."""
+        if self._skip_index():
+            self._writer().commit_images({}, [], delete_ids=ids)
+            return
         self._loaded_before_write("images")
         self._writer().commit_images({}, [], delete_ids=ids)
         self._drop_vectors("images", np.asarray(ids, dtype=np.int64))
@@ -377,6 +411,8 @@ class Store:
     def rebuild(self, kind: Kind, *, index_type: str | None = None) -> VectorIndex:
         """Build the index of ``kind`` from the catalog again (as ``index_type``) and save it."""
         self._writer()
+        if kind == "images" and self._deferred:
+            self._deferred = False  # it holds every write so far
         return self._files.rebuild(kind, note=False, index_type=index_type)
 
     def retype(self, requested: str | None = None) -> None:

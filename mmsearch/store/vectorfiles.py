@@ -145,6 +145,15 @@ class VectorFiles:
         self.save(kind, index, meta)
         return index
 
+    def catch_up(self, kind: Kind) -> None:
+        """Read the file of ``kind`` again, bring it in line with the catalog after writes
+        that skipped it on purpose (no repair is noted), and save it."""
+        before = len(self.repairs)
+        self._loaded.pop(kind, None)
+        self.get(kind)
+        del self.repairs[before:]
+        self.flush(kind)
+
     def rebuild(self, kind: Kind, *, note: bool = True, index_type: str | None = None) -> VectorIndex:
         """:meth:`build`, kept as the loaded index of ``kind`` and saved (when writing)."""
         plan = self.plan(kind, index_type)
