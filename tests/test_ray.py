@@ -387,6 +387,30 @@ def test_a_file_url_is_indexed_with_full_urls_and_the_local_vectors(by_url: ByUr
     assert not [p for p in by_url.remote.check()[0] if "no longer exist" in p]  # not on disk
 
 
+def test_photos_indexed_from_a_url_are_served(by_url: ByUrl) -> None:
+    from fastapi.testclient import TestClient
+
+    from mmsearch.serve.app import create_app
+    from mmsearch.serve.security import Access
+    from mmsearch.serve.service import SearchService
+    from mmsearch.settings import resolve
+
+    service = SearchService(resolve(home=by_url.remote.store.root.parent, index="url"))
+    try:
+        client = TestClient(create_app(service, Access("127.0.0.1", None)),
+                            base_url="http://127.0.0.1:8000")
+        hit = client.get("/api/search", params={"q": "a dog", "k": 1}).json()["hits"][0]
+        assert hit["path"].startswith(by_url.url)  # the URL as indexed (not file:/...)
+        thumb = client.get(hit["thumbnail"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
+        original = client.get(f"/original/{hit['id']}")
+        assert original.status_code == 200 and original.headers["content-type"] == "image/jpeg"
+        name = hit["path"].rsplit("/", 1)[-1]
+        assert original.content == (by_url.folder / name).read_bytes()
+    finally:
+        service.close()
+
+
 def test_a_second_run_of_a_url_embeds_nothing(by_url: ByUrl) -> None:
     r = by_url.second
     assert (r.added, r.embedded, r.updated, r.removed, r.unchanged) == (0, 0, 0, 0, N_URL)

@@ -7,17 +7,19 @@ unavailable, 500 a damaged index or a disk error. OpenAPI docs at ``/docs``.
 
 from __future__ import annotations
 
+import mimetypes
 from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from mmsearch import __version__
 from mmsearch.errors import (DecodeError, IndexNotFoundError, MMSearchError, ModelError,
                              UsageError)
+from mmsearch.ingest.remote import read_url
 from mmsearch.search.filters import Filters, lat_lon
 from mmsearch.search.query import Query as SearchQuery
 from mmsearch.serve.security import (COOKIE, OPEN_PATHS, Access, offered_token, servable,
@@ -171,15 +173,23 @@ def _file_routes(app: FastAPI, service: SearchService) -> None:
             raise HTTPException(404, "no such image")
         try:
             cached = thumbnail(service.thumbs, path, record["content_hash"])
-        except (DecodeError, OSError):
+        except (DecodeError, OSError, UsageError):
             raise HTTPException(404, "this photo cannot be read any more") from None
         return FileResponse(cached, media_type="image/webp",
                             headers={"Cache-Control": "private, max-age=31536000, immutable"})
 
     @app.get("/original/{image_id}")
-    def original(image_id: str) -> FileResponse:
+    def original(image_id: str) -> Response:
         _, record = _image_id(image_id, service)
         path = servable(record["path"], service.roots)
         if path is None:
             raise HTTPException(404, "no such image")
-        return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+        headers = {"Cache-Control": "private, max-age=3600"}
+        if isinstance(path, str):  # a URL: read through fsspec
+            try:
+                data = read_url(path)
+            except (DecodeError, UsageError):
+                raise HTTPException(404, "this photo cannot be read any more") from None
+            kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
+            return Response(data, media_type=kind, headers=headers)
+        return FileResponse(path, headers=headers)

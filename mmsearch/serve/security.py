@@ -8,7 +8,9 @@
   (HttpOnly, SameSite=Strict) and redirects to the same URL without it.
   Compared in constant time.
 * Files are served by catalog id only, and only while the file, symlinks
-  resolved, is still under a folder that was indexed.
+  resolved, is still under a folder that was indexed. A photo indexed from a URL
+  (``s3://bucket/photos/a.jpg``, by the Ray runner) is served when it lies under a
+  URL that was indexed; the server reads it with the credentials it runs with.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
+
+from mmsearch.ingest.remote import is_url
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 COOKIE = "mmsearch_token"
@@ -74,12 +78,17 @@ def without_token(path: str, params: list[tuple[str, str]]) -> str:
     return path + ("?" + urlencode(rest) if rest else "")
 
 
-def servable(path: str, roots: list[str] | None) -> Path | None:
-    """``path`` (a catalog path) resolved, if it is a regular file still under an indexed root.
+def servable(path: str, roots: list[str] | None) -> Path | str | None:
+    """``path`` (a catalog path) resolved, if it is a regular file still under an indexed root
+    (a URL: as it is, if under an indexed URL; whether it still exists is seen on reading).
 
     ``roots`` None (an index made before roots were recorded): the file must stay in
     its own folder once symlinks are resolved.
     """
+    if is_url(path):
+        inside = any(is_url(r) and (path == r or path.startswith(r.rstrip("/") + "/"))
+                     for r in roots or [])
+        return path if inside and "/../" not in path + "/" else None
     try:
         real = Path(os.path.realpath(path))
         if not real.is_file():

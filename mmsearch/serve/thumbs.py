@@ -13,18 +13,23 @@ import os
 import tempfile
 from pathlib import Path
 
-from mmsearch.ingest.decode import load_image
+from mmsearch.ingest.decode import decode_bytes, load_image
+from mmsearch.ingest.remote import is_url, read_url
 
 SIZE = 320
 QUALITY = 80
 
 
-def thumbnail(cache: Path, source: Path, content_hash: str, size: int = SIZE) -> Path:
-    """The cached thumbnail of ``source`` (made now if missing). Raises DecodeError, OSError."""
+def thumbnail(cache: Path, source: Path | str, content_hash: str, size: int = SIZE) -> Path:
+    """The cached thumbnail of ``source``, a file or a URL (made now if missing). Raises
+    DecodeError, OSError."""
     target = cache / content_hash[:2] / f"{content_hash}-{size}.webp"
     if target.is_file():
         return target
-    image = load_image(source, draft_size=size)
+    if isinstance(source, str) and is_url(source):
+        image = decode_bytes(read_url(source), draft_size=size)
+    else:
+        image = load_image(source, draft_size=size)
     image.thumbnail((size, size))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
