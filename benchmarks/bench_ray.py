@@ -5,8 +5,9 @@
 
 1. Ingest: the same Flickr photos indexed by `Engine.index` (local runner) and by
    `Engine.index(runner="ray")` on a local Ray started once beforehand (as a cluster
-   would already run): images/s end to end, the Ray run's fixed start cost (a run of
-   16 photos), and the largest difference between the two runners' vectors.
+   would already run), into an index stored in the catalog and one stored as shards:
+   images/s end to end, the Ray run's fixed start cost (a run of 16 photos), the
+   largest difference between the two runners' vectors, the catalogs' sizes.
 2. Build: synthetic unit vectors (512-d) written as clip-retrieval shards (float16
    npy + parquet ids, made once under indexes/bench-data/), then for each index type a
    trained index (trained once, on the driver) filled (a) in one process, shard after
@@ -69,15 +70,25 @@ def ingest(args: argparse.Namespace) -> dict:
             with Engine.open(name.replace("_", "-"), **opts) as e:
                 out[name] = e.index([small], runner="ray").seconds
         with Engine.open("ray", **opts) as e:
-            rep = e.index([folder], runner="ray")
+            rep = e.index([folder], runner="ray", storage="catalog")
             out["ray_s"], out["ray_ips"] = rep.seconds, rep.images_per_second
             got = _vectors(e)
         out["max_abs_diff"] = float(max(np.abs(got[k] - v).max() for k, v in local.items()))
         out["same_files"] = sorted(got) == sorted(local)
+        with Engine.open("ray-shards", **opts) as e:
+            rep = e.index([folder], runner="ray", storage="shards")
+            out["shards_s"], out["shards_ips"] = rep.seconds, rep.images_per_second
+            got = _vectors(e)
+        # (closed: the write-ahead log is checkpointed into the file)
+        out["shards_catalog_bytes"] = (home / "ray-shards" / "catalog.sqlite").stat().st_size
+        out["local_catalog_bytes"] = (home / "local" / "catalog.sqlite").stat().st_size
+        out["shards_max_abs_diff"] = float(max(np.abs(got[k] - v).max() for k, v in local.items()))
+        out["shards_same_files"] = sorted(got) == sorted(local)
         ray.shutdown()
     finally:
         shutil.rmtree(home, ignore_errors=True)
     out["ratio"] = out["ray_ips"] / out["local_ips"]
+    out["shards_ratio"] = out["shards_ips"] / out["local_ips"]
     steady = (args.photos - 16) / max(out["ray_s"] - out["ray_16_s"], 1e-9)
     out["ray_steady_ips"] = steady
     return out
@@ -254,12 +265,17 @@ def report(info: dict, ing: dict | None, rows: list[dict]) -> str:
                   "not counted)",
                   f"  local runner   {ing['local_ips']:6.1f} images/s ({ing['local_s']:.1f} s)",
                   f"  Ray runner     {ing['ray_ips']:6.1f} images/s ({ing['ray_s']:.1f} s) = "
-                  f"{ing['ratio']:.2f}x the local runner",
+                  f"{ing['ratio']:.2f}x the local runner (storage catalog)",
+                  f"  Ray runner     {ing['shards_ips']:6.1f} images/s ({ing['shards_s']:.1f} s) = "
+                  f"{ing['shards_ratio']:.2f}x the local runner (storage shards); catalog "
+                  f"{ing['shards_catalog_bytes'] / 1e6:.2f} MB vs {ing['local_catalog_bytes'] / 1e6:.2f} "
+                  f"MB locally; largest |vector difference| {ing['shards_max_abs_diff']:.2e} "
+                  f"(float16), same files: {ing['shards_same_files']}",
                   f"  Ray, 16 photos {ing['ray_16_s']:.1f} s (the fixed cost of a run: the actor "
                   f"starts, imports torch + open_clip, loads the model; {ing['ray_cold_16_s']:.1f} s "
                   f"for the first run, whose decode workers import them too); beyond it "
                   f"{ing['ray_steady_ips']:.1f} images/s",
-                  f"  same files: {ing['same_files']}; largest |vector difference| "
+                  f"  storage catalog: same files: {ing['same_files']}; largest |vector difference| "
                   f"{ing['max_abs_diff']:.2e}", ""]
     for row in rows:
         lines.append(f"build {row['factory']}: {rows and row['single']['ntotal']} vectors, "
