@@ -27,7 +27,7 @@ from mmsearch.errors import ModelError, TrainingError
 from mmsearch.models.identity import ModelIdentity
 from mmsearch.progress import Progress, no_progress
 from mmsearch.train.data import TrainSet, prepare_set
-from mmsearch.train.finetune import _optimizer
+from mmsearch.train.finetune import optimizer
 from mmsearch.train.forward import Recalls, embed_images, image_features, recalls
 from mmsearch.train.losses import affinity_distill, feature_distill
 from mmsearch.train.output import model_config
@@ -212,7 +212,8 @@ def _fit(student: "Embedder", inputs: list[Any], target: TrainSet, text: Any,
          stop: threading.Event | None) -> tuple[list[dict[str, float]], bool]:
     model = student.torch_model
     steps = target.steps_per_epoch(options.batch_size)
-    opt, sched = _optimizer(model, options, steps * options.epochs)  # type: ignore[arg-type]
+    opt, sched = optimizer(model, options.lr, options.weight_decay, options.warmup,
+                           steps * options.epochs)
     log: list[dict[str, float]] = []
     try:
         for epoch in range(1, options.epochs + 1):

@@ -154,7 +154,8 @@ def _train(model: Any, embedder: "Embedder", train: TrainSet, heldout: TrainSet,
 
     torch.manual_seed(options.seed)
     steps = train.steps_per_epoch(options.batch_size)
-    opt, sched = _optimizer(model, options, steps * options.epochs)
+    opt, sched = optimizer(model, options.lr, options.weight_decay, options.warmup,
+                           steps * options.epochs)
     loss_fn = _loss(model, options)
     log: list[EpochLog] = []
     best, best_r1, best_epoch, waited = snapshot(model), start_r1, 0, 0
@@ -182,17 +183,20 @@ def _train(model: Any, embedder: "Embedder", train: TrainSet, heldout: TrainSet,
     return log, best, best_epoch, False
 
 
-def _optimizer(model: Any, options: FinetuneOptions, total: int) -> tuple[Any, Any]:
-    """AdamW (no weight decay on gains, biases, embeddings, temperature), warm-up + cosine."""
+def optimizer(model: Any, lr: float, weight_decay: float, warmup: float,
+              total: int) -> tuple[Any, Any]:
+    """AdamW (no weight decay on gains, biases, embeddings, temperature) and its schedule:
+    a linear warm-up over the ``warmup`` fraction of ``total`` steps, then cosine to 0.
+    Fine-tuning and distillation both train with it."""
     import torch
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": rest, "weight_decay": 0.0}],
-                            lr=options.lr, betas=(0.9, 0.98), eps=1e-6)
-    warm = max(1, round(options.warmup * total))
+                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    warm = max(1, round(warmup * total))
 
     def factor(i: int) -> float:
         if i < warm:
