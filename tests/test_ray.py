@@ -30,6 +30,7 @@ from mmsearch.distributed import run as ray_run  # noqa: E402
 from mmsearch.distributed.ray_runner import FAULT_ENV  # noqa: E402
 from mmsearch.distributed.shards import FOLDER, ShardLayout, read_table  # noqa: E402
 from mmsearch.ingest.run import IndexReport  # noqa: E402
+from mmsearch.store.shardvectors import as_stored  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own
 N_PHOTOS = 24
@@ -144,7 +145,8 @@ def test_same_ids_vectors_and_top_k_as_the_local_runner(built: Built) -> None:
     assert len(want) == N_PHOTOS and sorted(got) == sorted(want)
     assert {p: i for p, (i, _) in got.items()} == {p: i for p, (i, _) in want.items()}
     for path, (_, vector) in want.items():
-        np.testing.assert_allclose(got[path][1], vector.astype(np.float16), atol=1e-6)
+        np.testing.assert_allclose(got[path][1], as_stored(vector[None])[0], atol=1e-7)
+        assert abs(np.linalg.norm(got[path][1]) - 1) < 1e-6
         np.testing.assert_allclose(got[path][1], vector, atol=1e-3)
     photo = next(iter(want))
     for query in ("a red circle", "a dog running on grass", Query.image(photo)):
@@ -164,7 +166,7 @@ def test_the_catalog_keeps_rows_and_the_shards_keep_the_vectors(built: Built) ->
     for k in (0, 1, 2):
         meta = read_table(layout.metadata(k))
         ids, stored = store.image_vectors([m["id"] for m in meta])
-        np.testing.assert_array_equal(stored, np.load(layout.npy(k)).astype(np.float32))
+        np.testing.assert_array_equal(stored, as_stored(np.load(layout.npy(k))))
     assert "shards/img_emb" in built.dist.info().files
     assert built.dist.check() == ([], [])
     assert built.local.info().storage == "catalog"

@@ -26,7 +26,7 @@ import numpy as np
 
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import sharded
-from mmsearch.store.shardvectors import FOLDER, npy_path
+from mmsearch.store.shardvectors import FOLDER, as_stored, npy_path
 from mmsearch.store.vectors import IndexPlan, VectorIndex, plan_index
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +47,7 @@ def _fill_shard(blob: np.ndarray, npy: str, metadata: str) -> np.ndarray:
 
 
 def _fill_located(blob: np.ndarray, npy: str, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    vectors = np.load(npy, mmap_mode="r")[rows].astype(np.float32)
+    vectors = as_stored(np.load(npy, mmap_mode="r")[rows])  # as the store reads them
     return sharded.filled(blob, ids, vectors)
 
 

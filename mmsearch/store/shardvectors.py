@@ -53,8 +53,16 @@ def write_npy(path: Path, vectors: np.ndarray) -> None:
 
 
 def as_stored(vectors: np.ndarray) -> np.ndarray:
-    """``vectors`` as a shard gives them back (through float16), as float32."""
-    return np.asarray(vectors, dtype=np.float32).astype("<f2").astype(np.float32)
+    """``vectors`` as a shard gives them back: through float16, as float32, unit length."""
+    return _unit(np.asarray(vectors, dtype=np.float32).astype("<f2"))
+
+
+def _unit(stored: np.ndarray) -> np.ndarray:
+    """float16 rows as float32 of length 1 again (rounding moved it by ~1e-4: a vector's
+    cosine with itself would read 1.0002)."""
+    out = np.asarray(stored, dtype=np.float32)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.divide(out, norms, out=out, where=norms > 0)
 
 
 class ShardVectors:
@@ -114,7 +122,7 @@ class ShardVectors:
         try:
             if rows.size > MAPPED_ROWS:
                 data = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n, dim))
-                return np.asarray(data[rows], dtype=np.float32)
+                return _unit(data[rows])
             fd = os.open(path, os.O_RDONLY)
             try:
                 buf = b"".join(os.pread(fd, width, offset + int(r) * width) for r in rows)
@@ -126,7 +134,7 @@ class ShardVectors:
             raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
         if len(buf) != rows.size * width:
             raise CorruptIndexError(f"vector shard {path} is truncated: run `mmsearch check`")
-        return np.frombuffer(buf, dtype=dtype).reshape(-1, dim).astype(np.float32)
+        return _unit(np.frombuffer(buf, dtype=dtype).reshape(-1, dim))
 
     def _header(self, k: int, dim: int) -> tuple[int, int, np.dtype]:
         """(data offset, rows, dtype) of shard ``k``, read once while its file is unchanged."""
