@@ -59,7 +59,7 @@ def as_stored(vectors: np.ndarray) -> np.ndarray:
 
 def _unit(stored: np.ndarray) -> np.ndarray:
     """float16 rows as float32 of length 1 again (rounding moved it by ~1e-4: a vector's
-    cosine with itself would read 1.0002)."""
+    cosine with itself would read 1.0002); float32 rows are divided in place."""
     out = np.asarray(stored, dtype=np.float32)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return np.divide(out, norms, out=out, where=norms > 0)
@@ -92,7 +92,7 @@ class ShardVectors:
         out = np.empty((shards.size, dim), dtype=np.float32)
         for k, at in _by_shard(shards):
             out[at] = self._read(k, rows[at], dim)
-        return out
+        return _unit(out)
 
     def damaged(self, shards: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
         """A mask of the locations whose vector cannot be read or is not finite."""
@@ -122,7 +122,7 @@ class ShardVectors:
         try:
             if rows.size > MAPPED_ROWS:
                 data = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n, dim))
-                return _unit(data[rows])
+                return np.asarray(data[rows], dtype=np.float32)
             fd = os.open(path, os.O_RDONLY)
             try:
                 buf = b"".join(os.pread(fd, width, offset + int(r) * width) for r in rows)
@@ -134,7 +134,7 @@ class ShardVectors:
             raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
         if len(buf) != rows.size * width:
             raise CorruptIndexError(f"vector shard {path} is truncated: run `mmsearch check`")
-        return _unit(np.frombuffer(buf, dtype=dtype).reshape(-1, dim))
+        return np.frombuffer(buf, dtype=dtype).reshape(-1, dim).astype(np.float32)
 
     def _header(self, k: int, dim: int) -> tuple[int, int, np.dtype]:
         """(data offset, rows, dtype) of shard ``k``, read once while its file is unchanged."""
