@@ -169,3 +169,13 @@ def test_reading_shards_by_pread_and_by_map_agree_and_damage_is_typed(tmp_path: 
     with pytest.raises(CorruptIndexError, match="img_emb_0.npy is truncated"):
         reader.gather(np.zeros(1), np.asarray([0]), DIM)
     assert reader.damaged(np.asarray([0, 1, 2]), np.asarray([0, 0, 0]), DIM).tolist() == [True] * 3
+
+
+def test_a_deferred_write_cut_short_is_caught_up_on_the_next_load(pair) -> None:
+    _, sharded = pair
+    with pytest.raises(KeyboardInterrupt):
+        with sharded.image_index_deferred():
+            _put_shard(sharded, 3, _vectors(SHARD, 3))
+            raise KeyboardInterrupt
+    assert sharded.vectors("images").ntotal == 4 * SHARD  # synced from the catalog on load
+    assert sharded.repairs and sharded.check() == []

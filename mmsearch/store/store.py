@@ -312,17 +312,20 @@ class Store:
         """Image writes inside touch the catalog only, never the loaded image index: a
         distributed run's driver then never holds the vectors it stores. Afterwards the
         index is brought up to date from the stored vectors and saved, unless
-        :meth:`install_index` (or :meth:`rebuild`) gave it a new one after the last write."""
+        :meth:`install_index` (or :meth:`rebuild`) gave it a new one after the last write.
+        An exception leaves that to the next load (which syncs the file with the catalog)."""
         self._writer()
         self.flush("images")
         self._files.forget_loaded()  # (read again, and synced, when next needed)
         self._deferred = False
         try:
             yield
-        finally:
-            changed, self._deferred = self._deferred, None
-            if changed:
-                self._files.catch_up("images")
+        except BaseException:
+            self._deferred = None  # the file is behind; the next load brings it up to date
+            raise
+        changed, self._deferred = self._deferred, None
+        if changed:
+            self._files.catch_up("images")
 
     def _skip_index(self) -> bool:
         """Whether an image write leaves the loaded index alone (see :meth:`image_index_deferred`)."""
