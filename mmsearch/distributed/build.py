@@ -26,7 +26,7 @@ import numpy as np
 
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import sharded
-from mmsearch.store.shardvectors import FOLDER, as_stored, npy_path
+from mmsearch.store.shardvectors import ShardVectors
 from mmsearch.store.vectors import IndexPlan, VectorIndex, plan_index
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,8 +46,11 @@ def _fill_shard(blob: np.ndarray, npy: str, metadata: str) -> np.ndarray:
     return sharded.filled(blob, *read_vectors(Path(npy), Path(metadata)))
 
 
-def _fill_located(blob: np.ndarray, npy: str, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    vectors = as_stored(np.load(npy, mmap_mode="r")[rows])  # as the store reads them
+def _fill_located(blob: np.ndarray, root: str, k: int, ids: np.ndarray, rows: np.ndarray,
+                  dim: int) -> np.ndarray:
+    """``blob`` filled with rows ``rows`` of shard ``k`` of the index at ``root``, read as
+    the store reads them."""
+    vectors = ShardVectors(Path(root)).gather(np.full(rows.size, k), rows, dim)
     return sharded.filled(blob, ids, vectors)
 
 
@@ -83,8 +86,7 @@ def build_store_index(store: "Store", index_type: str | None, ray: Callable[[], 
     ref = r.put(blob)
     if store.storage == "shards":
         task = r.remote(num_cpus=1)(_fill_located)
-        folder = store.root / FOLDER
-        calls = ((task, (ref, str(npy_path(folder, k)), i, rows))
+        calls = ((task, (ref, str(store.root), k, i, rows, plan.dim))
                  for k, i, rows in store.read.shard_locations())  # streamed, a shard at a time
         total = store.read.shard_count()
     else:

@@ -791,7 +791,7 @@ class Catalog(CatalogReader):
         return paths
 
     def reader(self) -> CatalogReader:
-        """A view of this catalog with the queries only (sharing its open shard files)."""
+        """A view of this catalog with the queries only (sharing its cache of shard headers)."""
         view = CatalogReader(self._engine, self.path)
         view._shards = self._shards
         return view
