@@ -182,7 +182,7 @@ def unit(rows: int, dim: int, seed: int) -> np.ndarray:
 
 
 def test_torch_exact_search_equals_faiss_flat_and_numpy() -> None:
-    from mmsearch.search.gpu import TorchExact
+    from mmsearch.store.torchexact import TorchExact
     from mmsearch.store.vectors import VectorIndex
 
     vectors, queries = unit(3000, 64, 0), unit(25, 64, 1)
@@ -202,7 +202,7 @@ def test_torch_exact_search_equals_faiss_flat_and_numpy() -> None:
 
 def test_an_exact_index_searches_through_torch_when_told_to(monkeypatch: pytest.MonkeyPatch) -> None:
     """The store's hook: FAISS without GPUs + a CUDA device -> TorchExact (CPU stands in)."""
-    from mmsearch.search import gpu
+    from mmsearch.store import torchexact as gpu
     from mmsearch.store.vectors import VectorIndex
 
     monkeypatch.setattr(gpu, "cuda_device", lambda setting: None if setting is None else "cpu")
@@ -272,7 +272,7 @@ def test_cuda_vectors_match_the_cpu_path(tiny_model: tuple[Path, Path],
 
 @needs_cuda
 def test_cuda_torch_search_equals_faiss() -> None:
-    from mmsearch.search.gpu import TorchExact
+    from mmsearch.store.torchexact import TorchExact
     from mmsearch.store.vectors import VectorIndex
 
     vectors, queries = unit(100_000, 128, 4), unit(50, 128, 5)

@@ -589,9 +589,9 @@ class VectorIndex:
         return self._gpu or None
 
     def _torch_exact(self) -> Any:
-        """(None, :class:`~mmsearch.search.gpu.TorchExact`) on the GPU for this exact index;
+        """(None, :class:`~mmsearch.store.torchexact.TorchExact`) on the GPU for this exact index;
         None: decide at the next search; False: search on the CPU."""
-        from mmsearch.search import gpu as torch_search
+        from mmsearch.store import torchexact as torch_search
 
         self._searches = getattr(self, "_searches", 0) + 1
         if torch_search.too_soon(self.gpu, self._searches - 1):

@@ -1,5 +1,5 @@
-"""Exact search as a matrix product and a top-k in torch: how an exact index searches on a
-GPU when the installed FAISS has no GPU support (faiss-cpu, the only FAISS on PyPI).
+"""An exact index's GPU backend: a matrix product and a top-k in torch, used when the
+installed FAISS has no GPU support (faiss-cpu, the only FAISS on PyPI).
 
 :class:`TorchExact` holds the vectors on the device (float16 on CUDA, float32 on the
 CPU), scores a query batch in one product and keeps the best ``k + margin`` by
