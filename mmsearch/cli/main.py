@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -16,6 +15,7 @@ from mmsearch.cli.common import (BatchSizeOpt, DecoderOpt, DeviceOpt, DraftOpt, 
                                  ModelOpt, PretrainedOpt, WorkersOpt, err, handle_errors,
                                  open_engine, print_json)
 from mmsearch.cli.eval import eval_command
+from mmsearch.cli.interrupt import stop_on_sigint
 from mmsearch.cli.query import query_command
 from mmsearch.cli.serve import serve_command
 from mmsearch.cli.train import distill_command, finetune_command
@@ -56,7 +56,7 @@ def index(
     with open_engine(create=True, index=index, home=home, model=model, pretrained=pretrained,
                      device=device, batch_size=batch_size, workers=workers, draft=draft,
                      index_type=index_type, decoder=decoder) as engine, ProgressBar(enabled=not as_json) as bar, \
-            _stop_on_sigint(stop):
+            stop_on_sigint(stop):
         report = engine.index(paths, progress=bar.update, stop=stop, runner=runner,
                               address=address, storage=storage)
     if as_json:
@@ -66,29 +66,6 @@ def index(
     if report.interrupted:
         err("interrupted: everything embedded so far is saved; run the same command to resume")
         raise typer.Exit(130)
-
-
-class _stop_on_sigint:
-    """First Ctrl-C asks the run to stop after the current batch; a second one aborts."""
-
-    def __init__(self, stop: threading.Event) -> None:
-        self.stop = stop
-        self.previous: Any = None
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.stop.is_set():
-            err("aborted: what was committed is kept; run the same command to resume")
-            raise KeyboardInterrupt
-        self.stop.set()
-        err("stopping after the current batch (Ctrl-C again to abort)...")
-
-    def __enter__(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def _print_report(report: Any) -> None:

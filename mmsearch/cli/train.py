@@ -183,12 +183,12 @@ class _Bar:
     """The progress bar, and Ctrl-C as "stop after this step, keep the best so far"."""
 
     def __init__(self, quiet: bool) -> None:
-        from mmsearch.cli.main import _stop_on_sigint
+        from mmsearch.cli.interrupt import stop_on_sigint
         from mmsearch.progress import ProgressBar
 
         self.stop = threading.Event()
         self.bar = ProgressBar(enabled=not quiet)
-        self.signals = _stop_on_sigint(self.stop)
+        self.signals = stop_on_sigint(self.stop)
         self.update = self.bar.update
 
     def __enter__(self) -> "_Bar":
