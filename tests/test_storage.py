@@ -171,6 +171,21 @@ def test_reading_shards_by_pread_and_by_map_agree_and_damage_is_typed(tmp_path: 
     assert reader.damaged(np.asarray([0, 1, 2]), np.asarray([0, 0, 0]), DIM).tolist() == [True] * 3
 
 
+def test_a_shard_read_whole_gives_the_stores_unit_vectors(tmp_path: Path) -> None:
+    """read_npy (commits from files, builds from shard folders) reads rows as the store does."""
+    from mmsearch.distributed.shards import read_npy
+    from mmsearch.store.shardvectors import ShardVectors
+
+    reader = ShardVectors(tmp_path)
+    v = _vectors(40, 6) * np.linspace(0.5, 2.0, 40, dtype=np.float32)[:, None]
+    write_npy(reader.path(0), v)  # float16 rows of lengths 0.5 to 2
+    assert np.abs(np.linalg.norm(np.load(reader.path(0)).astype(np.float32), axis=1) - 1).max() > 0.4
+    got = read_npy(reader.path(0))
+    assert got.dtype == np.float32 and got.shape == (40, DIM)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(got, reader.gather(np.zeros(40), np.arange(40), DIM))
+
+
 def test_a_deferred_write_cut_short_is_caught_up_on_the_next_load(pair) -> None:
     _, sharded = pair
     with pytest.raises(KeyboardInterrupt):

@@ -231,7 +231,7 @@ class _Work:
         ok = [r for r in status if r["status"] == "ok"]
         if len(self.store.read.image_paths([r["id"] for r in ok])) == len(ok):
             return
-        vectors = as_stored(read_npy(self.layout.npy(k))) if ok else self._no_vectors()
+        vectors = read_npy(self.layout.npy(k)) if ok else self._no_vectors()
         if len(vectors) != len(ok):
             raise StorageError(f"{self.layout.npy(k)}: {len(vectors)} vectors for {len(ok)} "
                                f"rows; delete {self.layout.status(k)} to embed the shard again")

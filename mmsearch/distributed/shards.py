@@ -32,7 +32,7 @@ import numpy as np
 from mmsearch.errors import StorageError, UsageError
 from mmsearch.export import IMAGE_COLUMNS
 from mmsearch.store.shardvectors import FOLDER as FOLDER  # re-exported: the folder of the files
-from mmsearch.store.shardvectors import npy_path, write_npy
+from mmsearch.store.shardvectors import as_stored, npy_path, write_npy
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -191,9 +191,9 @@ def _metadata_row(status: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_npy(npy: Path) -> np.ndarray:
-    """A shard's vectors as float32."""
+    """A shard's vectors as every read gives them: float32, unit length (:func:`as_stored`)."""
     try:
-        return np.load(npy).astype(np.float32)
+        return as_stored(np.load(npy))
     except (OSError, ValueError) as exc:
         raise StorageError(f"cannot read {npy}: {exc}") from None
 
