@@ -92,7 +92,7 @@ def content_hash(path: Path | str) -> str:
     digest = hashlib.blake2b(digest_size=16)
     buf = bytearray(HASH_CHUNK)
     view = memoryview(buf)
-    with _open_regular(path) as fh:
+    with open_regular(path) as fh:
         try:
             while n := fh.readinto(buf):
                 digest.update(view[:n])
@@ -124,7 +124,7 @@ def load_image(
     if max_pixels < 1:
         raise UsageError(f"max_pixels must be positive, got {max_pixels}")
     formats = allowed_formats()
-    with _open_regular(path) as fh:
+    with open_regular(path) as fh:
         return _decode(fh, formats, draft_size, max_pixels)
 
 
@@ -144,7 +144,7 @@ def check_unchanged(path: Path | str, expect: tuple[int, int]) -> None:
 def read_bytes(path: Path | str) -> bytearray:
     """The whole file (writable, so a tensor can wrap it without a copy), or `DecodeError`
     with the reasons :func:`load_image` gives."""
-    with _open_regular(path) as fh:
+    with open_regular(path) as fh:
         try:
             data = bytearray(os.fstat(fh.fileno()).st_size)
             del data[fh.readinto(data):]  # (in place: a file that shrank meanwhile)
@@ -165,7 +165,7 @@ def decode_bytes(data: bytes, *, draft_size: int | None = None,
     return _decode_opened(io.BytesIO(data), allowed_formats(), draft_size, max_pixels)
 
 
-def _open_regular(path: Path | str) -> io.BufferedReader:
+def open_regular(path: Path | str) -> io.BufferedReader:
     """Open a regular file for reading, refusing FIFOs and devices without blocking.
 
     ``O_NONBLOCK`` makes opening a FIFO return at once (it has no effect on
@@ -214,7 +214,7 @@ def _decode(
 
 def _decode_opened(fh: BinaryIO, formats: tuple[str, ...], draft_size: int | None,
                    max_pixels: int) -> Image.Image:
-    img = _open(fh, formats)
+    img = open_header(fh, formats)
     try:
         _check_size(img, max_pixels)
         if draft_size is not None and isinstance(img, JpegImagePlugin.JpegImageFile):
@@ -229,7 +229,7 @@ def _decode_opened(fh: BinaryIO, formats: tuple[str, ...], draft_size: int | Non
         img.close()
 
 
-def _open(fh: BinaryIO, formats: tuple[str, ...]) -> ImageFile.ImageFile:
+def open_header(fh: BinaryIO, formats: tuple[str, ...]) -> ImageFile.ImageFile:
     """``Image.open`` (header only) with its failures translated."""
     try:
         return Image.open(fh, formats=list(formats))

@@ -48,7 +48,7 @@ from typing import Any
 
 from PIL import ExifTags, Image, PngImagePlugin
 
-from mmsearch.ingest.decode import _open, _open_regular, allowed_formats
+from mmsearch.ingest.decode import allowed_formats, open_header, open_regular
 
 __all__ = ["ImageMetadata", "metadata_columns", "read_metadata"]
 
@@ -109,10 +109,10 @@ def read_metadata(path: Path | str, *, mtime_ns: int | None = None) -> ImageMeta
     Raises `DecodeError` (one-line reason) when the file cannot be opened as an image.
     """
     formats = allowed_formats()  # registers pillow_heif's opener when installed
-    with _open_regular(path) as fh:
+    with open_regular(path) as fh:
         if mtime_ns is None:
             mtime_ns = os.fstat(fh.fileno()).st_mtime_ns
-        img = _open(fh, formats)
+        img = open_header(fh, formats)
         try:
             return _from_image(img, _extension(path), mtime_ns)
         finally:
@@ -122,7 +122,7 @@ def read_metadata(path: Path | str, *, mtime_ns: int | None = None) -> ImageMeta
 def metadata_from_bytes(data: bytes, name: str, mtime_ns: int) -> ImageMetadata:
     """:func:`read_metadata` of a file's bytes already in memory (``name`` gives the
     extension); `DecodeError` when they cannot be opened as an image."""
-    img = _open(io.BytesIO(data), allowed_formats())
+    img = open_header(io.BytesIO(data), allowed_formats())
     try:
         return _from_image(img, _extension(name), mtime_ns)
     finally:

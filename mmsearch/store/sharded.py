@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mmsearch.errors import StorageError, UsageError
-from mmsearch.store.vectors import IndexPlan, VectorIndex, _describe, _first_line
+from mmsearch.store.vectors import IndexPlan, VectorIndex, describe_index, faiss_error_line
 
 Blob = np.ndarray  # a serialised FAISS index (uint8)
 
@@ -43,7 +43,7 @@ def serialize(index: VectorIndex) -> Blob:
 def deserialize(blob: Blob) -> VectorIndex:
     faiss = _faiss()
     index = faiss.deserialize_index(np.asarray(blob, dtype=np.uint8))
-    return VectorIndex(index, _describe(index))
+    return VectorIndex(index, describe_index(index))
 
 
 def mergeable(factory: str) -> bool:
@@ -75,7 +75,7 @@ def merged(blob: Blob, parts: Iterable[Blob]) -> VectorIndex:
         try:
             index._index.merge_from(other._index, 0)
         except RuntimeError as exc:
-            raise UsageError(f"cannot merge index parts: {_first_line(exc)}") from exc
+            raise UsageError(f"cannot merge index parts: {faiss_error_line(exc)}") from exc
     return index
 
 
@@ -85,7 +85,7 @@ def write_part(blob: Blob, path: Path) -> Path:
     try:
         faiss.write_index(faiss.deserialize_index(np.asarray(blob, dtype=np.uint8)), str(path))
     except RuntimeError as exc:
-        raise StorageError(f"cannot write {path}: {_first_line(exc)}") from exc
+        raise StorageError(f"cannot write {path}: {faiss_error_line(exc)}") from exc
     return path
 
 
@@ -102,7 +102,7 @@ def merged_on_disk(blob: Blob, parts: list[Path], index_path: Path) -> Path:
         merge_ondisk(index, [str(p) for p in parts], str(index_path) + ".ivfdata")
         faiss.write_index(index, str(index_path))
     except RuntimeError as exc:
-        raise StorageError(f"cannot merge on disk into {index_path}: {_first_line(exc)}") from exc
+        raise StorageError(f"cannot merge on disk into {index_path}: {faiss_error_line(exc)}") from exc
     return index_path
 
 
@@ -112,5 +112,5 @@ def load_on_disk(index_path: Path) -> VectorIndex:
     try:
         index = faiss.read_index(str(index_path))
     except RuntimeError as exc:
-        raise StorageError(f"cannot read {index_path}: {_first_line(exc)}") from exc
-    return VectorIndex(index, _describe(index))
+        raise StorageError(f"cannot read {index_path}: {faiss_error_line(exc)}") from exc
+    return VectorIndex(index, describe_index(index))

@@ -137,7 +137,7 @@ class IndexPlan:
         try:
             return faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
-            raise UsageError(f"invalid index type {self.requested!r}: {_first_line(exc)}") from exc
+            raise UsageError(f"invalid index type {self.requested!r}: {faiss_error_line(exc)}") from exc
 
     @property
     def flat(self) -> "IndexPlan":
@@ -229,7 +229,7 @@ def _base(index: Any) -> Any:
     return index
 
 
-def _describe(index: Any) -> str:
+def describe_index(index: Any) -> str:
     """A factory string for a loaded index (its class name where FAISS cannot say)."""
     faiss = _faiss()
     index = faiss.downcast_index(index)
@@ -269,7 +269,7 @@ def _train(inner: Any, base: Any, desc: str, train: np.ndarray | None) -> None:
         inner.train(np.ascontiguousarray(train, dtype=np.float32))
     except RuntimeError as exc:
         raise TrainingError(f"index type {desc} cannot be trained on {len(train)} vectors: "
-                            f"{_first_line(exc)}") from exc
+                            f"{faiss_error_line(exc)}") from exc
 
 
 class VectorIndex:
@@ -337,10 +337,10 @@ class VectorIndex:
             try:
                 index = faiss.read_index(str(path))
             except (RuntimeError, MemoryError) as exc:  # a damaged size field asks for terabytes
-                raise CorruptIndexError(f"vector file {path} is unreadable: {_first_line(exc)}") from exc
+                raise CorruptIndexError(f"vector file {path} is unreadable: {faiss_error_line(exc)}") from exc
         if not isinstance(index, (faiss.IndexIDMap2, faiss.IndexIVF)):
             raise CorruptIndexError(f"vector file {path} is not an mmsearch index")
-        return cls(index, _describe(index), mapped_from=mapped)
+        return cls(index, describe_index(index), mapped_from=mapped)
 
     def save(self, path: Path) -> None:
         """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
@@ -355,7 +355,7 @@ class VectorIndex:
             os.replace(tmp, path)
             tmp = None
         except (RuntimeError, OSError) as exc:
-            raise StorageError(f"cannot write {path}: {_first_line(exc)}") from exc
+            raise StorageError(f"cannot write {path}: {faiss_error_line(exc)}") from exc
         finally:  # also on Ctrl-C: never leave a half-written temporary file behind
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
@@ -634,7 +634,7 @@ def _selector(subset: np.ndarray) -> tuple[Any, np.ndarray]:
     return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), bits
 
 
-def _first_line(exc: BaseException) -> str:
+def faiss_error_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     for line in text:
         if "Error" in line or "error" in line:
