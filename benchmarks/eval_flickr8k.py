@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="decode threads (0 = auto)")
-    p.add_argument("--no-draft", action="store_true", help="decode JPEGs in full")
+    p.add_argument("--draft", action="store_true",
+                   help="reduced-DCT JPEG decoding (default: in full, as `mmsearch eval`)")
     p.add_argument("--fresh", action="store_true", help="embed again, into a temporary index")
     p.add_argument("--data", type=Path, default=FLICKR, help="folder with the JSON and images/")
     p.add_argument("--out", nargs="?", const="", default=None, metavar="PATH",
@@ -88,9 +89,8 @@ def run(args: argparse.Namespace, home: Path) -> dict:
     dataset = first_images(load_karpathy(args.data / "dataset_flickr8k_1k.json",
                                          args.data / "images"), args.limit)
     settings = resolve(home=home, model=args.model, pretrained=args.pretrained,
-                       device=args.device, batch_size=args.batch_size, workers=args.workers,
-                       draft=not args.no_draft)
-    result = evaluate(dataset, settings=settings, index_type=args.index_type,
+                       device=args.device, batch_size=args.batch_size, workers=args.workers)
+    result = evaluate(dataset, settings=settings, index_type=args.index_type, draft=args.draft,
                       progress=_stage_printer())
     print(format_table(result))
     queries = result.n_captions + result.n_images

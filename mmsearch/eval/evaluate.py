@@ -19,6 +19,10 @@ free. The cached image index is always exact (``Flat``); an approximate
 (:attr:`EvalResult.approx_overlap`). As in the engine, ``index_type`` applies to
 the image index; the text index is always exact.
 
+JPEGs are decoded in full by default (:data:`mmsearch.eval.DRAFT`), so the pixels are
+the ones open_clip's own preprocess sees; ``draft=True`` lets libjpeg decode big photos
+at a reduced DCT scale first, as ``mmsearch index`` does (faster, scores move slightly).
+
 Query vectors are the stored ones (what ingest and ``add_texts`` computed), so
 nothing is embedded twice. Ties: FAISS orders exactly equal scores in its own
 way (not by id), which matters only for byte-identical images or captions.
@@ -36,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from mmsearch.errors import DatasetError, UsageError
-from mmsearch.eval import metrics
+from mmsearch.eval import DRAFT, metrics
 from mmsearch.models.identity import NO_WEIGHTS, ModelIdentity, identify
 from mmsearch.progress import Progress, no_progress
 
@@ -71,7 +75,7 @@ class EvalResult:
     index_name: str
     index_dir: str
     device: str
-    draft: bool
+    draft: bool                       # JPEGs decoded at a reduced DCT scale (False: in full)
     embedded: int                     # images embedded by this run (0: all cached)
     embed_seconds: float              # the ingest run (scan, hash, decode, embed, store)
     images_per_second: float          # embedded / embed_seconds (0.0 when cached)
@@ -105,14 +109,16 @@ def eval_index_name(dataset: str, split: str, identity: ModelIdentity, draft: bo
 
 
 def evaluate(dataset: "RetrievalDataset", *, settings: "Settings", index_type: str = "flat",
-             ks: Sequence[int] = metrics.DEFAULT_KS,
+             draft: bool = DRAFT, ks: Sequence[int] = metrics.DEFAULT_KS,
              progress: Progress | None = None) -> EvalResult:
     """Embed ``dataset`` through the engine (reusing a cached index) and measure recall.
 
-    ``settings`` comes from :func:`mmsearch.settings.resolve`; its ``index`` and
-    ``index_type`` are ignored (the index is named by :func:`eval_index_name`
-    and always stored exact). ``index_type`` ("flat", "hnsw", "ivf", "ivfpq",
-    "auto" or a FAISS factory string) is the image index that is searched.
+    ``settings`` comes from :func:`mmsearch.settings.resolve`; its ``index``,
+    ``index_type`` and ``draft`` are ignored (the index is named by
+    :func:`eval_index_name` and always stored exact). ``index_type`` ("flat",
+    "hnsw", "ivf", "ivfpq", "auto" or a FAISS factory string) is the image index
+    that is searched. ``draft``: decode JPEGs at a reduced DCT scale (never below
+    the model's input) instead of in full; see :data:`mmsearch.eval.DRAFT`.
 
     Raises:
         DatasetError: some images could not be indexed (the message says why),
@@ -127,8 +133,8 @@ def evaluate(dataset: "RetrievalDataset", *, settings: "Settings", index_type: s
     cut_offs = _check_ks(ks)
     progress = progress or no_progress
     identity = identify(settings.model, settings.pretrained)
-    name = eval_index_name(dataset.name, dataset.split, identity, settings.draft)
-    eval_settings = settings.with_(index=name, index_type="flat")
+    name = eval_index_name(dataset.name, dataset.split, identity, draft)
+    eval_settings = settings.with_(index=name, index_type="flat", draft=draft)
     with Engine(eval_settings, create=True) as engine:
         image_ids, report = _index_images(engine, dataset, progress)
         searched, exact, index_note = _image_indexes(engine, index_type)
@@ -149,12 +155,13 @@ def evaluate(dataset: "RetrievalDataset", *, settings: "Settings", index_type: s
         n_images=dataset.n_images, n_captions=dataset.n_captions, model=model,
         index_type="Flat" if exact is None else searched.description, index_name=name,
         index_dir=str(eval_settings.index_dir.absolute()),
-        device=device, draft=settings.draft, embedded=report.embedded,
+        device=device, draft=draft, embedded=report.embedded,
         embed_seconds=report.seconds, images_per_second=report.images_per_second,
         text_seconds=text_seconds, texts_embedded=texts_embedded,
         search_seconds=search_seconds, eval_seconds=time.perf_counter() - start,
         approx_overlap=overlap,
-        notes=[*_notes(identity, report.embedded, dataset.n_images), *filter(None, [index_note])])
+        notes=[*_notes(identity, draft, report.embedded, dataset.n_images),
+               *filter(None, [index_note])])
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
@@ -312,8 +319,12 @@ def _positions(found: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(valid, order[at], -1)
 
 
-def _notes(identity: ModelIdentity, embedded: int, n_images: int) -> list[str]:
+def _notes(identity: ModelIdentity, draft: bool, embedded: int, n_images: int) -> list[str]:
     notes = []
+    if draft:
+        notes.append("JPEGs decoded with the reduced-DCT draft: on photos at least twice the "
+                     "model's input size the scores differ from open_clip's preprocess; "
+                     "published figures decode in full (the default)")
     if identity.pretrained == NO_WEIGHTS:
         notes.append(f"random weights (--pretrained none): recall is at chance level "
                      f"(text->image R@K about 100*K/{n_images} %); only the timings mean something")
