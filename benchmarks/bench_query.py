@@ -7,11 +7,13 @@ Model: ViT-B-32 with random weights (no pretrained weights offline; the speed is
 the same). They are saved once as a checkpoint file (torch.manual_seed(0)), so
 that queries take the engine's real path for a checkpoint: text queries run the
 plain-torch text tower (mmsearch/models/texttower.py, no open_clip import); the same
-captions are also timed through open_clip's own text modules for comparison. Indexes: embedding 1M images is impossible here, so the
-catalog is filled directly with synthetic clustered vectors (the distribution of
-bench_index_scale.py) under fake paths through ``Catalog.commit_images``, and the
-FAISS index is built by ``Store.rebuild("images")`` -- the type the engine picks
-automatically for that size. They are written under ``<home>/bench_query_<n>``
+captions are also timed through open_clip's own text modules for comparison. Indexes:
+embedding 1M photos would take ~18 hours on 2 CPU cores, so the catalog is filled directly
+with synthetic clustered vectors (the distribution of bench_index_scale.py) under fake
+paths through ``Store.put_images``, and the FAISS index is built by
+``Store.rebuild("images")`` -- the type the engine picks automatically for that size.
+Where that type is approximate, the exact baseline is ``Store.build_index("images",
+"flat")`` over the same stored vectors. They are written under ``<home>/bench_query_<n>``
 (gitignored) and reused by later runs.
 
 Warm numbers go through the public ``Engine`` API in one process, with the index
@@ -65,6 +67,11 @@ def stats(xs: list[float]) -> dict:
 
 def label(n: int) -> str:
     return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
+def shown(path: Path) -> str:
+    """``path`` as results record it: relative to the project's root."""
+    return os.path.relpath(path, ROOT)
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -130,7 +137,7 @@ def build_index(home: Path, n: int, ckpt: Path) -> dict:
     t1 = time.perf_counter()
     index = store.rebuild("images")
     t2 = time.perf_counter()
-    info = {"n": n, "root": str(root), "index": index.description, "catalog_s": round(t1 - t0, 1),
+    info = {"n": n, "root": shown(root), "index": index.description, "catalog_s": round(t1 - t0, 1),
             "faiss_build_s": round(t2 - t1, 1), "distribution": mix.describe()}
     store.close()
     done.write_text(json.dumps(info))
@@ -143,9 +150,8 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
     import torch
 
     from mmsearch.engine import Engine
-    from mmsearch.models import load_embedder
+    from mmsearch.models.openclip import load_embedder  # image_tower=False: the text tower alone
     from mmsearch.search import search_images
-    from mmsearch.store.vectors import VectorIndex
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
@@ -213,13 +219,7 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
             stats(emb_t), stats(srch_i), stats(total_i))
         # baseline: untrimmed 77-token encode_text + exact Flat search over the same vectors
         model, tok = engine.embedder._model, engine.embedder._tokenizer
-        if index.is_exact:
-            flat = index
-        else:
-            ids, vecs = store._catalog_vectors("images")
-            flat = VectorIndex.create(512, "flat")
-            flat.add(ids, vecs)
-            del vecs
+        flat = index if index.is_exact else store.build_index("images", "flat")
         b_enc, b_srch, b_total, agree = [], [], [], []
         for c in caps:
             t0 = time.perf_counter()
@@ -305,7 +305,8 @@ MODEL_LOADS = r"""
 import time, json, sys
 t0 = time.perf_counter()
 import torch, open_clip
-from mmsearch.models import identify, load_embedder
+from mmsearch.models import identify
+from mmsearch.models.openclip import load_embedder
 t1 = time.perf_counter()
 ckpt = sys.argv[1]
 out = {"import_torch_open_clip_s": t1 - t0}
@@ -352,7 +353,8 @@ def cold(home: Path, n: int, runs: int, ckpt: Path) -> dict:
         stages.append(json.loads(p.stdout.strip().splitlines()[-1]))
     med = {k: (round(statistics.median(s[k] for s in stages), 3) if isinstance(stages[0][k], float)
                else stages[0][k]) for k in stages[0]}
-    return {"command": " ".join(["mmsearch"] + cmd[1:]), "runs": runs,
+    shown_cmd = ["mmsearch", "query", QUERY, "--index", name, "--home", shown(home)]
+    return {"command": " ".join(shown_cmd), "runs": runs,
             "wall_s": [round(w, 3) for w in walls], "median_s": round(statistics.median(walls), 3),
             "to_exit_s": [round(w, 3) for w in exits], "median_to_exit_s": round(statistics.median(exits), 3),
             "python_startup_s": round(statistics.median(py), 3), "stages_median": med,
@@ -371,7 +373,7 @@ def report(res: dict) -> str:
     L = [f"# bench_query: {ARCH} (random weights from a checkpoint file), k={K}",
          _machine.machine_text(res["machine"]),
          "# indexes: synthetic clustered vectors committed straight to the catalog under fake "
-         "paths (embedding 1M images is impossible here), FAISS index built by Store.rebuild "
+         "paths (embedding 1M photos is too slow on a CPU), FAISS index built by Store.rebuild "
          "(the automatic type); queries: distinct Flickr8k captions / Flickr8k photos",
          ""]
     for w in res["warm"]:
@@ -460,9 +462,9 @@ def main() -> None:
     res: dict = {"benchmark": "bench_query", "machine": info, "built": {}, "warm": [], "cold": [],
                  "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "notes": []}
     if info.get("load_avg_start", [0])[0] >= 1.0:
-        res["notes"].append("other processes shared the 2 cores at the start (see the load "
-                            "average); with 2 threads torch/FAISS can lose badly to that "
-                            "competition, hence the 1-thread rows.")
+        res["notes"].append(f"other processes shared the {info['cores']} cores at the start (see "
+                            f"the load average); with {info['cores']} threads torch/FAISS can lose "
+                            "badly to that competition, hence the 1-thread rows.")
     res["notes"].append(
         "recall@10 vs Flat on the text queries is a worst case, not the engine's recall: with "
         "random weights the text vectors bear no relation to the synthetic image vectors (every "
