@@ -69,7 +69,7 @@ def exact_search(n: int, dim: int = 512) -> dict:
     faiss_ms = per_query_ms(lambda q: index.search(q, 10), queries, 20)
     index.gpu = 0 if torch.cuda.is_available() else None
     if index.gpu is None:  # a dry run: the torch path on the CPU, through the same hook
-        from mmsearch.search import gpu
+        from mmsearch.store import torchexact as gpu
 
         gpu.cuda_device, gpu.fits = (lambda setting: "cpu"), (lambda *a: True)
         index.gpu = 0

@@ -1,57 +1,75 @@
 #!/usr/bin/env bash
-# The GPU check of issue 14, as one script for a GPU machine with no network (under 5 min):
-#   bash benchmarks/gpu_wheels.sh          # first, where there is network: fills .gpu/
-#   bash benchmarks/gpu_check.sh           # there (device tool: carry [".gpu"], timeout ~420 s)
-#   bash benchmarks/gpu_check.sh --cpu     # here: every step, small and on the CPU (a dry run)
-# Steps: install what the image lacks from .gpu/wheels (--no-index) and mmsearch itself;
-# make thousands of distinct Flickr-sized JPEGs (random crops of .gpu/photos) and a few
-# hundred 12 MP ones; run tests/test_gpu_path.py (its CUDA tests run there); ingest with
+# The GPU check: ingest, decoding and search on one NVIDIA GPU, against the CPU path, as one
+# script that needs no network while it runs (sized for under 5 minutes on one H200, 16 cores):
+#   pip install -e '.[test]'               # once, with a CUDA build of torch and torchvision
+#   bash benchmarks/gpu_check.sh           # the check; prints one table and saves it
+#   bash benchmarks/gpu_check.sh --cpu     # every step, small and on the CPU (a dry run)
+# A GPU machine without network: run benchmarks/gpu_wheels.sh where there is network and copy
+# the project with its .gpu/ folder over; the check installs .gpu/wheels with --no-index.
+# Steps: make thousands of distinct Flickr-sized JPEGs (random crops of the photos) and a few
+# hundred 12 MP ones; run tests/test_gpu_path.py (its CUDA tests run on a GPU); ingest with
 # ViT-B-32 and ViT-L-14 (random weights) through bench_ingest.py --device cuda; exact search
-# at 1M x 512 and cold queries through bench_gpu_search.py; print one table, written to
-# benchmarks/results/gpu_h200.txt (and copied to $OUT, which the device tool brings back).
+# at 1M x 512 and cold queries through bench_gpu_search.py; print one table.
+# Environment (defaults in brackets):
+#   RESULTS  where the table is saved as gpu_check_<gpu>.txt [benchmarks/results]; a dry run
+#            saves gpu_check_cpu.txt in WORK instead
+#   WORK     scratch folder, emptied first: generated photos, per-step JSON [build/gpu-check]
+#   PHOTOS   the originals [.gpu/photos when it has photos, else ../shared/data/flickr8k-1k/images]
+#   PYTHON   [python3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=gpu
 [[ "${1:-}" == "--cpu" ]] && MODE=cpu
 PY=${PYTHON:-python3}
-WORK=${WORK:-/tmp/mmsearch-gpu-check}
+WORK=${WORK:-build/gpu-check}
+RESULTS=${RESULTS:-benchmarks/results}
+FLICKR=../shared/data/flickr8k-1k/images
+if [[ -z "${PHOTOS:-}" ]]; then
+  PHOTOS=$FLICKR
+  compgen -G ".gpu/photos/*.jpg" >/dev/null && PHOTOS=.gpu/photos
+fi
+compgen -G "$PHOTOS/*.jpg" >/dev/null \
+  || { echo "no photos in $PHOTOS: set PHOTOS, or run benchmarks/gpu_wheels.sh" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
 if [[ $MODE == gpu ]]; then
-  CROPS=4000 BIG=240 VECTORS=1000000 DEVICE=cuda BATCH=256 WORKERS=16 NAIVE=32 CHECK=256
-  LARGE=ViT-L-14 RESULT=benchmarks/results/gpu_h200.txt
+  CROPS=4000 BIG=240 VECTORS=1000000 DEVICE=cuda BATCH=256 WORKERS=16 NAIVE=32 CHECK=256 ORIGINALS=200
+  LARGE=ViT-L-14
+  GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
+  GPU=$(echo "${GPU:-gpu}" | tr 'A-Z' 'a-z' | sed -E 's/^nvidia //; s/[^a-z0-9]+/_/g; s/^_|_$//g')
+  RESULT=$RESULTS/gpu_check_$GPU.txt
 else
-  CROPS=40 BIG=4 VECTORS=20000 DEVICE=cpu BATCH=16 WORKERS=2 NAIVE=8 CHECK=8
+  CROPS=40 BIG=4 VECTORS=20000 DEVICE=cpu BATCH=16 WORKERS=2 NAIVE=8 CHECK=8 ORIGINALS=20
   LARGE=ViT-B-32 RESULT=$WORK/gpu_check_cpu.txt
 fi
-rm -rf "$WORK" && mkdir -p "$WORK"
+rm -rf "$WORK" && mkdir -p "$WORK" "$RESULTS"
 step() { echo "== $(date +%T) $*"; }
 
-step "install (.gpu/wheels, then mmsearch)"
-if [[ $MODE == gpu ]]; then
+step "install (.gpu/wheels when present, mmsearch when not importable)"
+if [[ $MODE == gpu ]] && compgen -G ".gpu/wheels/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile .gpu/wheels/*.whl
+fi
+if ! "$PY" -c "import mmsearch" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
     || export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-  nvidia-smi -L || true
-else
-  echo "(--cpu: nothing installed; the wheels would be: $(ls .gpu/wheels 2>/dev/null | tr '\n' ' '))"
 fi
+[[ $MODE == gpu ]] && { nvidia-smi -L || true; }
 "$PY" -c "import torch, torchvision, open_clip, faiss, sqlalchemy, mmsearch; print('torch', torch.__version__,
 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available(), 'open_clip', open_clip.__version__,
 'faiss', faiss.__version__)"
-# the tests and bench_ingest look for the Flickr photos at ../shared (absent there): link them
-if [[ ! -d ../shared/data/flickr8k-1k/images ]]; then
-  mkdir -p ../shared/data/flickr8k-1k && ln -sfn "$PWD/.gpu/photos" ../shared/data/flickr8k-1k/images
+# the tests look for the Flickr photos at ../shared/data/flickr8k-1k/images: link them there if absent
+if [[ ! -d $FLICKR ]]; then
+  mkdir -p "$(dirname "$FLICKR")" && ln -sfn "$(cd "$PHOTOS" && pwd)" "$FLICKR"
 fi
 
-step "make $CROPS Flickr-sized and $BIG 12 MP JPEGs from .gpu/photos"
-"$PY" - "$WORK" "$CROPS" "$BIG" <<'EOF'
+step "make $CROPS Flickr-sized and $BIG 12 MP JPEGs from $PHOTOS"
+"$PY" - "$WORK" "$CROPS" "$BIG" "$PHOTOS" <<'EOF'
 import random, sys
 from multiprocessing import Pool
 from pathlib import Path
 from PIL import Image
 
 work, crops, big = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-sources = sorted(Path(".gpu/photos").glob("*.jpg"))
+sources = sorted(Path(sys.argv[4]).glob("*.jpg"))
 
 sizes = [Image.open(p).size for p in sources]  # Flickr's few sizes, as often as they come
 
@@ -93,8 +111,10 @@ ingest() {  # NAME MODEL CHECK ARGS...
 ingest 1_ViT-B-32 ViT-B-32 "$CHECK" --big-dir "$WORK/12mp" --big "$BIG" --decoders threads,processes,nvjpeg
 ingest "2_$LARGE" "$LARGE" 32 --big 0 --decoders auto
 
-step "search: exact $VECTORS x 512, cold queries"
-timeout 150 "$PY" benchmarks/bench_gpu_search.py --vectors "$VECTORS" --photos .gpu/photos \
+step "search: exact $VECTORS x 512, cold queries on an index of $ORIGINALS originals"
+mkdir -p "$WORK/originals"
+find "$PHOTOS"/ -maxdepth 1 -name '*.jpg' | sort | head -n "$ORIGINALS" | xargs -r cp -t "$WORK/originals"
+timeout 150 "$PY" benchmarks/bench_gpu_search.py --vectors "$VECTORS" --photos "$WORK/originals" \
   --work "$WORK/search" --out "$WORK/search.json" | tee "$WORK/search.txt" \
   || echo "search benchmark failed or timed out"
 
@@ -146,7 +166,4 @@ width = [max(len(r[i]) for r in rows) for i in range(3)]
 for r in rows:
     print(" | ".join(c.ljust(w) for c, w in zip(r, width)))
 EOF
-if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
-  cp "$RESULT" "$WORK"/*.json "$OUT"/ 2>/dev/null || true
-fi
 step "done: $RESULT"

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Prepare .gpu/ for benchmarks/gpu_check.sh, on a machine WITH network (run from anywhere):
-#   .gpu/wheels/  what mmsearch imports at index and query time that the GPU image lacks
-#                 (its python3 is 3.12 with torch 2.11, torchvision 0.26, numpy, pillow,
-#                 timm, huggingface_hub, typer, rich ... already), as Python 3.12 wheels
-#   .gpu/photos/  a few hundred Flickr originals from ../shared (gpu_check.sh makes
-#                 thousands of distinct JPEGs and the 12 MP set from them there)
-# .gpu/ is ignored by git and travels with `carry: [".gpu"]` (64 MiB with the tree).
+# Prepare .gpu/ (ignored by git) for running benchmarks/gpu_check.sh on a GPU machine that has
+# no network. Run it where there is network, then copy the project with its .gpu/ folder over:
+#   .gpu/wheels/  Python 3.12 x86-64 Linux wheels of what mmsearch imports at index and query
+#                 time beyond a CUDA PyTorch environment (torch, torchvision, numpy, pillow,
+#                 regex, timm, huggingface_hub, typer, rich, pytest are expected there; add to
+#                 WHEELS below what yours lacks); gpu_check.sh installs them with --no-index
+#   .gpu/photos/  a few hundred Flickr originals (gpu_check.sh makes thousands of distinct
+#                 JPEGs and the 12 MP set from them)
 #   bash benchmarks/gpu_wheels.sh [PHOTOS]      # PHOTOS: how many originals (default 200)
+# Environment: SRC, the folder of originals (default ../shared/data/flickr8k-1k/images);
+# PYTHON, the pip that downloads (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PHOTOS=${1:-200}
-SRC=../shared/data/flickr8k-1k/images
+SRC=${SRC:-../shared/data/flickr8k-1k/images}
 PY=${PYTHON:-python3}
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
            manylinux1_x86_64)
-# name==version: the versions this repo is tested with where the GPU image has none
+# name==version: the versions mmsearch is tested with
 WHEELS=(open_clip_torch==3.3.0 faiss-cpu==1.15.1 sqlalchemy==2.1.9 ftfy==6.3.1 wcwidth==0.9.4)
 
 mkdir -p .gpu/wheels .gpu/photos
