@@ -90,7 +90,7 @@ def machine_text(info: dict) -> str:
              if k not in ("load_avg_1m", "load_avg_start", "load_avg_end")]
     lines.append(f"# load average (1/5/15 min): {info.get('load_avg_start')} at start"
                  + (f", {info['load_avg_end']} at end" if "load_avg_end" in info else "")
-                 + f" -- {info['cores']} cores shared with other work; load > cores means competition")
+                 + f" -- {info['cores']} cores; a load above that means other processes competed")
     return "\n".join(lines)
 
 

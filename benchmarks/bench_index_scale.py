@@ -3,8 +3,8 @@
     python benchmarks/bench_index_scale.py --n 1000000 [--dim 512] \
         [--types flat,hnsw,ivf,ivfsq,ivfpq] [--queries 200] [--stem index_scale_1M]
 
-Data: a clustered synthetic distribution (no real embeddings at this scale are
-available offline: the only weights here are random). ``--clusters`` Gaussian
+Data: a clustered synthetic distribution (real embeddings at this scale need
+pretrained weights and millions of photos). ``--clusters`` Gaussian
 clusters with log-normal sizes; centres and within-cluster noise are drawn from
 one anisotropic Gaussian whose per-direction variance falls as 1/(j+1) (like the
 decaying PCA spectrum of real embeddings), in randomly rotated axes; a point is

@@ -26,7 +26,7 @@ Both are warm (model loaded, five other captions first) and take turns query by
 query (HTTP then library, library then HTTP on the next caption), so they never
 run at the same time and drifting load from other work hits both alike. The
 HTTP overhead is the difference of the p50s (also the median of the per-caption
-differences); the issue's target is <= 5 ms. It holds everything the server adds:
+differences); the target is <= 5 ms. It holds everything the server adds:
 uvicorn/FastAPI/middleware, JSON, and the search running in one of FastAPI's
 worker threads instead of a main thread. ``GET /healthz`` times show the floor
 of the HTTP stack alone.

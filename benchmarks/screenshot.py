@@ -3,7 +3,7 @@
     python benchmarks/screenshot.py                       # tiny test model, 300 photos
     python benchmarks/screenshot.py --model ViT-B-32 --pretrained /models/vit-b-32.pt \\
         --photos 1000 --query "two dogs playing in the snow"
-    python benchmarks/screenshot.py --scheme dark --out /tmp/dark.png
+    python benchmarks/screenshot.py --scheme dark --out docs/screenshot-dark.png
 
 Copies the first ``--photos`` Flickr8k photos from ../shared/data/flickr8k-1k into a
 temporary folder, indexes them (``Engine.index``, in this process) with ``--model`` /
