@@ -23,10 +23,9 @@ import numpy as np
 
 from mmsearch.errors import ModelMismatchError, UsageError
 from mmsearch.ingest.backfill import backfill_metadata
-from mmsearch.ingest.discover import canonical_root
 from mmsearch.ingest.embed import default_workers
-from mmsearch.ingest.remote import as_url, canonical_url, is_url
 from mmsearch.ingest.run import IndexReport, index_files
+from mmsearch.locations import as_url, canonical, is_url
 from mmsearch.models.device import faiss_gpu, resolve_device, text_device
 from mmsearch.models.identity import ModelIdentity, check_loaded, identify
 from mmsearch.progress import Progress, no_progress
@@ -218,8 +217,7 @@ class Engine:
                                      progress=progress or no_progress, stop=stop,
                                      decoder=s.decoder)
             self._record_weights_file()
-            self.store.add_roots(canonical_url(p) if is_url(p) else
-                                 str(canonical_root(Path(p).expanduser())) for p in paths)
+            self.store.add_roots(canonical(p) for p in paths)
             self.store.retype(s.index_type)
             return report
 
@@ -276,7 +274,7 @@ class Engine:
 
     def remove(self, path: str | Path) -> int:
         """Forget every indexed image at or under ``path``; returns how many."""
-        root = str(canonical_root(Path(path).expanduser()))
+        root = canonical(path)
         with _Writing(self.store):
             return self.store.forget_under(root)
 

@@ -14,7 +14,6 @@ which makes the run exist: a driver killed before that leaves only unused ids.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,12 @@ import numpy as np
 
 from mmsearch.distributed.shards import MANIFEST_COLUMNS, Run, ShardLayout, write_table
 from mmsearch.ingest.discover import FoundFile
-from mmsearch.ingest.remote import RemoteFile, is_url, list_url
+from mmsearch.ingest.remote import RemoteFile, list_url
 from mmsearch.ingest.run import IndexReport, _Stopped, scan
+from mmsearch.locations import Roots, is_url
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mmsearch.store import Store, StoredImage
+    from mmsearch.store import Store
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ def plan_run(store: "Store", layout: ShardLayout, roots: Iterable[Path | str], m
     """Scan ``roots``, forget deleted files, write the manifest of the rest; see the module.
     This invocation's work (a resumed run) is not counted or tried again: rows in
     ``just_stored`` are not unchanged, files in ``just_failed`` are left as they are."""
-    found, canon, keep, remote = _scan(list(roots), report, stop)
-    stored = _stored(store, canon, remote)
+    found, canon, keep = _scan(list(roots), report, stop)
+    stored = store.read.images_under(canon)
     todo = []
     for f in found:
         row = stored.get(str(f.path))
@@ -55,8 +55,8 @@ def plan_run(store: "Store", layout: ShardLayout, roots: Iterable[Path | str], m
             report.unchanged += row.id not in just_stored
         elif str(f.path) not in just_failed:
             todo.append((f, row))
-    seen = {str(f.path) for f in found}
-    gone = [r.id for p, r in stored.items() if p not in seen and not any(_inside(p, k) for k in keep)]
+    seen, unreadable = {str(f.path) for f in found}, Roots(keep)
+    gone = [r.id for p, r in stored.items() if p not in seen and p not in unreadable]
     store.forget_images(np.asarray(gone, dtype=np.int64))
     report.removed += len(gone)
     if not todo:
@@ -76,31 +76,16 @@ def plan_run(store: "Store", layout: ShardLayout, roots: Iterable[Path | str], m
 
 
 def _scan(roots: list[Path | str], report: IndexReport, stop: threading.Event | None
-          ) -> tuple[list[FoundFile | RemoteFile], list[str], list[str], set[str]]:
+          ) -> tuple[list[FoundFile | RemoteFile], list[str], list[str]]:
     """:func:`scan` of the local roots, then the URLs listed with fsspec: found files,
-    canonical roots, unreadable dirs to keep, and the URL roots that are folders."""
+    canonical roots, and unreadable dirs to keep."""
     urls = [r for r in roots if is_url(r)]
     local, canon, keep = scan([Path(r) for r in roots if not is_url(r)], report, stop)
     found: dict[str, FoundFile | RemoteFile] = {str(f.path): f for f in local}
-    folders: set[str] = set()
     for url in urls:
-        root, folder, files = list_url(url, stop)
+        root, _, files = list_url(url, stop)
         if stop is not None and stop.is_set():
             raise _Stopped
         canon.append(root)
-        folders |= {root} if folder else set()
         found.update((f.path, f) for f in files if f.path not in found)
-    return list(found.values()), canon, keep, folders
-
-
-def _stored(store: "Store", roots: list[str], url_folders: set[str]) -> dict[str, "StoredImage"]:
-    """The catalog's rows at or under ``roots`` (canonical), by path."""
-    folders = [r for r in roots if r in url_folders or os.path.isdir(r)]
-    stored = store.read.images_at([r for r in roots if r not in folders])
-    for root in folders:
-        stored.update(store.read.images_under(root))
-    return stored
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
+    return list(found.values()), canon, keep

@@ -37,7 +37,8 @@ from mmsearch.errors import ClusterError, DecodeError, UsageError
 from mmsearch.ingest.backfill import bytes_metadata, file_metadata
 from mmsearch.ingest.decode import CHANGED, bytes_hash, content_hash
 from mmsearch.ingest.embed import prepare, prepare_bytes
-from mmsearch.ingest.remote import is_url, read_url
+from mmsearch.ingest.remote import read_url
+from mmsearch.locations import is_url
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa

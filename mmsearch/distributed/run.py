@@ -43,8 +43,8 @@ from mmsearch.distributed.shards import (FOLDER, Run, ShardLayout, pyarrow, read
 from mmsearch.errors import StorageError, UsageError
 from mmsearch.ingest.backfill import backfill_metadata
 from mmsearch.ingest.embed import default_workers
-from mmsearch.ingest.remote import as_url, filesystem, is_url
 from mmsearch.ingest.run import IndexReport, Skipped, _Stopped  # (the scan's stop signal)
+from mmsearch.locations import as_url, filesystem, is_url
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import ImageFile, StoredImage
 from mmsearch.store.shardvectors import as_stored

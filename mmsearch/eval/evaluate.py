@@ -195,7 +195,7 @@ def _catalog_paths(dataset: "RetrievalDataset") -> list[str]:
     Entries that name the same file two ways (``a/../b.jpg`` and ``b.jpg``) would
     share one catalog row and could not both be found, so they are refused.
     """
-    from mmsearch.ingest.discover import canonical_root
+    from mmsearch.locations import canonical_root
 
     paths = [str(canonical_root(p)) for p in dataset.image_paths]
     first: dict[str, int] = {}

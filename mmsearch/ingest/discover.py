@@ -9,7 +9,8 @@ Behaviour, in short:
 * Order is deterministic: entries of each directory are visited sorted by
   name (code-point order), depth first, so re-walking an unchanged tree yields
   the same sequence.
-* Paths: the root is made absolute and canonical (``os.path.realpath``), so the
+* Paths: the root is made absolute and canonical
+  (:func:`mmsearch.locations.canonical_root`), so the
   same library reached through a relative path or a symlink gives the same
   keys.  Below the root, paths are *as traversed*: a symlink inside the tree
   appears under its own name, not under its target's.
@@ -36,6 +37,8 @@ import stat
 from collections.abc import Collection, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from mmsearch.locations import canonical_root
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -105,15 +108,6 @@ def walk(
     exts = frozenset(e.lower() for e in chosen)
     walker = _Walker(exts, follow_symlinks, include_hidden)
     return walker.run(root)
-
-
-def canonical_root(root: Path | str) -> Path:
-    """Absolute root: a directory fully resolved, a file with its name kept."""
-    absolute = os.path.abspath(os.fspath(root))
-    if os.path.isdir(absolute):
-        return Path(os.path.realpath(absolute))
-    parent, name = os.path.split(absolute)
-    return Path(os.path.realpath(parent)) / name
 
 
 def _os_reason(exc: OSError, prefix: str = "unreadable") -> str:

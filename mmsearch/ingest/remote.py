@@ -3,14 +3,14 @@
 The driver of a Ray run lists them (:func:`list_url`: size and modification time from
 the listing, no file opened); the cluster's tasks read each one whole
 (:func:`read_url`) and hash, read and decode its bytes with the local code. Paths are
-kept as full URLs (``s3://bucket/photos/a.jpg``). fsspec is imported only here and
-only when a URL is used; a protocol whose package (``s3fs``, ``gcsfs``...) is missing
-raises a `UsageError` naming it.
+kept as full URLs (``s3://bucket/photos/a.jpg``). What a URL is, its canonical form and
+its fsspec file system are :mod:`mmsearch.locations`' (fsspec is imported only when a URL
+is used; a protocol whose package, ``s3fs``, ``gcsfs``..., is missing raises a `UsageError`
+naming it).
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,8 +19,8 @@ from typing import Any
 
 from mmsearch.errors import DecodeError, UsageError
 from mmsearch.ingest.discover import has_image_extension, supported_extensions
+from mmsearch.locations import as_url, filesystem
 
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # s3://..., or s3:/... once a Path had it
 _MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
 
 
@@ -31,52 +31,6 @@ class RemoteFile:
     path: str
     size: int
     mtime_ns: int
-
-
-def is_url(path: Path | str) -> bool:
-    """Whether ``path`` is a URL (``s3://b/k``, also as ``pathlib`` leaves it: ``s3:/b/k``)."""
-    return bool(_URL.match(str(path)))
-
-
-def location(path: str) -> Path | str:
-    """A catalog path as hits carry it: a ``Path``, or the URL as it is (``Path`` would
-    fold ``s3://b/k`` into ``s3:/b/k``)."""
-    return path if is_url(path) else Path(path)
-
-
-def as_url(path: Path | str) -> str:
-    """The URL ``path`` stands for, with the ``//`` a ``Path`` drops put back."""
-    text = str(path)
-    scheme = _URL.match(text)
-    if scheme and not text.startswith(f"{scheme.group(1)}://"):
-        name, rest = scheme.group(1), text[len(scheme.group(1)) + 1:]  # rest: "/b/k"
-        text = f"{name}://{rest}" if name in ("file", "local") else f"{name}:/{rest}"
-    return text
-
-
-def filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec file system, path inside it) of ``url``, or a one-line `UsageError`."""
-    try:
-        import fsspec
-        from fsspec.registry import known_implementations
-    except ImportError:
-        raise UsageError("URLs need fsspec: pip install 'mmsearch[ray]'") from None
-    protocol = url.split(":", 1)[0]
-    try:
-        return fsspec.core.url_to_fs(url)
-    except ImportError:
-        known = known_implementations.get(protocol, {})
-        package = str(known.get("class", protocol)).split(".")[0]
-        raise UsageError(f"{url}: {protocol}:// URLs need the {package} package: "
-                         f"pip install {package}") from None
-    except ValueError as exc:
-        raise UsageError(f"{url}: {str(exc).splitlines()[0]}") from None
-
-
-def canonical_url(url: Path | str) -> str:
-    """``url`` as the catalog keeps it: protocol, then the path without a trailing slash."""
-    fs, path = filesystem(as_url(url))
-    return str(fs.unstrip_protocol(path))
 
 
 def list_url(url: Path | str, stop: threading.Event | None = None

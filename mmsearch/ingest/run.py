@@ -31,9 +31,10 @@ import numpy as np
 
 from mmsearch.errors import DecodeError, UsageError
 from mmsearch.ingest.decode import content_hash
-from mmsearch.ingest.discover import FoundFile, SkippedFile, canonical_root, walk
+from mmsearch.ingest.discover import FoundFile, SkippedFile, walk
 from mmsearch.ingest.backfill import backfill_metadata, file_metadata
 from mmsearch.ingest.embed import default_workers, embed_paths
+from mmsearch.locations import Roots, canonical_root
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import ImageFile, StoredImage
 
@@ -118,10 +119,7 @@ def plan(store: "Store", found: list[FoundFile], roots: list[str], keep: list[st
          report: IndexReport, progress: Progress, workers: int,
          stop: threading.Event | None = None) -> _Plan:
     """Decide, per file, whether it is unchanged, reusable, to embed, or gone."""
-    folders = [r for r in roots if os.path.isdir(r)]
-    stored = store.read.images_at([r for r in roots if r not in folders])
-    for root in folders:
-        stored.update(store.read.images_under(root))
+    stored = store.read.images_under(roots)
     todo: list[tuple[FoundFile, StoredImage | None]] = []
     for f in found:
         row = stored.get(str(f.path))
@@ -129,9 +127,8 @@ def plan(store: "Store", found: list[FoundFile], roots: list[str], keep: list[st
             report.unchanged += 1
         else:
             todo.append((f, row))
-    seen = {str(f.path) for f in found}
-    result = _Plan(remove=[r for p, r in stored.items()
-                           if p not in seen and not any(_inside(p, k) for k in keep)])
+    seen, unreadable = {str(f.path) for f in found}, Roots(keep)
+    result = _Plan(remove=[r for p, r in stored.items() if p not in seen and p not in unreadable])
     hashed = _hash_all([f for f, _ in todo], workers, progress, report, stop)
     known = store.known_vectors([h[0] for h in hashed if h])
     batch_hashes: set[str] = set()
@@ -150,10 +147,6 @@ def plan(store: "Store", found: list[FoundFile], roots: list[str], keep: list[st
             batch_hashes.add(h)
             result.embed.append((f, h, row))
     return result
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def _hash_all(files: list[FoundFile], workers: int, progress: Progress, report: IndexReport,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmsearch.errors import UsageError
-from mmsearch.ingest.remote import location
+from mmsearch.locations import location
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store

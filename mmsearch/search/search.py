@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmsearch.errors import CorruptIndexError, EmptyIndexError, UsageError
-from mmsearch.ingest.discover import canonical_root
-from mmsearch.ingest.remote import location
+from mmsearch.locations import canonical, location
 from mmsearch.search.duplicates import dedup_ranked
 from mmsearch.search.filters import (Filters, bounding_box, extensions, period, within_km)
 from mmsearch.search.hits import HIT_METADATA, ImageHit, TextHit
@@ -84,7 +83,7 @@ def selected_ids(store: "Store", filters: Filters) -> np.ndarray:
     distance for --near); ranking happens among exactly these."""
     within = None
     if filters.within is not None:
-        within = str(canonical_root(Path(filters.within).expanduser()))
+        within = canonical(filters.within)
     sel = ImageSelection(
         within=within,
         taken_from=period(filters.after)[0] if filters.after else None,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
-from mmsearch.ingest.remote import is_url
+from mmsearch.locations import Roots, is_url
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 COOKIE = "mmsearch_token"
@@ -86,8 +86,7 @@ def servable(path: str, roots: list[str] | None) -> Path | str | None:
     its own folder once symlinks are resolved.
     """
     if is_url(path):
-        inside = any(is_url(r) and (path == r or path.startswith(r.rstrip("/") + "/"))
-                     for r in roots or [])
+        inside = path in Roots(r for r in roots or [] if is_url(r))
         return path if inside and "/../" not in path + "/" else None
     try:
         real = Path(os.path.realpath(path))
@@ -96,8 +95,6 @@ def servable(path: str, roots: list[str] | None) -> Path | str | None:
     except OSError:
         return None
     allowed = roots if roots is not None else [os.path.dirname(path)]
-    for root in allowed:
-        base = os.path.realpath(root)
-        if str(real) == base or str(real).startswith(base.rstrip("/") + "/"):
-            return real
-    return None
+    if str(real) in Roots(allowed):  # under a root as recorded: every folder of a real path
+        return real                  # is real, so it is under that root resolved too
+    return real if str(real) in Roots(os.path.realpath(r) for r in allowed) else None

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 from mmsearch.ingest.decode import decode_bytes, load_image
-from mmsearch.ingest.remote import is_url, read_url
+from mmsearch.ingest.remote import read_url
+from mmsearch.locations import is_url
 
 SIZE = 320
 QUALITY = 80

@@ -46,6 +46,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from mmsearch.errors import CorruptIndexError, MMSearchError, StorageError
+from mmsearch.locations import sql_under
 from mmsearch.store.shardvectors import ShardVectors
 
 SCHEMA_VERSION = 4
@@ -323,18 +324,25 @@ class CatalogReader:
         row = conn.execute(select(MetaRow.value).where(MetaRow.key == key)).first()
         return int(row[0]) if row and isinstance(row[0], str) and row[0].isdigit() else 0
 
-    def images_under(self, root: str) -> dict[str, StoredImage]:
-        """Every stored image whose path is ``root`` or below it."""
+    def images_under(self, roots: str | Iterable[str]) -> dict[str, StoredImage]:
+        """Every stored image whose path is one of ``roots`` or below one
+        (:func:`mmsearch.locations.sql_under`: one query per chunk of roots)."""
+        out: dict[str, StoredImage] = {}
         with self._read() as conn:
-            rows = conn.execute(select(ImageRow.id, ImageRow.path, ImageRow.size,
-                                       ImageRow.mtime_ns, ImageRow.content_hash)
-                                .where(_under(root)))
-            return {self._str(r.path): StoredImage(*r) for r in rows}
+            for condition in _under(roots):
+                rows = conn.execute(select(ImageRow.id, ImageRow.path, ImageRow.size,
+                                           ImageRow.mtime_ns, ImageRow.content_hash)
+                                    .where(condition))
+                out.update({self._str(r.path): StoredImage(*r) for r in rows})
+        return out
 
-    def image_ids_under(self, root: str) -> np.ndarray:
+    def image_ids_under(self, roots: str | Iterable[str]) -> np.ndarray:
+        """The ids of :meth:`images_under`, sorted."""
+        ids: list[int] = []
         with self._read() as conn:
-            ids = conn.execute(select(ImageRow.id).where(_under(root))).scalars().all()
-        return np.asarray(ids, dtype=np.int64)
+            for condition in _under(roots):
+                ids += conn.execute(select(ImageRow.id).where(condition)).scalars().all()
+        return np.asarray(sorted(ids), dtype=np.int64)
 
     def images_at(self, paths: Iterable[str]) -> dict[str, StoredImage]:
         """The stored rows of exactly these paths (one query per 900, not one per path)."""
@@ -931,12 +939,11 @@ def check_sqlite_file(path: Path) -> None:
                             f"{pages * page_size})")
 
 
-def _under(root: str):
-    """Paths equal to ``root`` or inside it, as a range on the unique index ('/' + 1 == '0')."""
-    root = root.rstrip("/") or "/"
-    if root == "/":
-        return ImageRow.path.startswith("/")
-    return (ImageRow.path == root) | ((ImageRow.path >= root + "/") & (ImageRow.path < root + "0"))
+def _under(roots: str | Iterable[str]) -> list[Any]:
+    """Conditions on ``images.path``, one per chunk of ``roots`` (a root alone: one), whose
+    rows together are the images under them: index ranges, never a term per root in one
+    statement (SQLite refuses an expression 1,000 deep)."""
+    return sql_under(ImageRow.path, [roots] if isinstance(roots, str) else roots)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

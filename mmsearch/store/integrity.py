@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmsearch.errors import CorruptIndexError
-from mmsearch.ingest.remote import is_url
+from mmsearch.locations import is_url
 from mmsearch.store.lock import lock_holder
 from mmsearch.store.vectorfiles import KINDS, Kind
 

@@ -16,7 +16,8 @@ import numpy as np
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import DBAPIError
 
-from mmsearch.store.catalog import METADATA_COLUMNS, CatalogReader, ImageRow, _chunks, _under
+from mmsearch.locations import sql_under
+from mmsearch.store.catalog import METADATA_COLUMNS, CatalogReader, ImageRow, _chunks
 
 RECORD_COLUMNS = ("path", "size", "mtime_ns", "content_hash", *METADATA_COLUMNS)
 
@@ -41,7 +42,7 @@ class ImageSelection:
 def _conditions(sel: ImageSelection) -> list[Any]:
     out: list[Any] = []
     if sel.within is not None:
-        out.append(_under(sel.within))
+        out += sql_under(ImageRow.path, [sel.within])  # one root: one condition
     if sel.taken_from is not None:
         out.append(ImageRow.taken >= sel.taken_from)
     if sel.taken_until is not None:
@@ -112,18 +113,19 @@ def records(reader: CatalogReader, ids: Iterable[int]) -> dict[int, dict[str, An
 
 def missing_metadata(reader: CatalogReader, roots: Iterable[str] | None = None,
                      limit: int | None = None) -> list[tuple[int, str, int]]:
-    """(id, path, mtime_ns) of images whose metadata was never read (under ``roots`` if given)."""
+    """(id, path, mtime_ns) of images whose metadata was never read (under ``roots`` if
+    given), in id order: the first ``limit`` of the union of one query per chunk of roots."""
     query = select(ImageRow.id, ImageRow.path, ImageRow.mtime_ns).where(
         ImageRow.taken_source.is_(None)).order_by(ImageRow.id)
-    if roots is not None:
-        roots = list(roots)
-        if not roots:
-            return []
-        query = query.where(or_(*[_under(r) for r in roots]))
-    if limit is not None:
-        query = query.limit(limit)
+    queries = [query] if roots is None else [query.where(c) for c in
+                                               sql_under(ImageRow.path, roots)]
+    rows: list[tuple[int, str, int]] = []
     with reader.connect() as conn:
-        return [(r[0], reader._str(r[1]), r[2]) for r in conn.execute(query)]
+        for q in queries:
+            rows += [(r[0], reader._str(r[1]), r[2])
+                     for r in conn.execute(q if limit is None else q.limit(limit))]
+    rows.sort()  # the chunks hold disjoint paths: no row twice
+    return rows if limit is None else rows[:limit]
 
 
 @dataclass(frozen=True)

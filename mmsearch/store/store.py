@@ -263,10 +263,10 @@ class Store:
 
     def add_roots(self, roots: Iterable[str]) -> None:
         """Remember folders (or files) given to ``index``: the server serves files under them only."""
-        known = self.roots or []
-        new = [r for r in roots if r not in known]
+        known = set(self.roots or [])
+        new = set(roots) - known  # a set: thousands of files given one by one stay cheap
         if new:
-            self._writer().set_meta(ROOTS, json.dumps(sorted(known + new)))
+            self._writer().set_meta(ROOTS, json.dumps(sorted(known | new)))
 
     def set_weights_file(self, path: str) -> None:
         self._writer().set_meta(WEIGHTS_FILE, path)
