@@ -58,6 +58,28 @@ class Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """The default recipe of ``mmsearch finetune`` / ``distill``: their options dataclasses
+    and flags read it from here. A run lasts at least ``min_steps`` optimizer steps, in
+    whole epochs, unless --steps or --epochs says otherwise; the held-out split is measured
+    ``evaluations`` times over the run, and it stops after ``patience`` measurements
+    without a better score (see mmsearch/train/schedule.py)."""
+
+    lr: float
+    weight_decay: float
+    warmup: float  # fraction of the planned steps: linear warm-up, then cosine to 0
+    batch_size: int
+    min_steps: int = 500
+    evaluations: int = 20
+    patience: int = 5
+
+
+# a real CLIP's text tower forgets quickly above ~1e-5; a new student tower needs more
+FINETUNE_DEFAULTS = TrainingDefaults(lr=1e-5, weight_decay=0.1, warmup=0.05, batch_size=128)
+DISTILL_DEFAULTS = TrainingDefaults(lr=1e-4, weight_decay=0.05, warmup=0.05, batch_size=64)
+
+
 def check_index_name(name: str) -> str:
     if not _INDEX_NAME.match(name):
         raise UsageError(

@@ -12,6 +12,7 @@ import typer
 
 from mmsearch.cli.common import (DeviceOpt, HomeOpt, IndexOpt, JsonOpt, ModelOpt, PretrainedOpt,
                                  handle_errors)
+from mmsearch.settings import DISTILL_DEFAULTS, FINETUNE_DEFAULTS
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.train.forward import Recalls
@@ -27,6 +28,17 @@ ImagesOpt = Annotated[Optional[Path], typer.Option(
 HoldoutOpt = Annotated[float, typer.Option(help="Share of the photos held out when DATA has no "
                                            "split (by photo, never by caption).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for the hold-out, the batches and the init.")]
+StepsOpt = Annotated[Optional[int], typer.Option(
+    help=f"Optimizer steps to run (default: at least {FINETUNE_DEFAULTS.min_steps}, in whole "
+    "epochs); --patience may stop the run earlier.")]
+EpochsOpt = Annotated[Optional[int], typer.Option(
+    help="Epochs to run instead of the step budget (not with --steps); --patience may stop "
+    "the run earlier.")]
+EvalEveryOpt = Annotated[Optional[int], typer.Option(
+    help=f"Optimizer steps between held-out evaluations (default: {FINETUNE_DEFAULTS.evaluations} "
+    "evaluations over the run); the best one's weights are kept.")]
+PatienceOpt = Annotated[int, typer.Option(
+    help="Stop after this many held-out evaluations without a better score (0: never early).")]
 
 
 @handle_errors
@@ -47,12 +59,15 @@ def finetune_command(
         help="Also train the last N image layer groups (default 0: image tower frozen, so an "
         "index built with the base model stays valid).")] = 0,
     full: Annotated[bool, typer.Option("--full", help="Train every layer of both towers.")] = False,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (1e-5 suits a real CLIP).")] = 1e-5,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.1,
-    epochs: Annotated[int, typer.Option(help="At most this many epochs.")] = 5,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better "
-                                          "held-out R@1.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Pairs per contrastive batch.")] = 128,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate, peak after a warm-up of "
+                                      f"{FINETUNE_DEFAULTS.warmup:.0%} of the steps (the "
+                                      "default suits a real CLIP).")] = FINETUNE_DEFAULTS.lr,
+    weight_decay: Annotated[float, typer.Option(
+        help="AdamW weight decay.")] = FINETUNE_DEFAULTS.weight_decay,
+    steps: StepsOpt = None, epochs: EpochsOpt = None, eval_every: EvalEveryOpt = None,
+    patience: PatienceOpt = FINETUNE_DEFAULTS.patience,
+    batch_size: Annotated[int, typer.Option(
+        help="Pairs per contrastive batch.")] = FINETUNE_DEFAULTS.batch_size,
     accum: Annotated[int, typer.Option(help="Split each batch into this many forward passes "
                                        "(cached features: same loss, less memory).")] = 1,
     holdout: HoldoutOpt = 0.1, seed: SeedOpt = 0,
@@ -75,8 +90,8 @@ def finetune_command(
     options = FinetuneOptions(
         loss=loss, margin=margin, temperature=fixed_temperature,
         unlocked=Unlocked(unlock_text_layers, unlock_image_layers, full, fixed_temperature is None),
-        lr=lr, weight_decay=weight_decay, epochs=epochs, patience=patience,
-        batch_size=batch_size, accum=accum, seed=seed)
+        lr=lr, weight_decay=weight_decay, steps=steps, epochs=epochs, eval_every=eval_every,
+        patience=patience, batch_size=batch_size, accum=accum, seed=seed)
     options.check()
     split, ref = _pairs(data, images, holdout, seed), _reference(reference, reference_images)
     with _base(index, home, model, pretrained, device) as (embedder, store), _Bar(as_json) as bar:
@@ -101,9 +116,11 @@ def distill_command(
                                       "fit, blocks picked evenly) or scratch.")] = "teacher",
     affinity: Annotated[float, typer.Option(help="Weight of the soft-target (image->text KL) "
                                             "loss; 0 for feature distillation only.")] = 1.0,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Photos per batch.")] = 64,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = DISTILL_DEFAULTS.lr,
+    steps: StepsOpt = None, epochs: EpochsOpt = None, eval_every: EvalEveryOpt = None,
+    patience: PatienceOpt = DISTILL_DEFAULTS.patience,
+    batch_size: Annotated[int, typer.Option(
+        help="Photos per batch.")] = DISTILL_DEFAULTS.batch_size,
     holdout: HoldoutOpt = 0.1, seed: SeedOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -115,7 +132,9 @@ def distill_command(
     if init not in ("teacher", "scratch"):
         raise UsageError("--init must be teacher or scratch")
     options = DistillOptions(student=student, from_teacher=init == "teacher", affinity=affinity,
-                             lr=lr, epochs=epochs, batch_size=batch_size, seed=seed)
+                             lr=lr, steps=steps, epochs=epochs, eval_every=eval_every,
+                             patience=patience, batch_size=batch_size, seed=seed)
+    options.check()
     split = _pairs(data, images, holdout, seed, photos_only=True)
     with _base(index, home, model, pretrained, device) as (teacher, store), _Bar(as_json) as bar:
         report = distill_to_folder(teacher, split, options, out, store=store,
@@ -125,7 +144,8 @@ def distill_command(
                   for k in ("teacher", "student_before", "student")}
         typer.echo(json.dumps({"out": str(out), **recall, "cosine": report.cosine,
                                "teacher_params": report.teacher_params,
-                               "student_params": report.student_params}, indent=2))
+                               "student_params": report.student_params,
+                               "training": report.training.to_dict()}, indent=2))
         return
     if report.teacher is not None:
         typer.echo(_table([("teacher", report.teacher), ("student, untrained",
@@ -136,6 +156,7 @@ def distill_command(
     typer.echo(f"image tower: {report.student_params:,} parameters against the teacher's "
                f"{report.teacher_params:,}; initialised {report.initialised}; mean cosine to the "
                f"teacher on held-out photos {report.cosine:.3f}")
+    typer.echo(f"training: {report.training.describe()}")
     typer.echo(f"wrote {out}: a new model (its image tower changed): index with "
                f"--model local-dir:{out}")
 
@@ -210,17 +231,19 @@ def _finetune_summary(report: Any, out: Path) -> None:
         rows += [("reference, base", report.reference_before),
                  ("reference, fine-tuned", report.reference_after)]
     typer.echo(_table(rows))
-    wise = ", ".join(f"{a:g}: {r.r1:.2f}" for a, r in report.by_alpha.items())
-    typer.echo(f"held-out mean R@1 by WiSE alpha: {wise}; epochs run: {len(report.epochs)}, "
-               f"best {report.best_epoch}")
+    wise = ", ".join(f"{a:g}: {r.rsum:.1f} / {r.r1:.2f}" for a, r in report.by_alpha.items())
+    typer.echo(f"held-out rsum / mean R@1 by WiSE alpha: {wise}")
+    typer.echo(f"training: {report.training.describe()}")
     for note in report.unreadable:
         typer.echo(f"note: {note}", err=True)
     if report.interrupted:
         typer.echo("interrupted: the best weights so far were kept (no WiSE search)", err=True)
     if not report.improved:
-        typer.echo(f"not better: held-out R@1 did not improve ({report.before.r1:.2f} -> "
-                   f"{report.after.r1:.2f}); {out} is written for inspection and marked "
-                   "improved: false in its manifest; keep using the base model", err=True)
+        typer.echo(f"not better: the held-out recall did not improve (rsum "
+                   f"{report.before.rsum:.1f} -> {report.after.rsum:.1f}, mean R@1 "
+                   f"{report.before.r1:.2f} -> {report.after.r1:.2f}); {out} is written for "
+                   "inspection and marked improved: false in its manifest; keep using the base "
+                   "model", err=True)
     use = (f"queries on an index built with the base model: --model local-dir:{out} (images are "
            "not re-embedded)" if report.towers_changed == ["text"] else
            f"a new model (the image tower changed): index again with --model local-dir:{out}")

@@ -7,7 +7,10 @@ image vectors (read from an index that holds them, else embedded once). Loss:
 ``1 - cos(student, teacher)`` plus, when captions are given, ``w * KL`` between the
 teacher's and the student's image->text distributions over the batch's captions.
 Where shapes allow, the student starts from the teacher's weights (blocks picked evenly,
-as TinyCLIP's uniform layer selection); otherwise from scratch.
+as TinyCLIP's uniform layer selection); otherwise from scratch. The run is sized in
+optimizer steps and stopped early on the held-out split (:mod:`.schedule`): its recalls
+(rsum, then mean R@1, then the cosine to the teacher), or the cosine alone without
+captions; the best student is kept.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import numpy as np
 from mmsearch.errors import ModelError, TrainingError
 from mmsearch.models.identity import ModelIdentity
 from mmsearch.progress import Progress, no_progress
+from mmsearch.settings import DISTILL_DEFAULTS as DEFAULTS
+from mmsearch.train import schedule
 from mmsearch.train.data import TrainSet, prepare_set
-from mmsearch.train.finetune import optimizer
 from mmsearch.train.forward import Recalls, embed_images, image_features, recalls
 from mmsearch.train.losses import affinity_distill, feature_distill
 from mmsearch.train.output import model_config
 from mmsearch.train.pairs import PairSplit
+from mmsearch.train.schedule import Training
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,16 +47,33 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class DistillOptions:
+    """Defaults: ``settings.DISTILL_DEFAULTS``; ``steps`` / ``epochs``: the run's length
+    (one of them at most); neither: at least the default step budget; ``patience`` may
+    end it earlier."""
+
     student: str = "ViT-S-32"  # an open_clip architecture or a config JSON: its vision_cfg
     from_teacher: bool = True  # copy the teacher's weights where shapes match
     affinity: float = 1.0  # weight of the soft-target loss
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup: float = 0.05
-    epochs: int = 10
-    patience: int = 3
-    batch_size: int = 64
+    lr: float = DEFAULTS.lr
+    weight_decay: float = DEFAULTS.weight_decay
+    warmup: float = DEFAULTS.warmup
+    steps: int | None = None
+    epochs: int | None = None
+    eval_every: int | None = None  # None: DEFAULTS.evaluations times over the run
+    patience: int = DEFAULTS.patience
+    batch_size: int = DEFAULTS.batch_size
     seed: int = 0
+
+    def check(self) -> None:
+        schedule.check(self.steps, self.epochs, self.eval_every, self.patience)
+        if self.batch_size < 2 or self.lr <= 0 or self.affinity < 0:
+            raise TrainingError("the batch size must be at least 2, the learning rate "
+                                "positive and the soft-target weight 0 or more")
+
+    def plan(self, n_images: int) -> schedule.Plan:
+        return schedule.plan(n_images, self.batch_size, DEFAULTS, steps=self.steps,
+                             epochs=self.epochs, eval_every=self.eval_every,
+                             patience=self.patience)
 
 
 @dataclass
@@ -65,10 +87,13 @@ class DistillReport:
     teacher_params: int
     student_params: int
     initialised: str
-    epochs: list[dict[str, float]]
-    interrupted: bool
+    training: Training  # steps run, why it stopped, the best held-out score and its step
     seconds: float
     unreadable: list[str]
+
+    @property
+    def interrupted(self) -> bool:
+        return self.training.interrupted
 
 
 def build_student(teacher: "Embedder", options: DistillOptions) -> tuple["Embedder", dict, str]:
@@ -158,6 +183,7 @@ def distill(teacher: "Embedder", split: PairSplit, options: DistillOptions, *,
             stop: threading.Event | None = None) -> tuple["Embedder", dict, DistillReport]:
     """Train a student image tower; returns (student, its config, the report). Photos
     without captions train on the feature loss alone and report the cosine only."""
+    options.check()
     start = time.monotonic()
     student, cfg, how = build_student(teacher, options)
     model = student.torch_model
@@ -169,15 +195,16 @@ def distill(teacher: "Embedder", split: PairSplit, options: DistillOptions, *,
     text = [_texts(teacher, t) for t in targets]
     if text[0] is None:
         options = replace(options, affinity=0.0)  # no captions: no soft targets
-    before = _evaluate(student, inputs[1], targets[1], text[1])[0]
-    log, interrupted = _fit(student, inputs[0], targets[0], text[0], options,
-                            _logit_scale(teacher), progress, stop)
+    before = _evaluate(student, inputs[1], targets[1], text[1])
+    best, training = _fit(student, (inputs, targets, text), options, before,
+                          _logit_scale(teacher), progress, stop)
+    model.load_state_dict(best)
     after, cosine = _evaluate(student, inputs[1], targets[1], text[1])
     teacher_r = None if text[1] is None else recalls(targets[1].vectors.numpy(), text[1].numpy(),
                                                       targets[1].pairs)
     count = lambda m: sum(p.numel() for p in m.visual.parameters())  # noqa: E731
-    report = DistillReport(teacher_r, before, after, cosine, count(teacher.torch_model),
-                           count(model), how, log, interrupted, time.monotonic() - start,
+    report = DistillReport(teacher_r, before[0], after, cosine, count(teacher.torch_model),
+                           count(model), how, training, time.monotonic() - start,
                            targets[0].unreadable + targets[1].unreadable)
     return student, cfg, report
 
@@ -207,36 +234,41 @@ def _texts(teacher: "Embedder", target: TrainSet) -> "torch.Tensor | None":
     return torch.from_numpy(embed_texts(teacher.torch_model, target.tokens))
 
 
-def _fit(student: "Embedder", inputs: list[Any], target: TrainSet, text: Any,
-         options: DistillOptions, scale: float, progress: Progress,
-         stop: threading.Event | None) -> tuple[list[dict[str, float]], bool]:
+def _fit(student: "Embedder", data: tuple[list, list[TrainSet], list], options: DistillOptions,
+         before: tuple[Recalls | None, float], scale: float, progress: Progress,
+         stop: threading.Event | None) -> tuple[dict, Training]:
+    """The planned steps, stopped early on the held-out score; (best weights, what ran).
+    ``data``: (decoded inputs, teacher targets, caption vectors), each [train, held out]."""
+    import torch
+
+    (inputs, held_inputs), (target, held), (text, held_text) = data
+    torch.manual_seed(options.seed)
     model = student.torch_model
-    steps = target.steps_per_epoch(options.batch_size)
-    opt, sched = optimizer(model, options.lr, options.weight_decay, options.warmup,
-                           steps * options.epochs)
-    log: list[dict[str, float]] = []
-    try:
-        for epoch in range(1, options.epochs + 1):
-            losses = []
-            for step, (images, captions) in enumerate(target.batches(options, epoch), 1):
-                if stop is not None and stop.is_set():
-                    raise KeyboardInterrupt
-                mine = image_features(model, student, [inputs[i] for i in images])
-                goal = target.vectors[images]
-                loss = feature_distill(mine, goal)
-                if options.affinity:
-                    loss = loss + options.affinity * affinity_distill(mine, goal, text[captions], scale)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(float(loss.detach()))
-                progress(f"train|epoch {epoch}/{options.epochs}, loss {losses[-1]:.4f}",
-                         (epoch - 1) * steps + step, steps * options.epochs)
-            log.append({"epoch": epoch, "loss": float(np.mean(losses))})
-    except KeyboardInterrupt:
-        return log, True
-    return log, False
+    plan = options.plan(target.pairs.n_images)
+    opt, sched = schedule.optimizer(model, options.lr, options.weight_decay, options.warmup,
+                                    plan.total)
+
+    def step(batch: tuple[np.ndarray, np.ndarray]) -> float:
+        images, captions = batch
+        mine = image_features(model, student, [inputs[i] for i in images])
+        goal = target.vectors[images]
+        loss = feature_distill(mine, goal)
+        if options.affinity:
+            loss = loss + options.affinity * affinity_distill(mine, goal, text[captions], scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return float(loss.detach())
+
+    return schedule.run(model, plan, lambda epoch: target.batches(options, epoch), step,
+                        lambda: _score(*_evaluate(student, held_inputs, held, held_text)),
+                        _score(*before), progress, stop)
+
+
+def _score(found: Recalls | None, cosine: float) -> schedule.Score:
+    """The held-out score: recalls first when there are captions, then the cosine."""
+    return {"cosine": cosine} if found is None else {**found.score(), "cosine": cosine}
 
 
 def _evaluate(student: "Embedder", inputs: list[Any], target: TrainSet,
@@ -258,7 +290,8 @@ def manifest(report: DistillReport, options: DistillOptions, teacher: dict[str, 
             "settings": asdict(options), "initialised": report.initialised,
             "metrics": {"teacher": _dict(report.teacher), "student": _dict(report.student),
                         "student_before": _dict(report.student_before),
-                        "cosine_to_teacher": report.cosine, "epochs": report.epochs},
+                        "cosine_to_teacher": report.cosine,
+                        "training": report.training.to_dict()},
             "interrupted": report.interrupted}
 
 

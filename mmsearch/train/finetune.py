@@ -4,10 +4,11 @@ Each epoch every training photo appears once, with one of its captions drawn at 
 (so no two rows of a batch are the same photo); the loss is CLIP's InfoNCE or the
 triplet loss (:mod:`.losses`). AdamW, linear warm-up then cosine decay; the contrastive
 batch may be larger than what fits in one forward pass (``accum`` micro-batches with
-cached features, as open_clip's ``--accum-freq``). After every epoch the held-out
-Recall@1 decides early stopping; at the end, weight-space ensembling with the base
-weights (WiSE-FT) picks the alpha that is best on the held-out split, ties to the
-smaller one. The model is never reported better unless its held-out R@1 is.
+cached features, as open_clip's ``--accum-freq``). The run is sized in optimizer steps
+and stopped early on the held-out recall, keeping the best weights (:mod:`.schedule`); at
+the end, weight-space ensembling with the base weights (WiSE-FT) picks the alpha that is
+best on the held-out split, ties to the smaller one. The model is never reported better
+unless its held-out score is (``Recalls.score``: rsum, then mean R@1).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import numpy as np
 from mmsearch.errors import TrainingError
 from mmsearch.eval.datasets import RetrievalDataset
 from mmsearch.progress import Progress, no_progress
+from mmsearch.settings import FINETUNE_DEFAULTS as DEFAULTS
+from mmsearch.train import schedule
 from mmsearch.train.data import TrainSet, prepare_set
 from mmsearch.train.forward import Recalls, image_features, text_features
 from mmsearch.train.losses import DEFAULT_MARGIN, LOSSES, info_nce, triplet
 from mmsearch.train.pairs import PairSplit
+from mmsearch.train.schedule import Training
 from mmsearch.train.towers import WISE_ALPHAS, State, Unlocked, set_trainable, snapshot, wise
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,18 +45,23 @@ MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learnt temperature at 1/
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    """The recipe; defaults are for a few thousand pairs on a real CLIP (see the README)."""
+    """The recipe; defaults (``settings.FINETUNE_DEFAULTS``) are for a few hundred to a
+    few thousand pairs on a real CLIP (see the README). ``steps`` / ``epochs``: the run's
+    length (one of them at most); neither: at least the default step budget; ``patience``
+    may end it earlier."""
 
     loss: str = "infonce"
     margin: float = DEFAULT_MARGIN
     temperature: float | None = None  # fixed temperature; None: learnt, from the model's
     unlocked: Unlocked = field(default_factory=Unlocked)
-    lr: float = 1e-5
-    weight_decay: float = 0.1
-    warmup: float = 0.05
-    epochs: int = 5
-    patience: int = 2
-    batch_size: int = 128
+    lr: float = DEFAULTS.lr
+    weight_decay: float = DEFAULTS.weight_decay
+    warmup: float = DEFAULTS.warmup
+    steps: int | None = None
+    epochs: int | None = None
+    eval_every: int | None = None  # None: DEFAULTS.evaluations times over the run
+    patience: int = DEFAULTS.patience
+    batch_size: int = DEFAULTS.batch_size
     accum: int = 1
     seed: int = 0
     alphas: tuple[float, ...] = WISE_ALPHAS
@@ -60,8 +69,9 @@ class FinetuneOptions:
     def check(self) -> None:
         if self.loss not in LOSSES:
             raise TrainingError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
-        if self.epochs < 1 or self.batch_size < 2 or self.accum < 1 or self.lr <= 0:
-            raise TrainingError("epochs and accum must be at least 1, batch size at least 2, "
+        schedule.check(self.steps, self.epochs, self.eval_every, self.patience)
+        if self.batch_size < 2 or self.accum < 1 or self.lr <= 0:
+            raise TrainingError("accum must be at least 1, batch size at least 2, "
                                 "and the learning rate positive")
         if self.batch_size % self.accum:
             raise TrainingError(f"batch size {self.batch_size} is not a multiple of accum {self.accum}")
@@ -70,13 +80,10 @@ class FinetuneOptions:
         if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
             raise TrainingError("WiSE alphas must lie between 0 and 1")
 
-
-@dataclass
-class EpochLog:
-    epoch: int
-    loss: float
-    heldout_r1: float
-    seconds: float
+    def plan(self, n_images: int) -> schedule.Plan:
+        return schedule.plan(n_images, self.batch_size, DEFAULTS, steps=self.steps,
+                             epochs=self.epochs, eval_every=self.eval_every,
+                             patience=self.patience)
 
 
 @dataclass
@@ -91,9 +98,7 @@ class FinetuneReport:
     after: Recalls
     alpha: float
     by_alpha: dict[float, Recalls]
-    epochs: list[EpochLog]
-    best_epoch: int
-    interrupted: bool
+    training: Training  # steps run, why it stopped, the best held-out score and its step
     seconds: float
     unreadable: list[str]
     reference_before: Recalls | None = None
@@ -101,12 +106,16 @@ class FinetuneReport:
 
     @property
     def improved(self) -> bool:
-        return self.after.r1 > self.before.r1 and self.alpha > 0
+        return schedule.better(self.after.score(), self.before.score()) and self.alpha > 0
+
+    @property
+    def interrupted(self) -> bool:
+        return self.training.interrupted
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"before": self.before.to_dict(), "after": self.after.to_dict(),
                                "wise": {str(a): r.to_dict() for a, r in self.by_alpha.items()},
-                               "epochs": [asdict(e) for e in self.epochs]}
+                               "training": self.training.to_dict()}
         if self.reference_before is not None and self.reference_after is not None:
             out["reference_before"] = self.reference_before.to_dict()
             out["reference_after"] = self.reference_after.to_dict()
@@ -130,79 +139,43 @@ def finetune(embedder: "Embedder", split: PairSplit, options: FinetuneOptions, *
     ref = prepare_set(embedder, reference, image_trains, store=store) if reference else None
     base = snapshot(model)
     before, ref_before = heldout.evaluate(model, embedder), ref.evaluate(model, embedder) if ref else None
-    log, best, best_epoch, interrupted = _train(model, embedder, train, heldout, options,
-                                                before.r1, progress, stop)
-    if interrupted:
+    best, training = _train(model, embedder, (train, heldout), options, (base, before),
+                            progress, stop)
+    if training.interrupted:
         by_alpha = {1.0: _load_and_eval(model, embedder, heldout, best)}
     else:
         by_alpha = {a: _load_and_eval(model, embedder, heldout, wise(base, best, a))
                     for a in sorted(options.alphas)}
-    alpha = max(by_alpha, key=lambda a: (by_alpha[a].r1, -a))  # ties: the smaller alpha
+    alpha = max(by_alpha, key=lambda a: (schedule.rank(by_alpha[a].score()), -a))  # ties: smaller
     model.load_state_dict(wise(base, best, alpha))
     return FinetuneReport(
         towers, split.how, train.pairs.n_images, heldout.pairs.n_images, before, by_alpha[alpha],
-        alpha, by_alpha, log, best_epoch, interrupted, time.monotonic() - start,
+        alpha, by_alpha, training, time.monotonic() - start,
         train.unreadable + heldout.unreadable, ref_before,
         ref.evaluate(model, embedder) if ref else None)
 
 
-def _train(model: Any, embedder: "Embedder", train: TrainSet, heldout: TrainSet,
-           options: FinetuneOptions, start_r1: float, progress: Progress,
-           stop: threading.Event | None) -> tuple[list[EpochLog], State, int, bool]:
-    """Epochs with early stopping; returns (log, best state, best epoch (0: none), interrupted)."""
+def _train(model: Any, embedder: "Embedder", sets: tuple[TrainSet, TrainSet],
+           options: FinetuneOptions, start: tuple[State, Recalls], progress: Progress,
+           stop: threading.Event | None) -> tuple[State, Training]:
+    """The planned steps, stopped early on the held-out score; (best weights, what ran).
+    ``start``: the weights before training and their held-out recalls."""
     import torch
+
+    train, heldout = sets
 
     torch.manual_seed(options.seed)
-    steps = train.steps_per_epoch(options.batch_size)
-    opt, sched = optimizer(model, options.lr, options.weight_decay, options.warmup,
-                           steps * options.epochs)
+    plan = options.plan(train.pairs.n_images)
+    opt, sched = schedule.optimizer(model, options.lr, options.weight_decay, options.warmup,
+                                    plan.total)
     loss_fn = _loss(model, options)
-    log: list[EpochLog] = []
-    best, best_r1, best_epoch, waited = snapshot(model), start_r1, 0, 0
-    try:
-        for epoch in range(1, options.epochs + 1):
-            t0 = time.monotonic()
-            losses = []
-            for step, (images, captions) in enumerate(train.batches(options, epoch), 1):
-                if stop is not None and stop.is_set():
-                    raise KeyboardInterrupt
-                losses.append(_step(model, embedder, train, images, captions, opt, sched,
-                                    loss_fn, options.accum))
-                progress(f"train|epoch {epoch}/{options.epochs}, loss {losses[-1]:.3f}",
-                         (epoch - 1) * steps + step, steps * options.epochs)
-            r1 = heldout.evaluate(model, embedder).r1
-            log.append(EpochLog(epoch, float(np.mean(losses)), r1, time.monotonic() - t0))
-            if r1 > best_r1:
-                best, best_r1, best_epoch, waited = snapshot(model), r1, epoch, 0
-            else:
-                waited += 1
-                if waited >= options.patience:
-                    break
-    except KeyboardInterrupt:
-        return log, best, best_epoch, True
-    return log, best, best_epoch, False
 
+    def step(batch: tuple[np.ndarray, np.ndarray]) -> float:
+        return _step(model, embedder, train, *batch, opt, sched, loss_fn, options.accum)
 
-def optimizer(model: Any, lr: float, weight_decay: float, warmup: float,
-              total: int) -> tuple[Any, Any]:
-    """AdamW (no weight decay on gains, biases, embeddings, temperature) and its schedule:
-    a linear warm-up over the ``warmup`` fraction of ``total`` steps, then cosine to 0.
-    Fine-tuning and distillation both train with it."""
-    import torch
-
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    warm = max(1, round(warmup * total))
-
-    def factor(i: int) -> float:
-        if i < warm:
-            return (i + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, total - warm))))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return schedule.run(model, plan, lambda epoch: train.batches(options, epoch), step,
+                        lambda: heldout.evaluate(model, embedder).score(), start[1].score(),
+                        progress, stop, initial=start[0])
 
 
 def _loss(model: Any, options: FinetuneOptions) -> Callable[[Any, Any], "torch.Tensor"]:
@@ -264,8 +237,7 @@ def manifest(report: FinetuneReport, options: FinetuneOptions, base: dict[str, A
                                                                        time.gmtime()),
             "base": base, "towers_changed": report.towers_changed, "data": data,
             "settings": settings, "alpha": report.alpha, "improved": report.improved,
-            "interrupted": report.interrupted, "best_epoch": report.best_epoch,
-            "metrics": report.metrics()}
+            "interrupted": report.interrupted, "metrics": report.metrics()}
 
 
 __all__ = ["FinetuneOptions", "FinetuneReport", "finetune", "finetune_to_folder", "manifest"]
