@@ -82,3 +82,19 @@ def test_presets_name_what_they_resolve_to(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="open_clip_config.json"):
         identify(f"local-dir:{tmp_path}", None)
     assert ml.key != identify("multilingual", str(folder / "model.safetensors")).key
+
+
+def test_more_distinct_texts_than_the_cache_holds_in_one_call(tiny_model) -> None:
+    """One call with 1,500 distinct texts (the cache keeps 1,024) gives every vector, the
+    same as calls small enough for the cache."""
+    import numpy as np
+
+    config, ckpt = tiny_model
+    emb = load_embedder(identify(str(config), str(ckpt)))
+    texts = [f"a photo number {n}" for n in range(1500)]
+    many = emb.encode_texts(texts + texts[:3])
+    fresh = load_embedder(identify(str(config), str(ckpt)))
+    few = np.concatenate([fresh.encode_texts(texts[i:i + 500]) for i in range(0, 1500, 500)])
+    assert many.shape == (1503, few.shape[1])
+    np.testing.assert_allclose(many[:1500], few, atol=1e-5)
+    np.testing.assert_array_equal(many[1500:], many[:3])

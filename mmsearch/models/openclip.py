@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
 
+TEXT_CACHE = 1024  # texts whose vectors an encoder keeps for repeated queries
+
+
 class TextEncoder:
     """Texts in, vectors out, with a small cache for repeated texts (shared by both loaders)."""
 
@@ -41,15 +44,17 @@ class TextEncoder:
         """Embed texts; returns (N, D) float32, L2-normalised. Repeated texts hit a small cache."""
         import numpy as np
 
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        if missing:
-            for text, vec in zip(missing, self._encode_uncached(missing)):
-                self._text_cache[text] = vec
-        for t in texts:
+        distinct = list(dict.fromkeys(texts))
+        missing = [t for t in distinct if t not in self._text_cache]
+        found = dict(zip(missing, self._encode_uncached(missing))) if missing else {}
+        found.update((t, self._text_cache[t]) for t in distinct if t not in found)
+        out = np.stack([found[t] for t in texts]).astype(np.float32, copy=False)
+        for t in distinct:  # the cache keeps the last TEXT_CACHE texts, read back or not
+            self._text_cache[t] = found[t]
             self._text_cache.move_to_end(t)
-        while len(self._text_cache) > 1024:
+        while len(self._text_cache) > TEXT_CACHE:
             self._text_cache.popitem(last=False)
-        return np.stack([self._text_cache[t] for t in texts]).astype(np.float32, copy=False)
+        return out
 
     def _encode_uncached(self, texts: list[str]) -> "np.ndarray":
         raise NotImplementedError
