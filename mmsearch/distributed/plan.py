@@ -1,9 +1,10 @@
 """Planning a distributed run on the driver: which files the cluster must process.
 
-The folders are walked as locally (:func:`mmsearch.ingest.run.scan`); URLs are listed
-with fsspec (:func:`mmsearch.ingest.remote.list_url`) and kept as full URLs. A file whose
-size and mtime match its catalog row is unchanged and never leaves the driver; files
-gone from disk are forgotten at once; every other file (new, or changed in size or
+The folders are walked as locally (:func:`mmsearch.ingest.diff.scan`); URLs are listed
+with fsspec (:func:`mmsearch.ingest.remote.list_url`) and kept as full URLs. The diff
+with the catalog is the local runner's (:func:`mmsearch.ingest.diff.reconcile`): a file
+whose size and mtime match its catalog row is unchanged and never leaves the driver;
+files gone from disk are forgotten at once; every candidate (new, or changed in size or
 mtime) becomes a manifest row with an id given out now by the catalog
 (:meth:`Store.reserve_image_ids`: never given again, whatever happens to the run),
 and the id and content hash of the row it may replace. The cluster hashes it: same
@@ -19,13 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-import numpy as np
-
 from mmsearch.distributed.shards import MANIFEST_COLUMNS, Run, ShardLayout, write_table
-from mmsearch.ingest.discover import FoundFile
-from mmsearch.ingest.remote import RemoteFile, list_url
-from mmsearch.ingest.run import IndexReport, _Stopped, scan
-from mmsearch.locations import Roots, is_url
+from mmsearch.ingest.diff import IndexReport, Scan, ScanStopped, reconcile, scan, stopped
+from mmsearch.ingest.remote import list_url
+from mmsearch.locations import is_url
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store
@@ -46,21 +44,10 @@ def plan_run(store: "Store", layout: ShardLayout, roots: Iterable[Path | str], m
     """Scan ``roots``, forget deleted files, write the manifest of the rest; see the module.
     This invocation's work (a resumed run) is not counted or tried again: rows in
     ``just_stored`` are not unchanged, files in ``just_failed`` are left as they are."""
-    found, canon, keep = _scan(list(roots), report, stop)
-    stored = store.read.images_under(canon)
-    todo = []
-    for f in found:
-        row = stored.get(str(f.path))
-        if row and (row.size, row.mtime_ns) == (f.size, f.mtime_ns):
-            report.unchanged += row.id not in just_stored
-        elif str(f.path) not in just_failed:
-            todo.append((f, row))
-    seen, unreadable = {str(f.path) for f in found}, Roots(keep)
-    gone = [r.id for p, r in stored.items() if p not in seen and p not in unreadable]
-    store.forget_images(np.asarray(gone, dtype=np.int64))
-    report.removed += len(gone)
+    scanned = _scan(list(roots), report, stop)
+    todo = reconcile(store, scanned, report, settled=just_stored, left=just_failed)
     if not todo:
-        return Planned(None, canon)
+        return Planned(None, scanned.roots)
     first_id = store.reserve_image_ids(len(todo))
     first = layout.next_shard()
     rows = [{"id": first_id + n, "path": str(f.path), "size": f.size, "mtime_ns": f.mtime_ns,
@@ -70,22 +57,21 @@ def plan_run(store: "Store", layout: ShardLayout, roots: Iterable[Path | str], m
     for count, start in enumerate(range(0, len(rows), shard_size), 1):
         write_table(layout.manifest(first + count - 1), rows[start:start + shard_size],
                     MANIFEST_COLUMNS)
-    run = Run(first, count, len(rows), model, canon)
+    run = Run(first, count, len(rows), model, scanned.roots)
     layout.write_run(run)
-    return Planned(run, canon)
+    return Planned(run, scanned.roots)
 
 
-def _scan(roots: list[Path | str], report: IndexReport, stop: threading.Event | None
-          ) -> tuple[list[FoundFile | RemoteFile], list[str], list[str]]:
-    """:func:`scan` of the local roots, then the URLs listed with fsspec: found files,
-    canonical roots, and unreadable dirs to keep."""
-    urls = [r for r in roots if is_url(r)]
-    local, canon, keep = scan([Path(r) for r in roots if not is_url(r)], report, stop)
-    found: dict[str, FoundFile | RemoteFile] = {str(f.path): f for f in local}
-    for url in urls:
+def _scan(roots: list[Path | str], report: IndexReport, stop: threading.Event | None) -> Scan:
+    """:func:`scan` of the local roots, then the URLs listed with fsspec (a file found twice
+    is taken once)."""
+    scanned = scan([Path(r) for r in roots if not is_url(r)], report, stop)
+    seen = {str(f.path) for f in scanned.found}
+    for url in [r for r in roots if is_url(r)]:
         root, _, files = list_url(url, stop)
-        if stop is not None and stop.is_set():
-            raise _Stopped
-        canon.append(root)
-        found.update((f.path, f) for f in files if f.path not in found)
-    return list(found.values()), canon, keep
+        if stopped(stop):
+            raise ScanStopped
+        scanned.roots.append(root)
+        scanned.found += [f for f in files if f.path not in seen]
+        seen.update(f.path for f in files)
+    return scanned

@@ -43,7 +43,7 @@ from mmsearch.distributed.shards import (FOLDER, Run, ShardLayout, pyarrow, read
 from mmsearch.errors import StorageError, UsageError
 from mmsearch.ingest.backfill import backfill_metadata
 from mmsearch.ingest.embed import default_workers
-from mmsearch.ingest.run import IndexReport, Skipped, _Stopped  # (the scan's stop signal)
+from mmsearch.ingest.diff import IndexReport, ScanStopped, Skipped, stopped, touch
 from mmsearch.locations import as_url, filesystem, is_url
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import ImageFile, StoredImage
@@ -148,7 +148,7 @@ class _Work:
             planned = plan_run(self.store, self.layout, roots, self.identity.fingerprint,
                                self.report, self.options.shard_size, self.stop, self.stored,
                                self.failed)
-        except _Stopped:
+        except ScanStopped:
             self.report.interrupted = True
             return
         self.progress("scan", self.report.unchanged, self.report.unchanged)
@@ -202,7 +202,7 @@ class _Work:
                 del got[k]
                 stored += 1
                 self.progress("store", stored, len(todo))
-            if self.stop is not None and self.stop.is_set():
+            if stopped(self.stop):
                 self.report.interrupted = True  # shards not stored yet are redone next time
                 return
 
@@ -246,10 +246,9 @@ class _Work:
                 report.skipped.append(Skipped(r["path"], r["reason"]))
                 self.failed.add(r["path"])
         same = [r for r in rows if r["status"] == "same"]
-        self.store.touch_images([StoredImage(r["old_id"], r["path"], r["size"], r["mtime_ns"],
-                                             r["content_hash"]) for r in same])
-        self.store.set_metadata((r["old_id"], json.loads(r["meta"])) for r in same)
-        report.unchanged += len(same)
+        touch(self.store, [(StoredImage(r["old_id"], r["path"], r["size"], r["mtime_ns"],
+                                        r["content_hash"]), json.loads(r["meta"])) for r in same],
+              report)
         self.stored.update(r["old_id"] for r in same)
         self.stored.update(r["id"] for r in rows if r["status"] == "ok")
         self._put(k, [r for r in rows if r["status"] == "ok"], stored)
@@ -272,10 +271,7 @@ class _Work:
         vectors = np.stack([known[r["content_hash"]] for _, r in fresh])
         self.store.put_images(files, vectors, replaces=replaces, ids=[r["id"] for _, r in fresh],
                               locations=None if stored is None else [(k, j) for j, _ in fresh])
-        n_replaced = sum(old is not None for old in replaces)
-        self.report.embedded += len(fresh)
-        self.report.updated += n_replaced
-        self.report.added += len(fresh) - n_replaced
+        self.report.count_put(replaces, embedded=True)
 
     def build(self) -> bool:
         """Build the image index on the cluster when its type is trained and mergeable."""

@@ -1,9 +1,10 @@
 """Indexing a folder: discover → compare with the catalog → embed what is new → store.
 
-A run is incremental. A file whose size and mtime match its row is unchanged.
-Otherwise its content hash decides: same content (touched, moved or copied) reuses
-the stored embedding; new content is decoded and embedded. Rows whose files
-are gone are removed.
+A run is incremental (:mod:`mmsearch.ingest.diff`). A file whose size and mtime match
+its row is unchanged; rows whose files are gone are removed. The other files are hashed
+here, on the driver, in worker threads: same content as the old row (touched), or as a
+stored image (moved or copied), reuses the stored embedding; new content is decoded and
+embedded.
 
 Work is committed in batches of ``commit_every`` images through the store's
 write verbs (:meth:`Store.put_images`: rows and their vectors in one catalog
@@ -19,7 +20,6 @@ A ``stop`` event ends the run after the current batch, with everything done comm
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +31,11 @@ import numpy as np
 
 from mmsearch.errors import DecodeError, UsageError
 from mmsearch.ingest.decode import content_hash
-from mmsearch.ingest.discover import FoundFile, SkippedFile, walk
+from mmsearch.ingest.diff import (Candidate, IndexReport, ScanStopped, Skipped, reconcile, scan,
+                                  stopped, touch)
+from mmsearch.ingest.discover import FoundFile
 from mmsearch.ingest.backfill import backfill_metadata, file_metadata
 from mmsearch.ingest.embed import default_workers, embed_paths
-from mmsearch.locations import Roots, canonical_root
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import ImageFile, StoredImage
 
@@ -47,88 +48,22 @@ SAVE_EVERY_S = 60.0  # at least this long between saves of the FAISS file during
 _HASH_CHUNK = 256  # files hashed between two looks at the stop event
 
 
-@dataclass(frozen=True)
-class Skipped:
-    path: str
-    reason: str
-
-
-@dataclass
-class IndexReport:
-    """What an index run did. ``embedded`` counts model forward passes per image."""
-
-    __json_extra__ = ("images_per_second",)
-
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    removed: int = 0
-    embedded: int = 0
-    skipped: list[Skipped] = field(default_factory=list)
-    metadata_read: int = 0     # earlier images whose metadata this run read (an older index)
-    interrupted: bool = False
-    seconds: float = 0.0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.embedded / self.seconds if self.seconds else 0.0
-
-
 @dataclass
 class _Plan:
-    touch: list[StoredImage] = field(default_factory=list)     # same content, new mtime
+    """The candidates of a run (:func:`mmsearch.ingest.diff.reconcile`), once hashed."""
+
+    touch: list[tuple[StoredImage, dict[str, Any]]] = field(default_factory=list)  # new mtime
     reuse: list[tuple[FoundFile, str, StoredImage | None]] = field(default_factory=list)
     dupes: list[tuple[FoundFile, str, StoredImage | None]] = field(default_factory=list)
     embed: list[tuple[FoundFile, str, StoredImage | None]] = field(default_factory=list)
-    remove: list[StoredImage] = field(default_factory=list)
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> photo metadata
 
 
-class _Stopped(Exception):
-    """The stop event was set before the scan finished: nothing may be removed."""
-
-
-def _stopped(stop: threading.Event | None) -> bool:
-    return stop is not None and stop.is_set()
-
-
-def scan(roots: Iterable[Path], report: IndexReport,
-         stop: threading.Event | None = None) -> tuple[list[FoundFile], list[str], list[str]]:
-    """Walk ``roots``; returns found files, the canonical roots, and unreadable dirs to keep."""
-    found: dict[Path, FoundFile] = {}
-    canon: list[str] = []
-    keep: list[str] = []
-    roots = list(roots)
-    for root in roots:
-        if not os.path.lexists(root):
-            raise UsageError(f"no such file or directory: {root}")
-    for root in roots:
-        canon.append(str(canonical_root(root)))
-        for n, item in enumerate(walk(root)):
-            if n % 256 == 0 and _stopped(stop):
-                raise _Stopped
-            if isinstance(item, SkippedFile):
-                report.skipped.append(Skipped(str(item.path), item.reason))
-                keep.append(str(item.path))
-            else:
-                found.setdefault(item.path, item)
-    return list(found.values()), canon, keep
-
-
-def plan(store: "Store", found: list[FoundFile], roots: list[str], keep: list[str],
-         report: IndexReport, progress: Progress, workers: int,
-         stop: threading.Event | None = None) -> _Plan:
-    """Decide, per file, whether it is unchanged, reusable, to embed, or gone."""
-    stored = store.read.images_under(roots)
-    todo: list[tuple[FoundFile, StoredImage | None]] = []
-    for f in found:
-        row = stored.get(str(f.path))
-        if row and (row.size, row.mtime_ns) == (f.size, f.mtime_ns):
-            report.unchanged += 1
-        else:
-            todo.append((f, row))
-    seen, unreadable = {str(f.path) for f in found}, Roots(keep)
-    result = _Plan(remove=[r for p, r in stored.items() if p not in seen and p not in unreadable])
+def _hash_candidates(store: "Store", todo: list[Candidate], report: IndexReport,
+                     progress: Progress, workers: int,
+                     stop: threading.Event | None = None) -> _Plan:
+    """Hash the candidates: touched (same content as the old row), reusable, or to embed."""
+    result = _Plan()
     hashed = _hash_all([f for f, _ in todo], workers, progress, report, stop)
     known = store.known_vectors([h[0] for h in hashed if h])
     batch_hashes: set[str] = set()
@@ -137,8 +72,8 @@ def plan(store: "Store", found: list[FoundFile], roots: list[str], keep: list[st
             continue
         h, result.meta[str(f.path)] = found_hash
         if row and row.content_hash == h:
-            report.unchanged += 1
-            result.touch.append(StoredImage(row.id, row.path, f.size, f.mtime_ns, h))
+            result.touch.append((StoredImage(row.id, row.path, f.size, f.mtime_ns, h),
+                                 result.meta[str(f.path)]))
         elif h in known:
             result.reuse.append((f, h, row))
         elif h in batch_hashes:  # a copy of a file embedded in this run: reuse it afterwards
@@ -163,7 +98,7 @@ def _hash_all(files: list[FoundFile], workers: int, progress: Progress, report: 
     out: list[tuple[str, dict[str, Any]] | None] = []
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(files), _HASH_CHUNK):
-            if _stopped(stop):
+            if stopped(stop):
                 report.interrupted = True
                 break
             out += pool.map(one, files[start:start + _HASH_CHUNK])
@@ -191,23 +126,24 @@ def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", r
     report = IndexReport()
     decoders, workers = workers, workers or default_workers()  # 0: the decoder chooses
     try:
-        found, canon, keep = scan(roots, report, stop)
-    except _Stopped:
+        scanned = scan(roots, report, stop)
+    except ScanStopped:
         report.interrupted = True
         report.seconds = time.perf_counter() - start
         return report
-    progress("scan", len(found), len(found))
-    todo = plan(store, found, canon, keep, report, progress, workers, stop)
-    store.vectors("images")  # load and check the FAISS file before the first commit
+    progress("scan", len(scanned.found), len(scanned.found))
+    store.vectors("images")  # load and check the FAISS file before the first write
+    todo = _hash_candidates(store, reconcile(store, scanned, report), report, progress,
+                            workers, stop)
     saver = _Saver(store, save_every)
-    _apply_removals(store, todo, report)
+    touch(store, todo.touch, report)
     _apply_reuse(store, todo.reuse, todo.meta, report, saver)
     _embed_new(store, embedder, todo, report, progress, stop, saver, commit_every,
                batch_size=batch_size, workers=decoders, draft=draft, decoder=decoder)
     _apply_reuse(store, todo.dupes if not report.interrupted else [], todo.meta, report, saver)
     if not report.interrupted:
         store.prune()
-        report.metadata_read = backfill_metadata(store, canon, workers, stop)
+        report.metadata_read = backfill_metadata(store, scanned.roots, workers, stop)
     store.flush()
     report.seconds = time.perf_counter() - start
     return report
@@ -229,14 +165,6 @@ class _Saver:
             self.store.flush()
             self.last = time.monotonic()
             self.cost = self.last - now
-
-
-def _apply_removals(store: "Store", todo: _Plan, report: IndexReport) -> None:
-    store.touch_images(todo.touch)
-    store.set_metadata((r.id, todo.meta.get(r.path, {})) for r in todo.touch)
-    gone = np.asarray([r.id for r in todo.remove], dtype=np.int64)
-    store.forget_images(gone)
-    report.removed += len(gone)
 
 
 Pending = tuple[ImageFile, np.ndarray, "int | None"]  # a new row, its vector, the id it replaces
@@ -262,7 +190,7 @@ def _apply_reuse(store: "Store", entries: list[tuple[FoundFile, str, StoredImage
 def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", todo: _Plan,
                report: IndexReport, progress: Progress, stop: threading.Event | None,
                saver: _Saver, commit_every: int, **options) -> None:
-    if _stopped(stop):
+    if stopped(stop):
         report.interrupted = True
         return
     jobs = {f.path: (f, h, row) for f, h, row in todo.embed}
@@ -285,7 +213,7 @@ def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", to
         if len(pending) >= commit_every:
             _commit(store, pending, report, saver)
             pending = []
-        if _stopped(stop):
+        if stopped(stop):
             report.interrupted = True
             break
     _commit(store, pending, report, saver)
@@ -299,8 +227,5 @@ def _commit(store: "Store", pending: list[Pending], report: IndexReport, saver: 
     replaced = [old for _, _, old in pending]
     store.put_images([p[0] for p in pending], np.stack([p[1] for p in pending]),
                      replaces=replaced, new_content=embedded)
-    n_replaced = sum(old is not None for old in replaced)
-    report.embedded += len(pending) if embedded else 0
-    report.updated += n_replaced
-    report.added += len(pending) - n_replaced
+    report.count_put(replaced, embedded)
     saver.tick()

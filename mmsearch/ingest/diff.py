@@ -1,0 +1,183 @@
+"""The incremental diff of an index run, and its report: what both runners do alike.
+
+An index run scans its roots (:func:`scan`), compares what it found with the catalog's
+rows under them (:func:`diff`) and sorts every file into one of three:
+
+* **unchanged**: its row has the same size and mtime; nothing is done;
+* **candidate**: new, or its size or mtime changed; it comes with its old row (or None).
+  Its content hash decides what happens: the same hash as its old row means only the
+  mtime changed (a *touched* file, :func:`touch`); a hash already stored reuses its
+  vector; a new one is embedded;
+* **gone**: a row under the roots whose file was not found, and not under a path that
+  could not be read (kept as it is): it is forgotten (:func:`forget_gone`).
+
+:func:`reconcile` does the comparison, counts the unchanged and forgets the gone. The
+local runner (:mod:`mmsearch.ingest.run`) hashes the candidates on the driver; the Ray
+runner (:mod:`mmsearch.distributed`) hands them to the cluster, which hashes them. Both
+count what they store through :class:`IndexReport`. Where a path is, and whether it is
+under a root, is :mod:`mmsearch.locations`' to say.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, NamedTuple, Protocol, Sequence
+
+import numpy as np
+
+from mmsearch.errors import UsageError
+from mmsearch.ingest.discover import SkippedFile, walk
+from mmsearch.locations import Roots, canonical_root
+from mmsearch.store import StoredImage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmsearch.store import Store
+
+STOP_EVERY = 256  # entries walked between two looks at the stop event
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class IndexReport:
+    """What an index run did. ``embedded`` counts model forward passes per image."""
+
+    __json_extra__ = ("images_per_second",)
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    embedded: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    metadata_read: int = 0     # earlier images whose metadata this run read (an older index)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds else 0.0
+
+    def count_put(self, replaces: Sequence[int | None], embedded: bool) -> None:
+        """Count one write of new rows, ``replaces[i]`` the id of the row the i-th one
+        replaces (an updated file) or None (an added one); ``embedded``: their vectors
+        came from the model in this run."""
+        n_replaced = sum(old is not None for old in replaces)
+        self.updated += n_replaced
+        self.added += len(replaces) - n_replaced
+        self.embedded += len(replaces) if embedded else 0
+
+
+class ScanStopped(Exception):
+    """The stop event was set before the scan finished: nothing may be removed."""
+
+
+def stopped(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
+
+
+class Found(Protocol):
+    """A file found under a root: a local `FoundFile` or a listed `RemoteFile`."""
+
+    @property
+    def path(self) -> Path | str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mtime_ns(self) -> int: ...
+
+
+@dataclass
+class Scan:
+    """What a scan found: files (one per path), canonical roots, unreadable paths to keep."""
+
+    found: list[Found] = field(default_factory=list)
+    roots: list[str] = field(default_factory=list)
+    keep: list[str] = field(default_factory=list)
+
+
+def scan(roots: Iterable[Path], report: IndexReport, stop: threading.Event | None = None) -> Scan:
+    """Walk the local ``roots`` (a missing one is a `UsageError`); what was passed over is
+    reported and kept. `ScanStopped` when ``stop`` is set before the walk ends."""
+    found: dict[Path, Found] = {}
+    out = Scan()
+    roots = list(roots)
+    for root in roots:
+        if not os.path.lexists(root):
+            raise UsageError(f"no such file or directory: {root}")
+    for root in roots:
+        out.roots.append(str(canonical_root(root)))
+        for n, item in enumerate(walk(root)):
+            if n % STOP_EVERY == 0 and stopped(stop):
+                raise ScanStopped
+            if isinstance(item, SkippedFile):
+                report.skipped.append(Skipped(str(item.path), item.reason))
+                out.keep.append(str(item.path))
+            else:
+                found.setdefault(item.path, item)
+    out.found = list(found.values())
+    return out
+
+
+class Candidate(NamedTuple):
+    """A file to hash: new (``old`` None) or changed in size or mtime since ``old``."""
+
+    file: Found
+    old: StoredImage | None
+
+
+@dataclass
+class Diff:
+    unchanged: list[StoredImage]
+    candidates: list[Candidate]
+    gone: list[StoredImage]
+
+
+def diff(scanned: Scan, stored: Mapping[str, StoredImage], *,
+         settled: Collection[int] = frozenset(), left: Collection[str] = frozenset()) -> Diff:
+    """``scanned`` against ``stored`` (the catalog's rows under its roots, by path); see the
+    module. A resumed run's own work is not taken again: rows in ``settled`` (stored or
+    touched by it) are not unchanged, files in ``left`` (failed in it) are no candidates."""
+    out = Diff([], [], [])
+    for f in scanned.found:
+        row = stored.get(str(f.path))
+        if row and (row.size, row.mtime_ns) == (f.size, f.mtime_ns):
+            if row.id not in settled:
+                out.unchanged.append(row)
+        elif str(f.path) not in left:
+            out.candidates.append(Candidate(f, row))
+    seen, unreadable = {str(f.path) for f in scanned.found}, Roots(scanned.keep)
+    out.gone = [r for p, r in stored.items() if p not in seen and p not in unreadable]
+    return out
+
+
+def reconcile(store: "Store", scanned: Scan, report: IndexReport, *,
+              settled: Collection[int] = frozenset(),
+              left: Collection[str] = frozenset()) -> list[Candidate]:
+    """:func:`diff` with the catalog: counts the unchanged, forgets the gone; the candidates
+    are the runner's to hash."""
+    found = diff(scanned, store.read.images_under(scanned.roots), settled=settled, left=left)
+    report.unchanged += len(found.unchanged)
+    forget_gone(store, found.gone, report)
+    return found.candidates
+
+
+def forget_gone(store: "Store", gone: Sequence[StoredImage], report: IndexReport) -> None:
+    store.forget_images(np.asarray([r.id for r in gone], dtype=np.int64))
+    report.removed += len(gone)
+
+
+def touch(store: "Store", rows: Sequence[tuple[StoredImage, dict[str, Any]]],
+          report: IndexReport) -> None:
+    """Record touched files (same content as their row): new size and mtime, and the
+    metadata read from them; they count as unchanged."""
+    store.touch_images([r for r, _ in rows])
+    store.set_metadata((r.id, meta) for r, meta in rows)
+    report.unchanged += len(rows)
