@@ -3,6 +3,7 @@ a reader picking up another writer's commits, and the device FAISS may use."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from mmsearch import Engine, Filters, Query
 from mmsearch.errors import EmptyIndexError, UsageError
 from mmsearch.models.device import faiss_gpu
 from mmsearch.search.hits import ImageHit, to_json
-from mmsearch.search.query import combine
+from mmsearch.search.query import MAX_TERMS, combine, image_id
 
 
 @pytest.fixture
@@ -78,6 +79,51 @@ def test_an_id_term_is_more_like_that_indexed_image(engine: Engine) -> None:
         engine.search(Query.id(9999))
     with pytest.raises(UsageError):
         Query.id("3")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="no indexed image has id 9223372036854775808"):
+        engine.search(Query.id(2**63))  # beyond SQLite's integer: no such image, not damage
+
+
+def test_ids_are_ascii_digits_that_sqlite_can_hold() -> None:
+    from mmsearch.search.syntax import parse
+
+    assert image_id("42") == 42 and image_id("0042") == 42
+    assert image_id("9223372036854775807") == 2**63 - 1
+    for bad in ("²", "１", "٣", "𝟙", "-1", "+1", "1.5", "", " 1", "1 ", "4 2", "0x10"):
+        with pytest.raises(UsageError, match="id: takes"):
+            image_id(bad)
+    for beyond in ("9223372036854775808", "9" * 5000):
+        with pytest.raises(UsageError, match="no indexed image has id"):
+            image_id(beyond)
+    assert parse("id:42 - fruit").terms[0].value == 42
+    with pytest.raises(UsageError, match="id: takes"):
+        parse("id:²")
+
+
+@pytest.mark.parametrize("weight", [math.inf, -math.inf, math.nan, 1e308, 100.5, -101, 1e-9,
+                                    -1e-4, 10**400])
+def test_a_weight_is_finite_and_of_sane_size(weight: float) -> None:
+    with pytest.raises(UsageError, match="weight"):
+        Query.text("dog", weight)
+
+
+def test_weights_in_the_query_language_and_their_combination() -> None:
+    from mmsearch.search.syntax import parse
+
+    assert [t.weight for t in parse("100:dog + -100:cat + 0.001:cow - 0:x").terms] == [
+        100, -100, 0.001, 0]
+    for text in ("1e999:dog + cat", "1e308:dog + 1e308:cat", "101:dog", "1e-9:dog"):
+        with pytest.raises(UsageError, match="weight"):
+            parse(text)
+    with pytest.raises(UsageError, match="weight"):
+        Query.text("dog", 50) * 3
+    with pytest.raises(UsageError, match="too many terms"):
+        parse(" + ".join(["dog"] * (MAX_TERMS + 1)))
+    with pytest.raises(UsageError, match="query too long"):
+        parse("dog " * 3000)
+    v = np.random.default_rng(1).standard_normal((2, 8))
+    np.testing.assert_allclose(combine(v, [0.001, 0.002]), combine(v, [1, 2]), atol=1e-6)
+    with pytest.raises(UsageError, match="cancel"):
+        combine(v, [0, 0])
 
 
 def test_filters_keep_one_folder(engine: Engine, shapes: dict[Path, str], tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ that does not exist is an error), or ``id:N`` (an indexed image, by the id hits
 carry). A number and a colon in front weigh the term (``2:golden retriever``,
 ``0.5:sunset``); a colon followed by a digit is text (``2:30 pm``). A command-line
 argument that is an existing file is always one image term, even with `` - `` in
-its name. See :mod:`mmsearch.search.query` for how the terms combine.
+its name. See :mod:`mmsearch.search.query` for how the terms combine and for the
+bounds of weights and ids; a whole query has at most ``MAX_QUERY_CHARS`` characters.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from mmsearch.errors import UsageError
-from mmsearch.search.query import Query
+from mmsearch.search.query import Query, image_id, shown
+from mmsearch.search.search import MAX_QUERY_CHARS
 
 _OPERATOR = re.compile(r"(?:^|\s)([+-])(?=\s|$)")
 _WEIGHT = re.compile(r"^([^\s:]+):(?!\d)(\S.*)$", re.S)
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$", re.ASCII)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic",
                    ".heif")
 
@@ -34,7 +36,11 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".t
 def parse(tokens: "Sequence[str] | str", *,
           is_file: Callable[[str], bool] = lambda p: os.path.isfile(os.path.expanduser(p))) -> Query:
     """The :class:`Query` that command-line arguments (or one string) spell."""
-    pieces = _pieces([tokens] if isinstance(tokens, str) else list(tokens), is_file)
+    tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+    size = sum(len(t) for t in tokens)
+    if size > MAX_QUERY_CHARS:
+        raise UsageError(f"query too long: {size} characters (at most {MAX_QUERY_CHARS})")
+    pieces = _pieces(tokens, is_file)
     if not pieces:
         raise UsageError("empty query: give some words, an image or id:N to search for")
     query, sign, expect_term = Query(), 1.0, True
@@ -45,7 +51,7 @@ def parse(tokens: "Sequence[str] | str", *,
             sign, expect_term = (-1.0 if value == "-" else 1.0), True
             continue
         if not expect_term:
-            raise UsageError(f"join the terms with + or - (before {value!r})")
+            raise UsageError(f"join the terms with + or - (before {shown(value)!r})")
         query, sign, expect_term = query + _term(kind, value, is_file) * sign, 1.0, False
     if expect_term:
         raise UsageError("the query ends with an operator: give a term after + or -")
@@ -88,7 +94,8 @@ def _term(kind: str, value: str, is_file: Callable[[str], bool]) -> Query:
     if m and m.group(1).lower() != "id":
         if not _NUMBER.match(m.group(1)):
             if any(c.isdigit() for c in m.group(1)):
-                raise UsageError(f"the weight {m.group(1)!r} in {value!r} is not a number")
+                raise UsageError(f"the weight {shown(m.group(1))!r} in {shown(value)!r} is not "
+                                 "a number")
         else:
             weight, body = float(m.group(1)), m.group(2).strip()
     if kind == "file" or is_file(body):
@@ -96,12 +103,9 @@ def _term(kind: str, value: str, is_file: Callable[[str], bool]) -> Query:
     if body.lower().startswith("id:"):
         return _id_term(body, weight)
     if " " not in body and body.lower().endswith(_IMAGE_SUFFIXES):
-        raise UsageError(f"no such image file: {body}")
+        raise UsageError(f"no such image file: {shown(body, 200)}")
     return Query.text(body, weight)
 
 
 def _id_term(body: str, weight: float) -> Query:
-    number = body[3:].strip()
-    if not number.isdigit():
-        raise UsageError(f"{body!r}: id: takes an indexed image's number (id:42)")
-    return Query.id(int(number), weight)
+    return Query.id(image_id(body[3:].strip()), weight)
