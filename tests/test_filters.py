@@ -3,6 +3,7 @@ metadata into an index made before schema v3 -- on real Flickr photos given EXIF
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 from contextlib import closing
@@ -16,8 +17,10 @@ from typer.testing import CliRunner
 
 from mmsearch import Engine, Filters
 from mmsearch.cli import app
+from mmsearch.errors import UsageError
 from mmsearch.models.identity import ModelIdentity
 from mmsearch.search import search_images
+from mmsearch.search.filters import OPTIONS, from_options, period
 from mmsearch.store import ImageFile, Store
 from mmsearch.store.catalog import METADATA_COLUMNS
 
@@ -93,6 +96,8 @@ def _brute_force(engine: Engine, query: str, names: set[str]) -> list[tuple[str,
     (Filters(near=PLACES["lisbon"], km=10), lambda t: t["place"] == "lisbon"),
     (Filters(near=(41.0, -8.6), km=20), lambda t: t["place"] == "porto"),
     (Filters(camera="iphone", after="2022"), lambda t: t["camera"] == "iPhone 12" and t["year"] >= 2022),
+    (Filters(after="2024-06", before="9999-12-31"), lambda t: (t["year"], t["month"]) >= (2024, 6)),
+    (Filters(after="2023", before="9999"), lambda t: t["year"] >= 2023),
 ])
 def test_filters_rank_exactly_the_selected_photos(engine: Engine, library: tuple[Path, dict],
                                                   filters: Filters, keep) -> None:
@@ -104,6 +109,33 @@ def test_filters_rank_exactly_the_selected_photos(engine: Engine, library: tuple
     assert _names(hits) == want
     expected = _brute_force(engine, "a dog on the grass", want)
     np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-5)
+
+
+def test_periods_reach_the_end_of_the_calendar_and_read_ascii_digits_only() -> None:
+    assert period("2023-07") == ("2023-07-01T00:00:00", "2023-08-01T00:00:00")
+    assert period("2023-12-31T23:59") == ("2023-12-31T23:59:00", "2024-01-01T00:00:00")
+    for text in ("9999", "9999-12", "9999-12-31", "9999-12-31T23:59", "9999-12-31T23:59:59"):
+        assert period(text)[1] is None  # no upper bound past the calendar's last second
+    for text in ("２０２３", "2023-0７", "١٩٩٩", "0000", "2023-02-29", "2023-07-14T24:00", "10000"):
+        with pytest.raises(UsageError, match="cannot read the date"):
+            period(text)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"camera": "x" * 100_000}, "camera: too long (100000 characters, at most 200)"),
+    ({"ext": "jpg," * 60}, "ext: too long"),
+    ({"within": "/" + "a" * 5000}, "in: too long"),
+    ({"within": "a\0b"}, "NUL"),
+    ({"after": "2" * 40}, "after: too long"),
+    ({"sort": "s" * 100}, "sort: too long"),
+    ({"near": "1" * 100, "km": 1.0}, "near: too long"),
+])
+def test_every_free_text_filter_is_bounded(kwargs: dict, words: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(words)):
+        from_options(**kwargs)
+    assert all(o.help for o in OPTIONS.values())
+    free_text = {n for n, o in OPTIONS.items() if o.max_chars}
+    assert free_text == {"in", "after", "before", "camera", "ext", "near", "sort"}
 
 
 def test_metadata_is_in_hits_info_and_json(engine: Engine, library: tuple[Path, dict]) -> None:

@@ -10,8 +10,10 @@ import typer
 from mmsearch.cli.common import (DeviceOpt, HomeOpt, IndexOpt, JsonOpt, ModelOpt, PretrainedOpt,
                                  err, handle_errors, open_engine, print_json)
 from mmsearch.errors import UsageError
+from mmsearch.search.filters import OPTIONS
 
 Opt = typer.Option
+_HELP = {name: o.help for name, o in OPTIONS.items()}
 
 
 @handle_errors
@@ -22,26 +24,23 @@ def query_command(
     image: Annotated[Optional[Path], Opt(help="Search with this image (a term like any other).")] = None,
     texts: Annotated[bool, Opt("--texts", help="Search the indexed texts, not the images.")] = False,
     k: Annotated[int, Opt("-k", "--k", help="How many results.")] = 10,
-    within: Annotated[Optional[Path], Opt("--in", help="Only images at or under this folder.")] = None,
-    after: Annotated[Optional[str], Opt(help="Taken from the start of this period on: 2023, "
-                                        "2023-07, 2023-07-14, 2023-07-14T18:30.")] = None,
-    before: Annotated[Optional[str], Opt(help="Taken up to the end of this period.")] = None,
-    camera: Annotated[Optional[str], Opt(help="Camera make or model contains this (any case).")] = None,
-    ext: Annotated[Optional[str], Opt(help="Only these file types: jpg,heic,png ...")] = None,
-    near: Annotated[Optional[str], Opt(help="LAT,LON: with --km, only photos taken within that "
-                                       "distance (from their GPS tags).")] = None,
-    km: Annotated[Optional[float], Opt(help="Radius for --near, in kilometres.")] = None,
-    min_score: Annotated[Optional[float], Opt(help="Only hits with at least this cosine score.")] = None,
-    sort: Annotated[str, Opt(help="score, date (newest first) or date-asc: the order of the "
-                             "k best hits.")] = "score",
-    dedup: Annotated[bool, Opt("--dedup", help="Hide hits that are near-duplicates of a better "
-                               "one (cosine >= --dedup-threshold).")] = False,
+    within: Annotated[Optional[Path], Opt("--in", help=_HELP["in"])] = None,
+    after: Annotated[Optional[str], Opt(help=_HELP["after"])] = None,
+    before: Annotated[Optional[str], Opt(help=_HELP["before"])] = None,
+    camera: Annotated[Optional[str], Opt(help=_HELP["camera"])] = None,
+    ext: Annotated[Optional[str], Opt(help=_HELP["ext"])] = None,
+    near: Annotated[Optional[str], Opt(help=_HELP["near"])] = None,
+    km: Annotated[Optional[float], Opt(help=_HELP["km"])] = None,
+    min_score: Annotated[Optional[float], Opt(help=_HELP["min_score"])] = None,
+    sort: Annotated[str, Opt(help=_HELP["sort"])] = "score",
+    dedup: Annotated[bool, Opt("--dedup", help=_HELP["dedup"] + " (cosine >= "
+                               "--dedup-threshold)")] = False,
     dedup_threshold: Annotated[float, Opt(help="Cosine at or above which --dedup hides a hit.")] = 0.95,
     index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
     pretrained: PretrainedOpt = None, device: DeviceOpt = "auto", as_json: JsonOpt = False,
 ) -> None:
     """Rank indexed images (or, with --texts, indexed texts) by similarity to the query."""
-    from mmsearch.search.filters import Filters, lat_lon
+    from mmsearch.search.filters import from_options
     from mmsearch.search.query import Query
     from mmsearch.search.syntax import parse
 
@@ -50,9 +49,9 @@ def query_command(
         query = query + Query.image(image)
     if not query.terms:
         raise UsageError("give something to search for: words, an image file, id:N, or --image PATH")
-    filters = Filters(within=within, after=after, before=before, camera=camera,
-                      ext=tuple(ext.split(",")) if ext else (), near=lat_lon(near), km=km,
-                      min_score=min_score, sort=sort, dedup=dedup, dedup_threshold=dedup_threshold)
+    filters = from_options(within=within, after=after, before=before, camera=camera, ext=ext,
+                           near=near, km=km, min_score=min_score, sort=sort, dedup=dedup,
+                           dedup_threshold=dedup_threshold)
     if texts and (filters.selects or sort != "score" or dedup):
         raise UsageError("--in, --after, --before, --camera, --ext, --near, --sort and --dedup "
                          "apply to images, not to --texts")

@@ -9,7 +9,13 @@ Result shaping (``min_score``, ``sort``, ``dedup``) happens after ranking.
 Dates: ``--after X`` keeps photos taken from the start of period X on, ``--before
 X`` up to the end of period X, where X is a year (``2023``), a month
 (``2023-07``), a day (``2023-07-14``) or a time (``2023-07-14T18:30``), in the
-photos' local time. So ``--after 2023-07 --before 2023-07`` is July 2023.
+photos' local time. So ``--after 2023-07 --before 2023-07`` is July 2023; a period
+that runs to the end of the calendar (``--before 9999``) has no upper bound.
+
+:data:`OPTIONS` declares each filter once, as the CLI's ``mmsearch query`` options,
+the HTTP API's parameters and the page's fields all offer it: its name, help text
+and, for free text, the most characters it takes; :func:`from_options` builds
+:class:`Filters` from those raw values, and :func:`check` enforces every bound.
 """
 
 from __future__ import annotations
@@ -29,7 +35,34 @@ DEDUP_THRESHOLD = 0.95        # cosine at or above which a lower-ranked hit is a
 SORTS = ("score", "date", "date-asc")
 EXT_ALIASES = {"jpg": ("jpg", "jpeg"), "jpeg": ("jpg", "jpeg"), "tif": ("tif", "tiff"),
                "tiff": ("tif", "tiff"), "heic": ("heic", "heif"), "heif": ("heic", "heif")}
-_PERIOD = re.compile(r"^(\d{4})(?:-(\d{1,2})(?:-(\d{1,2})(?:[T ](\d{1,2}):(\d{2})(?::(\d{2}))?)?)?)?$")
+_PERIOD = re.compile(r"^(\d{4})(?:-(\d{1,2})(?:-(\d{1,2})(?:[T ](\d{1,2}):(\d{2})(?::(\d{2}))?)?)?)?$",
+                     re.ASCII)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One filter as every shell offers it: the API parameter ``name`` (the CLI option
+    ``--name``, ``_`` written ``-``), its help, and for free text its most characters."""
+
+    name: str
+    help: str
+    max_chars: int | None = None
+
+
+OPTIONS: dict[str, Option] = {o.name: o for o in (
+    Option("in", "Only images at or under this folder.", 4096),
+    Option("after", "Taken from the start of this period on: 2023, 2023-07, 2023-07-14, "
+           "2023-07-14T18:30.", 32),
+    Option("before", "Taken up to the end of this period (inclusive).", 32),
+    Option("camera", "Camera make or model contains this (any case).", 200),
+    Option("ext", "Only these file types, comma-separated: jpg,heic,png ...", 200),
+    Option("near", "LAT,LON in degrees: with a radius in km, only photos taken within it "
+           "(from their GPS tags).", 64),
+    Option("km", "The radius around LAT,LON, in kilometres."),
+    Option("min_score", "Only hits with at least this cosine score (-1..1)."),
+    Option("sort", "score, date (newest first) or date-asc: the order of the k best hits.", 16),
+    Option("dedup", "Hide hits that are near-duplicates of a better one."),
+)}
 
 
 @dataclass(frozen=True)
@@ -65,8 +98,33 @@ class Filters:
                     self.near is not None))
 
 
+def from_options(*, within: Path | str | None = None, after: str | None = None,
+                 before: str | None = None, camera: str | None = None, ext: str | None = None,
+                 near: str | None = None, km: float | None = None,
+                 min_score: float | None = None, sort: str = "score", dedup: bool = False,
+                 dedup_threshold: float = DEDUP_THRESHOLD) -> Filters:
+    """:class:`Filters` from the raw values of :data:`OPTIONS` (empty text: no filter)."""
+    return Filters(within=within or None, after=after or None, before=before or None,
+                   camera=camera or None, ext=tuple(ext.split(",")) if ext else (),
+                   near=lat_lon(near), km=km, min_score=min_score, sort=sort, dedup=dedup,
+                   dedup_threshold=dedup_threshold)
+
+
+def bounded(name: str, value: object) -> None:
+    """Refuse a free-text value longer than its option allows (SQLite refuses long LIKE
+    patterns, and nothing legitimate is that long)."""
+    limit = OPTIONS[name].max_chars
+    if value is not None and limit is not None and len(str(value)) > limit:
+        raise UsageError(f"{name}: too long ({len(str(value))} characters, at most {limit})")
+
+
 def check(f: Filters) -> None:
-    """Refuse contradictory or malformed filters with one clear line."""
+    """Refuse contradictory, malformed or oversized filters with one clear line."""
+    for name, value in (("in", f.within), ("after", f.after), ("before", f.before),
+                        ("camera", f.camera), ("ext", ",".join(f.ext)), ("sort", f.sort)):
+        bounded(name, value)
+    if f.within is not None and "\0" in str(f.within):
+        raise UsageError("in: a path has no NUL character")
     if (f.near is None) != (f.km is None):
         raise UsageError("--near LAT,LON and --km R go together")
     if f.near is not None:
@@ -86,8 +144,9 @@ def check(f: Filters) -> None:
             period(bound)
 
 
-def period(text: str) -> tuple[str, str]:
-    """(start, end) of a period as ISO local date-times, the end exclusive; see the module."""
+def period(text: str) -> tuple[str, str | None]:
+    """(start, end) of a period as ISO local date-times, the end exclusive (None: the period
+    runs to the end of the calendar); see the module."""
     m = _PERIOD.match(text.strip())
     if not m:
         raise UsageError(f"cannot read the date {text!r}: use 2023, 2023-07, 2023-07-14 "
@@ -98,11 +157,16 @@ def period(text: str) -> tuple[str, str]:
                          parts[5] or 0)
     except ValueError as exc:
         raise UsageError(f"cannot read the date {text!r}: {exc}") from None
-    end = _period_end(start, parts)
-    return start.isoformat(timespec="seconds"), end.isoformat(timespec="seconds")
+    try:
+        end: str | None = _period_end(start, parts).isoformat(timespec="seconds")
+    except (OverflowError, ValueError):  # past 9999-12-31T23:59:59: no upper bound
+        end = None
+    return start.isoformat(timespec="seconds"), end
 
 
 def _period_end(start: datetime, parts: list[int | None]) -> datetime:
+    """The first moment after the period that starts at ``start``; OverflowError or
+    ValueError past the last year ``datetime`` holds."""
     if parts[1] is None:
         return start.replace(year=start.year + 1)
     if parts[2] is None:
@@ -127,6 +191,7 @@ def lat_lon(text: str | None) -> tuple[float, float] | None:
     """``"38.71,-9.14"`` -> (38.71, -9.14); None for nothing; one usage line otherwise."""
     if not text:
         return None
+    bounded("near", text)
     try:
         lat, lon = (float(p) for p in text.split(","))
     except ValueError:
