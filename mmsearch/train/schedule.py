@@ -27,7 +27,6 @@ from mmsearch.settings import TrainingDefaults
 from mmsearch.train.towers import State, snapshot
 
 Score = dict[str, float]
-STOPPED = ("budget", "early stop", "interrupted")
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class Training:
 
     plan: Plan
     steps: int = 0  # optimizer steps run
-    stopped: str = "budget"  # one of STOPPED
+    stopped: str = "budget"  # "budget", "early stop" or "interrupted"
     best_step: int = 0  # 0: the starting weights were never beaten
     best_heldout: Score = field(default_factory=dict)
     log: list[Evaluation] = field(default_factory=list)
@@ -147,8 +146,8 @@ def run(model: Any, plan: Plan, batches: Callable[[int], Iterable[Any]],
     ``start`` is the held-out score of the weights before the first step (``initial``: a
     copy of them the caller already holds); Ctrl-C (or ``stop``) ends the run after the
     current step with the best weights so far."""
-    loop = _Loop(model, plan, Training(plan, best_heldout=dict(start)), progress)
-    loop.best = initial if initial is not None else snapshot(model)
+    loop = _Loop(model, plan, Training(plan, best_heldout=dict(start)), progress,
+                 initial if initial is not None else snapshot(model))
     try:
         for epoch in range(1, plan.epochs + 1):
             for batch in batches(epoch):
@@ -167,9 +166,10 @@ def run(model: Any, plan: Plan, batches: Callable[[int], Iterable[Any]],
 class _Loop:
     """The loop's state: steps, losses since the last evaluation, the best weights."""
 
-    def __init__(self, model: Any, plan: Plan, training: Training, progress: Progress) -> None:
+    def __init__(self, model: Any, plan: Plan, training: Training, progress: Progress,
+                 best: State) -> None:
         self.model, self.plan, self.training, self.progress = model, plan, training, progress
-        self.best: State = {}
+        self.best = best
         self.losses: list[float] = []
         self.waited = 0
         self.since = time.monotonic()
