@@ -67,7 +67,7 @@ def test_search_pages_and_the_query_language(client: TestClient, library) -> Non
     assert data["query"] == "a red circle" and data["total"] == 28
     hits = data["hits"]
     assert [h["rank"] for h in hits] == [1, 2, 3, 4]
-    assert Path(hits[0]["path"]).name.startswith("red_circle_")
+    assert Path(hits[0]["path"]).name.startswith(("red_circle_", "link-out"))  # all red circles
     assert hits[0]["thumbnail"] == f"/thumb/{hits[0]['id']}" and hits[0]["ext"] == "png"
     page2 = _ids(client.get("/api/search", params={"q": "a red circle", "k": 4, "offset": 4}))
     both = _ids(client.get("/api/search", params={"q": "a red circle", "k": 8}))
@@ -86,10 +86,24 @@ def test_search_pages_and_the_query_language(client: TestClient, library) -> Non
     ({"q": "/etc/passwd.jpg"}, 400, "no such image file"),
     ({"q": "x", "near": "1,2"}, 400, "go together"),
     ({"q": "x", "k": "abc"}, 400, "k: "),
+    ({"q": "id:²"}, 400, "id: takes"),
+    ({"q": "id:9223372036854775808"}, 400, "no indexed image has id 9223372036854775808"),
+    ({"q": "x", "camera": "x" * 60_000}, 400, "camera: too long"),  # SQLite: LIKE <= 50,000
+    ({"q": "x", "in": "a" * 5000}, 400, "in: too long"),
+    ({"q": "1e999:dog + cat"}, 400, "weight"),
+    ({"q": "1e308:dog + 1e308:cat"}, 400, "weight"),
+    ({"q": "x" * 20_000}, 400, "query too long"),
 ])
 def test_bad_requests_are_one_line(client: TestClient, params, status, words) -> None:
     r = client.get("/api/search", params=params)
     assert r.status_code == status and words in r.json()["detail"] and "\n" not in r.json()["detail"]
+
+
+@pytest.mark.parametrize("period", [{"before": "9999-12-31"}, {"after": "9999"},
+                                    {"before": "9999-12"}, {"after": "2000", "before": "9999"}])
+def test_dates_at_the_end_of_the_calendar_answer(client: TestClient, period: dict) -> None:
+    r = client.get("/api/search", params={"q": "a red circle", **period})
+    assert r.status_code == 200, r.text
 
 
 def test_similar_texts_and_upload(client: TestClient, library) -> None:
@@ -185,6 +199,8 @@ def live(service: SearchService):
     "/original/..%2f..%2f..%2fetc%2fpasswd", "/original/%2Fetc%2Fpasswd", "/thumb/..%2fcatalog.sqlite",
     "/original/1/../../catalog.sqlite", "/static/../app.py", "/static/%2e%2e/app.py",
     "/static/..%2fapp.py", "/original/99999", "/thumb/1.5", "/original/-1",
+    "/thumb/%C2%B2", "/original/%C2%B2", "/api/similar/%C2%B2", "/api/texts?image_id=%C2%B2",
+    "/thumb/%EF%BC%91", "/original/%D9%A1", "/thumb/9223372036854775808", "/thumb/" + "9" * 400,
 ])
 def test_traversal_attempts_get_404_and_no_file(live: int, path: str) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", live, timeout=10)
@@ -195,6 +211,37 @@ def test_traversal_attempts_get_404_and_no_file(live: int, path: str) -> None:
     body = response.read()
     assert response.status == 404, (path, response.status, body[:200])
     assert b"root:" not in body and b"SQLite format" not in body and b"create_app" not in body
+
+
+def test_a_damaged_catalog_answers_500_without_the_servers_paths(tmp_path: Path, tiny_model,
+                                                                caplog) -> None:
+    import sqlite3
+    from contextlib import closing
+
+    config, ckpt = tiny_model
+    home = tmp_path / "home"
+    draw_shapes(tmp_path / "photos", per_combo=1)
+    with Engine.open("hurt", home=home, model=str(config), pretrained=str(ckpt)) as e:
+        e.index([tmp_path / "photos"])
+        some = next(iter(dict(e.store.read.all_image_paths())))
+    with closing(sqlite3.connect(home / "hurt" / "catalog.sqlite")) as db, db:
+        db.execute("UPDATE images SET path = X'FF' WHERE id = ?", (some,))  # bytes, not text
+    svc = SearchService(resolve(home=home, index="hurt"), warm=False)
+    try:
+        client = TestClient(create_app(svc, Access("127.0.0.1", None)), base_url="http://localhost")
+        r = client.get(f"/thumb/{some}")
+        assert r.status_code == 500 and r.json() == {"detail": "the index is damaged: run "
+                                                     "`mmsearch check` on the server (its log says why)"}
+        assert str(tmp_path) in caplog.text  # the log has the details
+    finally:
+        svc.close()
+
+
+def test_info_declares_the_filters_for_the_page(client: TestClient) -> None:
+    filters = client.get("/api/info").json()["filters"]
+    assert filters["camera"]["max_chars"] == 200 and filters["in"]["help"]
+    assert set(filters) == {"in", "after", "before", "camera", "ext", "near", "km", "min_score",
+                            "sort", "dedup"}
 
 
 def test_new_photos_appear_without_a_restart(client: TestClient, library, tiny_model, tmp_path) -> None:

@@ -4,6 +4,7 @@
 ``service``   the engine behind a lock, hits as JSON with thumbnail/original URLs
 ``security``  Host check, token auth (cookie), files served by id under indexed roots only
 ``thumbs``    thumbnails cached beside the index, keyed by content hash and size
+``upload``    a photo uploaded to search by, read into memory only (bounded as it arrives)
 ``static/``   the page: plain HTML, CSS and JS (no build step, no CDN)
 
 Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart).

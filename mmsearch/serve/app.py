@@ -1,34 +1,41 @@
 """The FastAPI application of ``mmsearch serve``: the JSON API, the page, thumbnails, originals.
 
-Every library error becomes a JSON ``{"detail": "one line"}`` with a status: 400
-bad input, 404 unknown id, 413 upload too big, 415 not an image, 503 model
-unavailable, 500 a damaged index or a disk error. OpenAPI docs at ``/docs``.
+Every error becomes a JSON ``{"detail": "one line"}`` with a status: 400 bad
+input, 404 unknown id, 413 upload too big, 415 not an image, 503 model unavailable,
+500 a damaged index, a disk error or a bug. A 5xx answer says only what happened
+and to look at the server's log, where the full message (with paths) goes: no
+answer shows the server's paths. OpenAPI docs at ``/docs``.
 """
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 from pathlib import Path
 from typing import Any, Optional
 
-from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from mmsearch import __version__
-from mmsearch.errors import (DecodeError, IndexNotFoundError, MMSearchError, ModelError,
-                             UsageError)
+from mmsearch.errors import (CorruptIndexError, DecodeError, IndexNotFoundError, MMSearchError,
+                             ModelError, UsageError)
 from mmsearch.ingest.remote import read_url
-from mmsearch.search.filters import Filters, lat_lon
+from mmsearch.search.filters import OPTIONS, Filters, from_options
 from mmsearch.search.query import Query as SearchQuery
+from mmsearch.search.query import image_id as read_id
 from mmsearch.serve.security import (COOKIE, OPEN_PATHS, Access, offered_token, servable,
                                      without_token)
 from mmsearch.serve.service import SearchService
 from mmsearch.serve.thumbs import thumbnail
+from mmsearch.serve.upload import FRAMING, OPENAPI, Uploads, too_big
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 25 << 20  # bytes
+log = logging.getLogger("mmsearch.serve")
 
 
 def create_app(service: SearchService, access: Access, *, max_upload: int = MAX_UPLOAD) -> FastAPI:
@@ -38,6 +45,7 @@ def create_app(service: SearchService, access: Access, *, max_upload: int = MAX_
     _guard(app, access, max_upload)
     app.add_exception_handler(MMSearchError, _library_error)
     app.add_exception_handler(RequestValidationError, _bad_parameter)
+    app.add_exception_handler(Exception, _unexpected)
     _api_routes(app, service, max_upload)
     _file_routes(app, service)
     app.mount("/static", _RevalidatedFiles(directory=STATIC), name="static")
@@ -69,20 +77,37 @@ def _guard(app: FastAPI, access: Access, max_upload: int) -> None:
             if not access.token_ok(offered_token(request.headers, request.cookies)):
                 return JSONResponse({"detail": "a token is needed: open the URL `mmsearch serve` "
                                                "printed"}, status_code=401)
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_upload + 4096:
-            return JSONResponse({"detail": f"upload too big (at most {max_upload >> 20} MB)"},
-                                status_code=413)
+        length = request.headers.get("content-length") or ""
+        if length.isascii() and length.isdigit() and (len(length) > 15
+                                                      or int(length) > max_upload + FRAMING):
+            refused = too_big(max_upload)
+            return JSONResponse({"detail": refused.detail}, status_code=refused.status_code)
         return await call_next(request)
 
 
 _STATUS = ((DecodeError, 415), (UsageError, 400), (IndexNotFoundError, 404), (ModelError, 503))
+# What a 5xx answer says; the error itself (which may name the server's paths) is logged.
+_PUBLIC = ((CorruptIndexError, "the index is damaged: run `mmsearch check` on the server"),
+           (ModelError, "the model is unavailable"), (Exception, "the server failed to answer"))
+
+
+def _public(exc: Exception) -> str:
+    return next(m for kind, m in _PUBLIC if isinstance(exc, kind)) + " (its log says why)"
 
 
 async def _library_error(request: Request, exc: Exception) -> JSONResponse:
     status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if status >= 500:
+        log.error("%s %s: %s", request.method, request.url.path, message)
+        message = _public(exc)
     return JSONResponse({"detail": message}, status_code=status)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: logged with its traceback, answered as JSON without one."""
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": _public(exc)}, status_code=500)
 
 
 async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -92,32 +117,33 @@ async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONR
     return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}"}, status_code=400)
 
 
+def _option(name: str, default: Any = None) -> Any:
+    """A query parameter as :data:`mmsearch.search.filters.OPTIONS` declares it."""
+    return Query(default, alias=name, description=OPTIONS[name].help)
+
+
 def filters(
-    in_: Optional[str] = Query(None, alias="in", description="Only images under this folder."),
-    after: Optional[str] = Query(None, description="Taken from the start of this period: 2023, 2023-07, 2023-07-14."),
-    before: Optional[str] = Query(None, description="Taken up to the end of this period."),
-    camera: Optional[str] = Query(None, description="Camera make or model contains this."),
-    ext: Optional[str] = Query(None, description="File types, comma-separated: jpg,heic."),
-    near: Optional[str] = Query(None, description="LAT,LON (with km)."),
-    km: Optional[float] = Query(None, description="Radius around `near`, kilometres."),
-    min_score: Optional[float] = Query(None, description="Lowest cosine score kept."),
-    sort: str = Query("score", description="score, date (newest first) or date-asc."),
-    dedup: bool = Query(False, description="Hide near-duplicates of better hits."),
+    in_: Optional[str] = _option("in"), after: Optional[str] = _option("after"),
+    before: Optional[str] = _option("before"), camera: Optional[str] = _option("camera"),
+    ext: Optional[str] = _option("ext"), near: Optional[str] = _option("near"),
+    km: Optional[float] = _option("km"), min_score: Optional[float] = _option("min_score"),
+    sort: str = _option("sort", "score"), dedup: bool = _option("dedup", False),
 ) -> Filters:
     """The filters of a request (the CLI's query options)."""
-    return Filters(within=in_ or None, after=after or None, before=before or None,
-                   camera=camera or None, ext=tuple(ext.split(",")) if ext else (),
-                   near=lat_lon(near), km=km, min_score=min_score, sort=sort, dedup=dedup)
+    return from_options(within=in_, after=after, before=before, camera=camera, ext=ext,
+                        near=near, km=km, min_score=min_score, sort=sort, dedup=dedup)
 
 
 def _image_id(raw: str, service: SearchService) -> tuple[int, dict[str, Any]]:
     """An id from a URL, and its catalog row; 404 for anything that is not an indexed image."""
-    if not raw.isdigit() or len(raw) > 18:
-        raise HTTPException(404, "no such image")
-    record = service.record(int(raw))
+    try:
+        number = read_id(raw)
+    except UsageError:
+        raise HTTPException(404, "no such image") from None
+    record = service.record(number)
     if record is None:
         raise HTTPException(404, "no such image")
-    return int(raw), record
+    return number, record
 
 
 def _api_routes(app: FastAPI, service: SearchService, max_upload: int) -> None:
@@ -129,7 +155,8 @@ def _api_routes(app: FastAPI, service: SearchService, max_upload: int) -> None:
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        return service.info()
+        return {**service.info(), "filters": {
+            name: {"help": o.help, "max_chars": o.max_chars} for name, o in OPTIONS.items()}}
 
     @app.get("/api/search")
     def search(q: str = Query(..., description="Words, id:N, joined by + and -."),
@@ -142,22 +169,28 @@ def _api_routes(app: FastAPI, service: SearchService, max_upload: int) -> None:
         number, _ = _image_id(image_id, service)
         return {"query": f"id:{number}", **service.search(SearchQuery.id(number), k, offset, f)}
 
-    @app.post("/api/search/image")
-    def search_image(file: UploadFile = File(...), k: int = 50, offset: int = 0,
-                     f: Filters = Depends(filters)) -> dict[str, Any]:
-        from mmsearch.ingest.decode import decode_bytes
+    uploads = Uploads(max_upload)
 
-        data = file.file.read(max_upload + 1)
-        if len(data) > max_upload:
-            raise HTTPException(413, f"upload too big (at most {max_upload >> 20} MB)")
-        image = decode_bytes(data)
-        return {"query": f"image:{file.filename or 'upload'}",
-                **service.search(SearchQuery.image(image), k, offset, f)}
+    @app.post("/api/search/image", openapi_extra=OPENAPI)
+    async def search_image(request: Request, k: int = 50, offset: int = 0,
+                           f: Filters = Depends(filters)) -> dict[str, Any]:
+        async with uploads.slots:
+            data, name = await uploads.read(request)
+            return await run_in_threadpool(_search_photo, service, data, name, k, offset, f)
 
     @app.get("/api/texts")
     def texts(image_id: str, k: int = 5) -> dict[str, Any]:
         number, _ = _image_id(image_id, service)
         return service.texts(number, k)
+
+
+def _search_photo(service: SearchService, data: bytes, name: str | None, k: int, offset: int,
+                  f: Filters) -> dict[str, Any]:
+    from mmsearch.ingest.decode import decode_bytes
+
+    image = decode_bytes(data)
+    return {"query": f"image:{name or 'upload'}",
+            **service.search(SearchQuery.image(image), k, offset, f)}
 
 
 def _file_routes(app: FastAPI, service: SearchService) -> None:

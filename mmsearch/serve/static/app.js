@@ -504,6 +504,7 @@
       if (data.model) parts.push(data.model);
       if (data.name) parts.push(`index “${data.name}”`);
       el.info.textContent = parts.join(" · ");
+      describeFilters(data.filters || {});
       const cameras = Object.keys(data.cameras || {}).filter((c) => c.trim());
       el.cameras.replaceChildren(...cameras.map((c) => {
         const o = document.createElement("option");
@@ -512,6 +513,17 @@
       }));
     } catch (err) {
       el.info.textContent = "The server cannot be reached.";
+    }
+  }
+
+  // The filters as the server declares them (one declaration for the CLI, the API and this
+  // page): their bound on length as the field's maxlength, their help where it has no title.
+  function describeFilters(filters) {
+    for (const name of FILTERS) {
+      const f = filters[name];
+      if (!f) continue;
+      if (f.max_chars) el[name].maxLength = f.max_chars;
+      if (!el[name].title) el[name].title = f.help;
     }
   }
 
