@@ -24,34 +24,69 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def _top_level_imports(tree: ast.Module) -> list[ast.stmt]:
-    """Import statements run when the module is imported (not in functions or TYPE_CHECKING)."""
-    out: list[ast.stmt] = []
-    for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            out.append(node)
-        elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
-            out += [n for n in node.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-        elif isinstance(node, ast.Try):
-            out += [n for n in node.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+def _imports(path: Path) -> list[tuple[str, list[str], int]]:
+    """(module, imported names, line) of every import in a file: at the top, inside
+    functions and under TYPE_CHECKING alike (each is a dependency someone has to follow)."""
+    out: list[tuple[str, list[str], int]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            module = node.module
+            if node.level:  # relative: resolve against the importing module's package
+                base = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-node.level]
+                module = ".".join((*base, node.module))
+            out.append((module, [a.name for a in node.names], node.lineno))
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the package modules it imports when it is imported."""
+def import_graph() -> dict[str, dict[str, list[str]]]:
+    """Module -> {package module it imports -> where}, counting every import statement."""
     known = modules()
-    graph: dict[str, set[str]] = {}
+    graph: dict[str, dict[str, list[str]]] = {}
     for name, path in known.items():
-        edges: set[str] = set()
-        for node in _top_level_imports(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                edges |= {a.name for a in node.names if a.name in known}
-            elif node.module and node.module.split(".")[0] == "mmsearch" and node.level == 0:
-                for alias in node.names:
-                    sub = f"{node.module}.{alias.name}"
-                    edges.add(sub if sub in known else node.module)
-        graph[name] = edges - {name}
+        edges: dict[str, list[str]] = {}
+        for module, names, line in _imports(path):
+            if module.split(".")[0] != "mmsearch":
+                continue
+            targets = [f"{module}.{n}" if f"{module}.{n}" in known else module for n in names] or [module]
+            for target in targets:
+                if target in known and target != name and not name.startswith(target + "."):
+                    edges.setdefault(target, []).append(f"{path.relative_to(PACKAGE.parent)}:{line}")
+        graph[name] = edges
     return graph
+
+
+# The data flow as layers, lowest first: a module may import its own package and the
+# layers below it, never one above (nor a sibling on its own layer).
+LAYERS = (
+    ("errors",),
+    ("progress", "settings", "locations"),
+    ("models",),
+    ("store",),
+    ("ingest",),
+    ("search",),
+    ("export",),
+    ("distributed",),
+    ("engine",),
+    ("eval",),
+    ("train", "serve"),
+    ("cli",),
+    ("__main__", ""),
+)
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a module: its first-level package or module under mmsearch."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _layer(unit: str) -> int:
+    for n, units in enumerate(LAYERS):
+        if unit in units:
+            return n
+    raise AssertionError(f"mmsearch.{unit} has no layer in LAYERS: add it where it belongs")
 
 
 def test_the_layout_reads_as_the_data_flow() -> None:
@@ -73,7 +108,7 @@ def test_no_import_cycle() -> None:
 
     def visit(node: str, trail: list[str]) -> None:
         state[node] = 1
-        for nxt in sorted(graph.get(node, ())):
+        for nxt in sorted(graph.get(node, {})):
             if state.get(nxt) == 1:
                 cycle = trail[trail.index(nxt):] + [nxt] if nxt in trail else [node, nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
@@ -84,6 +119,43 @@ def test_no_import_cycle() -> None:
     for start in sorted(graph):
         if start not in state:
             visit(start, [start])
+
+
+def test_no_import_reaches_up_a_layer() -> None:
+    offences = []
+    for name, edges in import_graph().items():
+        for target, where in edges.items():
+            a, b = _unit(name), _unit(target)
+            if a != b and _layer(b) >= _layer(a):
+                offences.append(f"{where[0]}: {name} imports {target}")
+    assert offences == []
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    """``from x import _name`` and ``x._name`` on an imported module are refused across
+    modules: what another module needs is public (and documented) in its home."""
+    known = modules()
+    offences = []
+    for name, path in known.items():
+        tree = ast.parse(path.read_text())
+        aliases: dict[str, str] = {}
+        for module, names, line in _imports(path):
+            if module.split(".")[0] != "mmsearch" or module == name:
+                continue
+            offences += [f"{path.name}:{line}: {module}.{n}" for n in names
+                         if n.startswith("_") and not n.startswith("__")]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mmsearch"):
+                aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names
+                                if f"{node.module}.{a.name}" in known})
+            elif isinstance(node, ast.Import):
+                aliases.update({a.asname: a.name for a in node.names if a.asname and a.name in known})
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in aliases and node.attr.startswith("_") \
+                    and not node.attr.startswith("__"):
+                offences.append(f"{path.name}:{node.lineno}: {aliases[node.value.id]}.{node.attr}")
+    assert offences == []
 
 
 def test_only_the_store_writes_the_catalog_or_a_faiss_file() -> None:

@@ -1,27 +1,17 @@
-"""Where a file is: the under rule in Python and in SQL agree, and indexes of thousands of
-explicitly given files (and the Flickr evaluation) run through the CLI in one go."""
+"""Where a file is: the under rule in Python and in SQL agree, at the edges and on random
+path sets (the CLI at thousands of paths is in test_real_size.py)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-import numpy as np
-import pytest
-from conftest import FLICKR
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from sqlalchemy import Column, MetaData, Table, Text, create_engine, delete, insert, select
-from typer.testing import CliRunner
 
-from mmsearch.cli import app
-from mmsearch.engine import Engine
 from mmsearch.locations import (Roots, as_url, canonical, is_url, path_range, root_form,
                                 sql_under, under)
-
-runner = CliRunner()
 
 # characters that trip LIKE patterns, byte order or naive prefix tests: '%', '_', '\\',
 # ' ' and '.' (below '/'), '0' (just above it), non-ASCII (multi-byte in UTF-8)
@@ -110,63 +100,3 @@ def test_urls_and_canonical_forms(tmp_path: Path) -> None:
     assert canonical(tmp_path / "link" / "") == str((tmp_path / "real").resolve())
     assert canonical(tmp_path / "link" / "x.jpg") == str((tmp_path / "real").resolve() / "x.jpg")
     assert canonical((tmp_path / "real").as_uri() + "/") == (tmp_path / "real").resolve().as_uri()
-
-
-FOLDERS = ["a", "a b", "a_b", "a%b", "a/1 %_"]  # prefixes of each other, LIKE's wildcards
-PER_FOLDER = 1000
-
-
-def run(*args: object, code: int = 0) -> str:
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (result.output, result.exception)
-    return result.output
-
-
-def write_photos(top: Path) -> list[Path]:
-    """PER_FOLDER small distinct JPEGs in each of FOLDERS under ``top``, as relative paths."""
-    rng = np.random.default_rng(0)
-    out = []
-    for folder in FOLDERS:
-        (top / folder).mkdir(parents=True)
-        for n in range(PER_FOLDER):
-            path = Path(folder) / f"p {n}.jpg"
-            Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(top / path)
-            out.append(path)
-    return out
-
-
-def in_folder(folder: Path) -> set[str]:
-    hits = json.loads(run("query", "a photo", "--in", folder, "-k", len(FOLDERS) * PER_FOLDER,
-                          "--json"))
-    return {h["path"] for h in hits}
-
-
-def test_thousands_of_files_given_one_by_one_index_in_one_run(
-        home: Path, tiny_model: tuple[Path, Path], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    config, ckpt = tiny_model
-    monkeypatch.chdir(tmp_path)
-    photos = write_photos(Path("photos"))
-    photos = [Path("photos") / p for p in photos]  # as a shell expands photos/*/*.jpg
-    out = run("index", *photos, "--model", config, "--pretrained", ckpt)
-    assert f"added {len(photos)}," in out and "skipped 0" in out
-    assert "ok" in run("check")  # the vector file caught up with the catalog
-    with Engine.open("default", home=home) as engine:
-        assert set(engine.store.roots or []) == {str(p.resolve()) for p in photos}
-    again = json.loads(run("index", *photos, "--json"))
-    assert (again["added"], again["unchanged"], again["removed"]) == (0, len(photos), 0)
-    here = tmp_path.resolve()
-    for folder in FOLDERS:
-        base = Path("photos") / folder
-        want = {str(here / p) for p in photos if base == p.parent or base in p.parents}
-        assert in_folder(here / base) == want, folder
-    assert len(in_folder(here / "photos" / "a")) == 2 * PER_FOLDER  # a/ and a/1 %_/, not "a b", "a_b"...
-
-
-def test_eval_over_the_flickr_karpathy_split_runs_through(
-        home: Path, tiny_model: tuple[Path, Path], flickr_images: list[Path]) -> None:
-    config, ckpt = tiny_model
-    out = run("eval", "--dataset", "flickr8k", "--karpathy-json",
-              FLICKR / "dataset_flickr8k_1k.json", "--images", FLICKR / "images",
-              "--model", config, "--pretrained", ckpt, "--home", home)
-    assert "1000 images, 5000 captions" in out and "text->image" in out, out
