@@ -38,10 +38,11 @@ first 800 photos of Flickr8k-1k copied to ``<home>/bench_serve_photos/a/``
 every run, so each run starts with 800 photos and no thumbnails (cold cache).
 ``--clients`` threads, each with its own keep-alive connection and a 30 s
 timeout per request, send requests for ``--seconds`` (at most 200,000 in all):
-60% ``/api/search?q=<caption>&k=20``, 20% ``/api/similar/<random id>?k=20``,
-20% ``/thumb/<random id>`` (ids of the 800). At 10% of the run a concurrent
-``mmsearch index b --index bench-load`` (another process, as a user would run
-it) starts; it is let finish after the load. Reported: requests/s overall and
+50% ``/api/search?q=<caption>&k=20``, 20% ``/api/similar/<random id>?k=20``,
+20% ``/thumb/<random id>`` (ids of the 800), 10% ``POST /api/search/image?k=20`` of
+one of 20 photos of ``b/`` (multipart, as the page sends it). At 10% of the run a
+concurrent ``mmsearch index b --index bench-load`` (another process, as a user
+would run it) starts; it is let finish after the load. Reported: requests/s overall and
 per kind, p50/p99 per kind (and while the indexer ran), thumbnails/s (first
 request of a photo, which makes its thumbnail, vs repeats), every error (a
 status other than 200 or an exception: should be none), how many thumbnails
@@ -50,7 +51,7 @@ that the concurrent index lost nothing (``/api/info`` images and the search
 ``total`` are 1000, paging ``k=500&offset=`` gives 1000 distinct ids) and that
 the new photos are searchable (``/api/similar/<id>`` of each of the 200 returns
 it first). Baseline in the same run, before the load: one client, nothing else
-running, 20 searches, 20 similar, 10 thumbnails cold then the same 10 warm.
+running, 20 searches, 20 similar, 10 thumbnails cold then the same 10 warm, 10 uploads.
 The client threads run on the same 2 cores as the server and take part of them.
 """
 
@@ -83,7 +84,8 @@ from _machine import load_avg, machine_info, machine_text, write_results  # noqa
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-1k"
 ARCH, WEIGHTS, DIM, CHUNK = "ViT-B-32", "none", 512, 20_000
 LOAD_INDEX, SPLIT, PHOTOS = "bench-load", 800, 1000
-MIX = (("search", 0.6), ("similar", 0.2), ("thumb", 0.2))
+MIX = (("search", 0.5), ("similar", 0.2), ("thumb", 0.2), ("upload", 0.1))
+UPLOAD_PATH, BOUNDARY, UPLOADS = "/api/search/image?k=20", "bench-serve-upload", 20
 WARM, READY_S, TIMEOUT_S, MAX_REQUESTS = 5, 180, 30, 200_000
 
 
@@ -302,12 +304,21 @@ class Client:
         self.used = 0.0
 
     def get(self, path: str) -> tuple[int, bytes, float]:
+        return self.send("GET", path)
+
+    def upload(self, body: bytes) -> tuple[int, bytes, float]:
+        """``POST /api/search/image`` of a multipart body made by :func:`upload_body`."""
+        return self.send("POST", UPLOAD_PATH, body,
+                         {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+
+    def send(self, method: str, path: str, body: bytes | None = None,
+             headers: dict | None = None) -> tuple[int, bytes, float]:
         if self.conn.sock is None or time.perf_counter() - self.used > self.IDLE_S:
             self.conn.close()
             self.conn.connect()
         t0 = time.perf_counter()
         try:
-            self.conn.request("GET", path)
+            self.conn.request(method, path, body=body, headers=headers or {})
             response = self.conn.getresponse()
             body = response.read()
         except BaseException:
@@ -328,6 +339,13 @@ class Client:
 
 def search_path(caption: str, k: int) -> str:
     return f"/api/search?q={quote(caption)}&k={k}"
+
+
+def upload_body(photo: Path) -> bytes:
+    """A photo as the page sends it: the multipart/form-data field ``file``."""
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="{photo.name}"\r\nContent-Type: image/jpeg\r\n\r\n').encode()
+    return head + photo.read_bytes() + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
 # -- part 1: latency -------------------------------------------------------------------
@@ -414,8 +432,8 @@ class Load:
     """Shared state of the client threads: the deadline, the request cap, the results."""
 
     def __init__(self, port: int, ids: list[int], caps: list[str], seconds: float,
-                 thumbed: set[int]) -> None:
-        self.port, self.ids, self.caps = port, ids, caps
+                 thumbed: set[int], uploads: list[bytes]) -> None:
+        self.port, self.ids, self.caps, self.uploads = port, ids, caps, uploads
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + seconds
         self.lock = threading.Lock()
@@ -442,6 +460,8 @@ def pick(rng: random.Random, load: Load) -> tuple[str, str, int | None]:
     kind = rng.choices([k for k, _ in MIX], [w for _, w in MIX])[0]
     if kind == "search":
         return kind, search_path(rng.choice(load.caps), 20), None
+    if kind == "upload":  # the path names which of load.uploads
+        return kind, str(rng.randrange(len(load.uploads))), None
     image_id = rng.choice(load.ids)
     path = f"/api/similar/{image_id}?k=20" if kind == "similar" else f"/thumb/{image_id}"
     return kind, path, image_id
@@ -454,7 +474,8 @@ def worker(load: Load, seed: int) -> None:
         first = kind == "thumb" and load.first_thumb(image_id)
         start = time.perf_counter() - load.t0
         try:
-            status, body, ms = client.get(path)
+            status, body, ms = (client.upload(load.uploads[int(path)]) if kind == "upload"
+                                else client.get(path))
         except Exception as exc:  # noqa: BLE001 - every failure is reported
             load.errors.append({"kind": kind, "path": path, "at_s": round(start, 2),
                                 "error": repr(exc)})
@@ -479,9 +500,10 @@ def run_load(args) -> None:
         for c in caps[:WARM]:
             client.json(search_path(c, 20))
         ids = sorted(paged_ids(client, caps[0], SPLIT))
-        base, thumbed = baseline(client, caps[WARM:], ids)
+        uploads = [upload_body(p) for p in sorted(b.glob("*.jpg"))[:UPLOADS]]
+        base, thumbed = baseline(client, caps[WARM:], ids, uploads)
         thumbs_before = count_thumbs(args.home)
-        load, index = loaded(args, server.port, ids, caps, b, thumbed)
+        load, index = loaded(args, server.port, ids, caps, b, thumbed, uploads)
         after = checks(client, caps[0], b)
         client.close()
     thumbs_after = count_thumbs(args.home)
@@ -499,20 +521,22 @@ def paged_ids(client: Client, caption: str, total: int) -> dict[int, str]:
     return out
 
 
-def baseline(client: Client, caps: list[str], ids: list[int]) -> tuple[dict, list[int]]:
-    """One client, nothing else running: search, similar, thumbnails cold then warm; also
-    the ids whose thumbnails it made."""
+def baseline(client: Client, caps: list[str], ids: list[int],
+             uploads: list[bytes]) -> tuple[dict, list[int]]:
+    """One client, nothing else running: search, similar, thumbnails cold then warm,
+    uploads (photos not in the index); also the ids whose thumbnails it made."""
     rng = random.Random(1)
     some = rng.sample(ids, 30)
     runs = {"search": [search_path(c, 20) for c in caps[:20]],
             "similar": [f"/api/similar/{i}?k=20" for i in some[:20]],
             "thumb (cold)": [f"/thumb/{i}" for i in some[20:]],
-            "thumb (warm)": [f"/thumb/{i}" for i in some[20:]]}
+            "thumb (warm)": [f"/thumb/{i}" for i in some[20:]],
+            "upload": list(range(min(10, len(uploads))))}
     out = {}
     for kind, paths in runs.items():
         ms = []
         for p in paths:
-            status, body, t = client.get(p)
+            status, body, t = client.upload(uploads[p]) if kind == "upload" else client.get(p)
             if status != 200:
                 raise RuntimeError(f"baseline GET {p}: {status} {body[:300]!r}")
             ms.append(t)
@@ -521,10 +545,10 @@ def baseline(client: Client, caps: list[str], ids: list[int]) -> tuple[dict, lis
 
 
 def loaded(args, port: int, ids: list[int], caps: list[str], b: Path,
-           thumbed: list[int]) -> tuple[Load, dict]:
+           thumbed: list[int], uploads: list[bytes]) -> tuple[Load, dict]:
     """The load, with ``mmsearch index b`` started at 10% of it and let finish."""
     progress(f"load: {args.clients} clients for {args.seconds} s")
-    load = Load(port, ids, caps, args.seconds, set(thumbed))
+    load = Load(port, ids, caps, args.seconds, set(thumbed), uploads)
     threads = [threading.Thread(target=worker, args=(load, i), daemon=True)
                for i in range(args.clients)]
     for t in threads:
@@ -589,7 +613,7 @@ def report_load(args, info, ready_s, prepared, base, load, index, after, thumbs)
     rep = index.get("report") or {}
     lines = [f"# bench_serve --load: {args.clients} clients x {args.seconds} s against `mmsearch "
              f"serve` on 127.0.0.1 (index {LOAD_INDEX}: {SPLIT} Flickr8k photos, ViT-B-32 random "
-             f"weights, device cpu); mix 60% search k=20, 20% similar k=20, 20% thumbnails; "
+             f"weights, device cpu); mix {', '.join(f'{w:.0%} {k}' for k, w in MIX)}; "
              f"`mmsearch index` of {PHOTOS - SPLIT} more photos started at "
              f"{index['start_s']} s", machine_text(info),
              "# baseline (same run, before the load, one client alone): " + ", ".join(

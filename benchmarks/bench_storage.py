@@ -66,7 +66,7 @@ if step == "write":
         v = vectors(k)
         if mode == "shards":
             write_npy(npy_path(root / FOLDER, k), v)
-            store.put_images(files, as_stored(v), locations=[(k, j) for j in range(shard)])
+            store.put_images(files, store.vector_source.rows(k, range(shard), as_stored(v)))
         else:
             store.put_images(files, v)
     store.flush()

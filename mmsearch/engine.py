@@ -36,7 +36,7 @@ from mmsearch.search.query import Filters, Query, combine
 from mmsearch.search.search import (check_k, check_text_query, empty_index, search_images,
                                     search_texts)
 from mmsearch.settings import Settings, resolve
-from mmsearch.store import STORAGES, MetadataSummary, Store
+from mmsearch.store import MetadataSummary, Store, storage_for_run
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -222,24 +222,10 @@ class Engine:
             return report
 
     def _storage_for(self, runner: str, asked: str) -> str:
-        """The storage of this run: the index's own (an explicit other one is refused),
+        """The storage of this run (:func:`mmsearch.store.storage_for_run`): the index's own,
         or for a new index ``asked`` (``auto``: shards with the Ray runner)."""
-        if asked not in ("auto", *STORAGES):
-            raise UsageError(f"unknown storage {asked!r}: choose auto, catalog or shards")
-        name = self.settings.index
-        if self.store.model is None:
-            if asked == "shards" and runner == "local":
-                raise UsageError("--storage shards needs --runner ray (the local runner keeps "
-                                 "vectors in the catalog)")
-            return asked if asked != "auto" else ("shards" if runner == "ray" else "catalog")
-        have = self.store.storage
-        if asked not in ("auto", have):
-            raise UsageError(f"index {name!r} keeps its vectors in its {have}, and always will: "
-                             f"leave out --storage, or make a new index (--index NEW)")
-        if have == "shards" and runner == "local":
-            raise UsageError(f"index {name!r} keeps its vectors in npy shards (it was made by "
-                             "--runner ray): index it with --runner ray")
-        return have
+        recorded = self.store.storage if self.store.model is not None else None
+        return storage_for_run(recorded, runner, asked, self.settings.index)
 
     def _record_older_roots(self) -> None:
         """An index made before roots were recorded: its photos' folders stand for its roots,
@@ -259,18 +245,20 @@ class Engine:
             read = backfill_metadata(self.store, None, self.settings.workers or default_workers())
             if read:
                 done.append(f"read the metadata of {read} images")
-            if redo and self.store.storage == "shards":
-                done.append(f"forgot {len(redo)} images whose vectors were damaged; run "
-                            "`mmsearch index FOLDER --runner ray` on their folders to embed them")
-            elif redo:
-                self._ensure_model_recorded()
-                report = index_files(self.store, self.embedder, [Path(p) for p in redo],
-                                     batch_size=self.settings.batch_size, draft=self.settings.draft)
-                done.append(f"re-embedded {report.embedded} images whose vectors were damaged")
+            if redo:  # re-embedded here, or left to the Ray runner: the storage's to say
+                done.append(self.store.vector_source.reembed(redo, self._reembed))
         if texts:
             self.add_texts(texts)
             done.append(f"re-embedded {len(texts)} texts whose vectors were damaged")
         return problems, done
+
+    def _reembed(self, paths: list[str]) -> int:
+        """Embed these images again with the local runner (their damaged vectors were
+        forgotten by a repair); how many were embedded."""
+        self._ensure_model_recorded()
+        report = index_files(self.store, self.embedder, [Path(p) for p in paths],
+                             batch_size=self.settings.batch_size, draft=self.settings.draft)
+        return report.embedded
 
     def remove(self, path: str | Path) -> int:
         """Forget every indexed image at or under ``path``; returns how many."""

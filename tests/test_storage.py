@@ -14,7 +14,7 @@ import pytest
 from mmsearch.errors import CorruptIndexError, StorageError
 from mmsearch.models.identity import ModelIdentity
 from mmsearch.search import search_images
-from mmsearch.store import ImageFile, Store
+from mmsearch.store import ImageFile, InShards, Store
 from mmsearch.store.shardvectors import FOLDER, as_stored, npy_path, write_npy
 
 DIM, SHARD = 16, 10
@@ -44,7 +44,7 @@ def _store(root: Path, storage: str) -> Store:
 def _put_shard(store: Store, k: int, vectors: np.ndarray, files: list[ImageFile] | None = None) -> np.ndarray:
     files = files or _files(k, len(vectors))
     write_npy(npy_path(store.root / FOLDER, k), vectors)
-    return store.put_images(files, as_stored(vectors), locations=[(k, j) for j in range(len(vectors))])
+    return store.put_images(files, store.vector_source.rows(k, range(len(vectors)), as_stored(vectors)))
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_the_catalog_holds_no_vector_and_the_storage_is_enforced(pair) -> None:
     with pytest.raises(StorageError, match="keeps its vectors in its shards"):
         sharded.put_images(_files(9), _vectors(SHARD, 9))
     with pytest.raises(StorageError, match="keeps its vectors in its catalog"):
-        plain.put_images(_files(9), _vectors(SHARD, 9), locations=[(9, j) for j in range(SHARD)])
+        plain.put_images(_files(9), InShards(_vectors(SHARD, 9), [(9, j) for j in range(SHARD)]))
     parts = list(sharded.read.shard_locations())
     assert [(k, ids.tolist()[:2], rows.tolist()[:2]) for k, ids, rows in parts] == \
         [(0, [1, 2], [0, 1]), (1, [11, 12], [0, 1]), (2, [21, 22], [0, 1])]
@@ -194,3 +194,69 @@ def test_a_deferred_write_cut_short_is_caught_up_on_the_next_load(pair) -> None:
             raise KeyboardInterrupt
     assert sharded.vectors("images").ntotal == 4 * SHARD  # synced from the catalog on load
     assert sharded.repairs and sharded.check() == []
+
+
+def test_a_cluster_builds_parts_read_the_stores_vectors(pair) -> None:
+    """The parts a cluster build adds (read where they are built) hold the store's vectors:
+    chunks sent along from the catalog, or a shard's rows read from its npy file."""
+    plain, sharded = pair
+    want = plain.image_vectors()
+    for store, size, count in ((plain, 7, 5), (sharded, 7, 3)):
+        total, parts = store.read.image_parts(DIM, size)
+        read = [part.read() for part in parts]
+        assert total == len(read) == count
+        ids = np.concatenate([i for i, _ in read])
+        np.testing.assert_array_equal(np.sort(ids), want[0])
+        np.testing.assert_array_equal(np.concatenate([v for _, v in read])[np.argsort(ids)], want[1])
+    assert [n for n, _, _ in sharded.files()][-1] == "shards/img_emb"
+    assert "shards/img_emb" not in [n for n, _, _ in plain.files()]
+
+
+def test_the_image_index_plan_says_whether_it_is_built(pair) -> None:
+    plain, _ = pair
+    plan, built = plain.image_index_plan()
+    assert (plan.factory, plan.n, plan.is_exact, built) == ("Flat", 3 * SHARD, True, True)
+    assert plain.training_sample(plan) is None
+    ivf, built = plain.image_index_plan("IVF2,SQ4")
+    assert not built and not ivf.is_exact
+    sample = plain.training_sample(ivf)
+    assert sample.shape == (3 * SHARD, DIM)  # all of them: fewer than the plan's train size
+    plain.rebuild("images", index_type="IVF2,SQ4")
+    assert plain.image_index_plan("IVF2,SQ4")[1] and not plain.image_index_plan()[1]
+    plain.retype()  # auto: exact again
+    assert plain.image_index == "Flat" and plain.image_index_plan()[1]
+
+
+def test_the_storage_of_a_run_is_chosen_in_one_place() -> None:
+    from mmsearch.errors import UsageError
+    from mmsearch.store import storage_for_run, storage_summary
+
+    assert storage_for_run(None, "local", "auto", "new") == "catalog"
+    assert storage_for_run(None, "ray", "auto", "new") == "shards"
+    assert storage_for_run(None, "ray", "catalog", "new") == "catalog"
+    assert storage_for_run("catalog", "ray", "auto", "old") == "catalog"
+    assert storage_for_run("shards", "ray", "shards", "old") == "shards"
+    with pytest.raises(UsageError, match="--storage shards needs --runner ray"):
+        storage_for_run(None, "local", "shards", "new")
+    with pytest.raises(UsageError, match="index 'old' keeps its vectors in its catalog, and always will"):
+        storage_for_run("catalog", "ray", "shards", "old")
+    with pytest.raises(UsageError, match="index 'old' keeps its vectors in npy shards"):
+        storage_for_run("shards", "local", "auto", "old")
+    with pytest.raises(UsageError, match="unknown storage 'disk'"):
+        storage_for_run(None, "local", "disk", "new")
+    assert storage_summary("catalog") is None and "shards/img_emb" in storage_summary("shards")
+
+
+def test_a_reader_opened_before_the_storage_was_recorded_sees_it_after_refresh(tmp_path: Path) -> None:
+    writer = Store.open(tmp_path / "new", create=True)
+    reader = Store.open(tmp_path / "new", create=False)
+    try:
+        assert reader.storage == "catalog" and writer.storage == "catalog"  # nothing recorded yet
+        writer.lock()
+        writer.set_model(IDENTITY, DIM, "shards")
+        assert writer.storage == "shards" and writer.read.storage == "shards"
+        assert reader.refresh() and reader.storage == "shards"
+        assert [name for name, _, _ in reader.files()] == ["catalog.sqlite"]  # no shard yet
+    finally:
+        writer.close()
+        reader.close()

@@ -106,6 +106,8 @@ def texts_add(
 @handle_errors
 def info(index: IndexOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """What an index holds, which model built it, and where its files are."""
+    from mmsearch.store import storage_summary
+
     with open_engine(index=index, home=home) as engine:
         data = engine.info()
     if as_json:
@@ -115,9 +117,9 @@ def info(index: IndexOpt = None, home: HomeOpt = None, as_json: JsonOpt = False)
     typer.echo(f"model      {data.model.describe() if data.model else '-'} (dim {data.dim})")
     typer.echo(f"images     {data.images} ({data.distinct_images} distinct)\ntexts      {data.texts}")
     typer.echo(f"vectors    {data.image_index} (schema v{data.schema_version})")
-    if data.storage == "shards":
-        typer.echo("storage    shards: image vectors in shards/img_emb/*.npy (float16), "
-                   "rows in the catalog")
+    storage = storage_summary(data.storage)
+    if storage:
+        typer.echo(f"storage    {storage}")
     for name, size in data.files.items():
         typer.echo(f"  {name:<16} {size / 1e6:10.1f} MB")
     _print_metadata(data.metadata)

@@ -1,17 +1,18 @@
 """Building a FAISS index on a Ray cluster: train on the driver, add parts in tasks, merge.
 
-The index type is decided as for a local build (:func:`mmsearch.store.vectors.plan_index`:
-the automatic choice, a named type or a factory string) and trained on the driver on a
-sample (the one a local rebuild draws). The rows are then added in parallel Ray tasks,
+The index type is decided as for a local build (the store's plan,
+:meth:`~mmsearch.store.Store.image_index_plan`: the automatic choice, a named type or a
+factory string) and trained on the driver on the sample a local rebuild draws
+(:meth:`~mmsearch.store.Store.training_sample`). The rows are then added in parallel Ray tasks,
 a part each, and the parts merged in order (:mod:`mmsearch.store.sharded`): in memory
 (``merge_from``), or on disk (``merge_ondisk``) for an IVF index too big for memory.
 Adding in parts gives the index a single process builds, so the same search results.
 
-:func:`build_store_index` does this for a store after a distributed run: in an index
-stored in the catalog its parts are chunks of the catalog's float32 vectors sent from the
-driver, so the index is the one a local run builds; in an index stored as shards each
-task reads its shard's npy file itself, at the rows the catalog names (the driver sends
-ids and row numbers only);
+:func:`build_store_index` does this for a store after a distributed run, on the parts its
+storage gives (:meth:`~mmsearch.store.storage.VectorSource.parts`): in an index stored in
+the catalog, chunks of the catalog's float32 vectors sent from the driver, so the index is
+the one a local run builds; in an index stored as shards, each shard's rows, which its
+task reads from the npy file itself (the driver sends ids and row numbers only);
 :func:`build_from_shards` for clip-retrieval shards (``img_emb/*.npy`` with their
 ``metadata/*.parquet`` ids) read by the tasks themselves.
 """
@@ -26,8 +27,7 @@ import numpy as np
 
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import sharded
-from mmsearch.store.shardvectors import ShardVectors
-from mmsearch.store.vectors import IndexPlan, VectorIndex, plan_index
+from mmsearch.store.vectors import IndexPlan, VectorIndex
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store
@@ -36,22 +36,15 @@ CHUNK = 65_536  # catalog vectors per part
 IN_FLIGHT = 2   # parts submitted per cluster CPU before the first is merged
 
 
-def _fill(blob: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    return sharded.filled(blob, ids, vectors)
+def _fill(blob: np.ndarray, part: Any) -> np.ndarray:
+    """``blob`` filled with a part of a store's vectors (read here: ``part.read()``)."""
+    return sharded.filled(blob, *part.read())
 
 
 def _fill_shard(blob: np.ndarray, npy: str, metadata: str) -> np.ndarray:
     from mmsearch.distributed.shards import read_vectors
 
     return sharded.filled(blob, *read_vectors(Path(npy), Path(metadata)))
-
-
-def _fill_located(blob: np.ndarray, root: str, k: int, ids: np.ndarray, rows: np.ndarray,
-                  dim: int) -> np.ndarray:
-    """``blob`` filled with rows ``rows`` of shard ``k`` of the index at ``root``, read as
-    the store reads them."""
-    vectors = ShardVectors(Path(root)).gather(np.full(rows.size, k), rows, dim)
-    return sharded.filled(blob, ids, vectors)
 
 
 def _fill_to_file(blob: np.ndarray, npy: str, metadata: str, out: str) -> str:
@@ -61,12 +54,10 @@ def _fill_to_file(blob: np.ndarray, npy: str, metadata: str, out: str) -> str:
 def store_needs_build(store: "Store", index_type: str | None) -> IndexPlan | None:
     """The plan to build on the cluster, or None: the type is exact or a graph (the store
     builds those), or the index already has it."""
-    dim, n = store.dim, store.read.image_count()
-    if not dim or not n:
+    if not store.dim:
         return None
-    plan = plan_index(index_type or store.requested_type, n, dim)
-    built = store.read.get_meta("images_index_asked") or store.image_index
-    if not plan.needs_training or not sharded.mergeable(plan.factory) or built == plan.factory:
+    plan, built = store.image_index_plan(index_type)
+    if not plan.n or not plan.needs_training or not sharded.mergeable(plan.factory) or built:
         return None
     return plan
 
@@ -78,22 +69,12 @@ def build_store_index(store: "Store", index_type: str | None, ray: Callable[[], 
     plan = store_needs_build(store, index_type)
     if plan is None:
         return False
-    ids = store.read.all_image_ids()
-    size = plan.train_size
-    chosen = ids if size >= ids.size else np.random.default_rng(0).choice(ids, size, replace=False)
-    blob = sharded.trained(plan, store.image_vectors(chosen)[1], fall_back=True)
+    blob = sharded.trained(plan, store.training_sample(plan), fall_back=True)
     r = ray()
     ref = r.put(blob)
-    if store.storage == "shards":
-        task = r.remote(num_cpus=1)(_fill_located)
-        calls = ((task, (ref, str(store.root), k, i, rows, plan.dim))
-                 for k, i, rows in store.read.shard_locations())  # streamed, a shard at a time
-        total = store.read.shard_count()
-    else:
-        task = r.remote(num_cpus=1)(_fill)
-        chunks = store.read.vector_chunks("images", plan.dim, CHUNK)
-        calls = ((task, (ref, i, v)) for i, v in chunks)
-        total = -(-ids.size // CHUNK)
+    task = r.remote(num_cpus=1)(_fill)
+    total, parts = store.read.image_parts(plan.dim, CHUNK)
+    calls = ((task, (ref, part)) for part in parts)  # streamed: read as they are sent
     index = sharded.merged(blob, _in_order(r, calls, total, progress))
     store.install_index(index, plan.factory)
     return True

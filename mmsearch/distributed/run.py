@@ -7,8 +7,9 @@
    cluster in manifest shards.
 3. The cluster decodes and embeds (:mod:`.ray_runner`). As each shard's rows are all
    back, the driver stores them through the store's verbs, under the ids the plan gave
-   out, and writes the shard's files in clip-retrieval's layout (:mod:`.shards`). How
-   depends on the index's storage (:mod:`mmsearch.store.shardvectors`):
+   out, and writes the shard's files in clip-retrieval's layout (:mod:`.shards`). In which
+   order is the index's storage's to say (:meth:`VectorSource.store_shard
+   <mmsearch.store.storage.VectorSource.store_shard>`):
 
    ``catalog``  rows and float32 vectors in one catalog transaction, then the files (a
                 copy of the vectors for other tools). A shard whose files exist was
@@ -47,7 +48,6 @@ from mmsearch.ingest.diff import IndexReport, ScanStopped, Skipped, stopped, tou
 from mmsearch.locations import as_url, filesystem, is_url
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import ImageFile, StoredImage
-from mmsearch.store.shardvectors import as_stored
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.models.identity import ModelIdentity
@@ -116,7 +116,7 @@ class _Work:
         self.identity, self.options, self.report = identity, options, report
         self.progress, self.stop, self.session = progress, stop, session
         self._ray: Any = None
-        self.sharded = store.storage == "shards"
+        self.source = store.vector_source  # how the index keeps its image vectors
         self.stored: set[int] = set()  # ids this invocation stored or touched
         self.failed: set[str] = set()  # paths that failed in this invocation
 
@@ -124,7 +124,7 @@ class _Work:
         """Finish a pending run, plan and execute a new one, build the index. In an index
         stored as shards the driver never holds the vectors: the image index is left alone
         while rows are stored, then built (or brought up to date) at the end."""
-        with self.store.image_index_deferred() if self.sharded else contextlib.nullcontext():
+        with self.source.driver_writes(self.store.image_index_deferred):
             self._run(roots)
 
     def _run(self, roots: list[Path | str]) -> None:
@@ -169,10 +169,7 @@ class _Work:
     def execute(self, run: Run) -> None:
         """Process the shards of ``run`` that are not complete; finish the run if all are."""
         todo = [k for k in run.shards if not self.layout.complete(k)]
-        if self.sharded:
-            for k in run.shards:
-                if k not in todo:
-                    self._commit_written(k)
+        self.source.commit_written([k for k in run.shards if k not in todo], self._commit_written)
         if todo:
             self._cluster(todo)
         if all(self.layout.complete(k) for k in run.shards):
@@ -207,19 +204,15 @@ class _Work:
                 return
 
     def _store_shard(self, k: int, rows: list[dict[str, Any]]) -> None:
-        """Rows of shard ``k`` into the catalog and its files (the status last): in an index
-        stored as shards the files first, else the rows (and vectors) first."""
+        """Rows of shard ``k`` into the catalog and its files (the status last), in the order
+        the storage says: in an index stored as shards the files first, else the rows."""
         ok = [r for r in rows if r["status"] == "ok"]
         status = [_status_row(r) for r in rows]
-        if self.sharded:
-            vectors = np.stack([r["vector"] for r in ok]) if ok else self._no_vectors()
-            write_shard(self.layout, k, np.asarray([r["id"] for r in ok], np.int64), vectors,
-                        status)
-            self._commit(k, rows, as_stored(vectors))
-            return
-        self._commit(k, rows)
-        ids, vectors = self.store.image_vectors([r["id"] for r in ok])
-        write_shard(self.layout, k, ids, vectors, status)
+        vectors = np.stack([r["vector"] for r in ok]) if ok else self._no_vectors()
+        self.source.store_shard(np.asarray([r["id"] for r in ok], np.int64), vectors,
+                                write=lambda i, v: write_shard(self.layout, k, i, v, status),
+                                commit=lambda stored: self._commit(k, rows, stored),
+                                stored=self.store.image_vectors)
 
     def _no_vectors(self) -> np.ndarray:
         return np.zeros((0, self.store.dim or 0), dtype=np.float32)
@@ -237,9 +230,9 @@ class _Work:
                                f"rows; delete {self.layout.status(k)} to embed the shard again")
         self._commit(k, status, vectors)
 
-    def _commit(self, k: int, rows: list[dict[str, Any]], stored: np.ndarray | None = None) -> None:
-        """Record shard ``k``'s rows: failures in the report, touched files, new rows (with
-        ``stored``, the vectors as the shard holds them, for an index stored as shards)."""
+    def _commit(self, k: int, rows: list[dict[str, Any]], stored: np.ndarray) -> None:
+        """Record shard ``k``'s rows: failures in the report, touched files, new rows (row j
+        of ``stored``, the ok rows' vectors as the index keeps them, is the j-th's)."""
         report = self.report
         for r in rows:
             if r["status"] == "failed":
@@ -253,10 +246,10 @@ class _Work:
         self.stored.update(r["id"] for r in rows if r["status"] == "ok")
         self._put(k, [r for r in rows if r["status"] == "ok"], stored)
 
-    def _put(self, k: int, ok: list[dict[str, Any]], stored: np.ndarray | None) -> None:
+    def _put(self, k: int, ok: list[dict[str, Any]], stored: np.ndarray) -> None:
         """Add the rows not yet in the catalog, each replacing the row that holds its path
         now (its old row, normally); a content already stored keeps its vector. ``stored``:
-        row j of shard ``k``'s npy is ``ok[j]``'s vector (an index stored as shards)."""
+        row j is ``ok[j]``'s vector, row j of shard ``k``'s npy (in an index stored as shards)."""
         present = set(self.store.read.image_paths([r["id"] for r in ok]))
         fresh = [(j, r) for j, r in enumerate(ok) if r["id"] not in present]
         if not fresh:
@@ -264,13 +257,13 @@ class _Work:
         holders = self.store.read.images_at([r["path"] for _, r in fresh])
         known = self.store.known_vectors({r["content_hash"] for _, r in fresh})
         for j, r in fresh:
-            known.setdefault(r["content_hash"], r["vector"] if stored is None else stored[j])
+            known.setdefault(r["content_hash"], stored[j])
         files = [ImageFile(r["path"], r["size"], r["mtime_ns"], r["content_hash"],
                            json.loads(r["meta"])) for _, r in fresh]
         replaces = [holders[r["path"]].id if r["path"] in holders else None for _, r in fresh]
         vectors = np.stack([known[r["content_hash"]] for _, r in fresh])
-        self.store.put_images(files, vectors, replaces=replaces, ids=[r["id"] for _, r in fresh],
-                              locations=None if stored is None else [(k, j) for j, _ in fresh])
+        self.store.put_images(files, self.source.rows(k, [j for j, _ in fresh], vectors),
+                              replaces=replaces, ids=[r["id"] for _, r in fresh])
         self.report.count_put(replaces, embedded=True)
 
     def build(self) -> bool:

@@ -210,10 +210,8 @@ def _catalog_paths(dataset: "RetrievalDataset") -> list[str]:
 def _image_indexes(engine: "Engine",
                    index_type: str) -> tuple["VectorIndex", "VectorIndex | None", str | None]:
     """(index to search, exact index to compare it with or None, a note on the choice)."""
-    from mmsearch.store.vectors import plan_index
-
     exact = engine.store.vectors("images")
-    if plan_index(index_type, exact.ntotal, exact.dim).factory == "Flat":
+    if engine.store.image_index_plan(index_type)[0].is_exact:
         return exact, None, None
     # Built in memory from the stored vectors as the engine builds it; the store's
     # exact index (and images.faiss) are left as they are.

@@ -1,78 +1,77 @@
 """``mmsearch check``: what disagrees between catalog, FAISS files and disk; and the repair.
 
 Both functions run for :class:`~mmsearch.store.Store` (``store.check()``,
-``store.repair()``), which owns the catalog and the vector files.
+``store.repair()``), on the parts it owns: the catalog, the vector files, the storage
+(:class:`~mmsearch.store.storage.VectorSource`) and the index folder.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mmsearch.errors import CorruptIndexError
 from mmsearch.locations import is_url
+from mmsearch.store import selection
+from mmsearch.store.catalog import Catalog
 from mmsearch.store.lock import lock_holder
-from mmsearch.store.vectorfiles import KINDS, Kind
+from mmsearch.store.storage import VectorSource
+from mmsearch.store.vectorfiles import KINDS, Kind, VectorFiles
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mmsearch.store.store import Store
     from mmsearch.store.vectors import VectorIndex
 
 CHECK_SAMPLE = 50_000      # vectors compared with the catalog by `check`
 
 
-def check(store: "Store") -> list[str]:
+def check(catalog: Catalog, files: VectorFiles, source: VectorSource, root: Path) -> list[str]:
     """Problems found between catalog, FAISS files and disk; nothing is changed."""
-    catalog = store._catalog
     problems = catalog.integrity_problems()
     if problems:
         return problems
     try:
-        model, dim = store.model, store.dim
+        model, dim = catalog.recorded_model(), catalog.recorded_dim()
     except CorruptIndexError as exc:
         return [str(exc)]
     if model is None or dim is None:
         return ["catalog has images but no model"] if catalog.image_count() or catalog.text_count() else []
-    stored_dim = store._files._stored_dim()
+    stored_dim = files.stored_dim()
     if stored_dim is not None and stored_dim != dim:
         return [f"the catalog records dimension {dim} but all its vectors have {stored_dim}"]
-    problems += _damage(store, dim)
+    problems += _damage(catalog, source, dim)
     if not problems:
         for kind in KINDS:
-            problems += _check_vectors(store, kind, dim)
+            problems += _check_vectors(files, kind, dim)
     dangling = catalog.dangling_images()
     if dangling:
         problems.append(f"{len(dangling)} images have no stored vector")
     gone = sum(1 for _, p in catalog.all_image_paths() if _gone(p))
     if gone:
         problems.append(f"{gone} indexed files no longer exist on disk")
-    unread = len(store.missing_metadata())
+    unread = len(selection.missing_metadata(catalog))
     if unread:
         problems.append(f"{unread} images have no metadata yet (an index made before "
                         "schema v3; the next `index` of their folders reads it)")
-    if store._files.temp_files() and lock_holder(store.root) is None:
-        problems.append(f"{len(store._files.temp_files())} temporary files left by an interrupted save")
+    if files.temp_files() and lock_holder(root) is None:
+        problems.append(f"{len(files.temp_files())} temporary files left by an interrupted save")
     return problems
 
 
-def _damage(store: "Store", dim: int) -> list[str]:
+def _damage(catalog: Catalog, source: VectorSource, dim: int) -> list[str]:
     out = []
-    bad = store._catalog.damaged_embeddings(dim)
-    if bad and store.storage == "shards":
-        out.append(f"{len(bad)} image vectors cannot be read from their npy shards "
-                   "(shards/img_emb: a missing, short or damaged file)")
-    elif bad:
-        out.append(f"{len(bad)} stored vectors are damaged")
-    damaged_texts = store._catalog.damaged_texts(dim)
+    bad = catalog.damaged_embeddings(dim)
+    if bad:
+        out.append(source.damage_message(len(bad)))
+    damaged_texts = catalog.damaged_texts(dim)
     if damaged_texts:
         out.append(f"{len(damaged_texts)} stored text vectors are damaged")
     return out
 
 
-def _check_vectors(store: "Store", kind: Kind, dim: int) -> list[str]:
-    files = store._files
+def _check_vectors(files: VectorFiles, kind: Kind, dim: int) -> list[str]:
     path = files.path(kind)
     want = files.catalog_ids(kind)
     if not path.is_file():
@@ -86,15 +85,15 @@ def _check_vectors(store: "Store", kind: Kind, dim: int) -> list[str]:
         return [f"{path.name} is behind the catalog: {missing} vectors missing, {extra} "
                 "unknown (an interrupted run; the next `index` or `check --repair` "
                 "brings it up to date)"]
-    wrong = _compare_vectors(store, kind, index, want)
+    wrong = _compare_vectors(files, kind, index, want)
     return [f"{path.name}: {wrong} vectors differ from the catalog's"] if wrong else []
 
 
-def _compare_vectors(store: "Store", kind: Kind, index: "VectorIndex", ids: np.ndarray) -> int:
+def _compare_vectors(files: VectorFiles, kind: Kind, index: "VectorIndex", ids: np.ndarray) -> int:
     """How many of (a sample of) ``ids`` hold another vector in FAISS than in the catalog."""
     if ids.size > CHECK_SAMPLE:
         ids = np.random.default_rng(0).choice(ids, CHECK_SAMPLE, replace=False)
-    ids, stored = store._files.catalog_vectors(kind, ids)
+    ids, stored = files.catalog_vectors(kind, ids)
     if not ids.size:
         return 0
     held = index.reconstruct(ids)
@@ -105,7 +104,7 @@ def _compare_vectors(store: "Store", kind: Kind, index: "VectorIndex", ids: np.n
     return int((np.abs(held - stored).max(axis=1) > tolerance).sum())
 
 
-def repair(store: "Store") -> tuple[list[str], list[tuple[str, str]]]:
+def repair(catalog: Catalog, files: VectorFiles) -> tuple[list[str], list[tuple[str, str]]]:
     """Fix what :func:`check` finds; returns (image paths, (key, text) pairs) to embed again.
 
     The store holds the write lock. Damaged vectors are forgotten (the caller
@@ -113,9 +112,8 @@ def repair(store: "Store") -> tuple[list[str], list[tuple[str, str]]]:
     are rebuilt from the catalog, rows of files gone from disk are removed,
     temporary files left by a killed save are deleted.
     """
-    catalog, files = store._catalog, store._files
-    dim = store.dim or 0
-    stored_dim = files._stored_dim()
+    dim = catalog.recorded_dim() or 0
+    stored_dim = files.stored_dim()
     if stored_dim is not None and stored_dim != dim:  # the vectors agree: the record is wrong
         catalog.set_meta("dim", str(stored_dim))
         dim = stored_dim

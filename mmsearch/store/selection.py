@@ -17,7 +17,9 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import DBAPIError
 
 from mmsearch.locations import sql_under
-from mmsearch.store.catalog import METADATA_COLUMNS, CatalogReader, ImageRow, _chunks
+from mmsearch.store.catalog import CatalogReader
+from mmsearch.store.schema import METADATA_COLUMNS, ImageRow
+from mmsearch.store.sqlite import chunks
 
 RECORD_COLUMNS = ("path", "size", "mtime_ns", "content_hash", *METADATA_COLUMNS)
 
@@ -103,11 +105,11 @@ def records(reader: CatalogReader, ids: Iterable[int]) -> dict[int, dict[str, An
     columns = [getattr(ImageRow, c) for c in RECORD_COLUMNS]
     out: dict[int, dict[str, Any]] = {}
     with reader.connect() as conn:
-        for chunk in _chunks([int(i) for i in ids], 900):
+        for chunk in chunks([int(i) for i in ids], 900):
             for row in conn.execute(select(ImageRow.id, *columns).where(ImageRow.id.in_(chunk))):
                 out[row[0]] = dict(zip(RECORD_COLUMNS, row[1:]))
     for rec in out.values():
-        rec["path"] = reader._str(rec["path"])
+        rec["path"] = reader.as_text(rec["path"])
     return out
 
 
@@ -122,7 +124,7 @@ def missing_metadata(reader: CatalogReader, roots: Iterable[str] | None = None,
     rows: list[tuple[int, str, int]] = []
     with reader.connect() as conn:
         for q in queries:
-            rows += [(r[0], reader._str(r[1]), r[2])
+            rows += [(r[0], reader.as_text(r[1]), r[2])
                      for r in conn.execute(q if limit is None else q.limit(limit))]
     rows.sort()  # the chunks hold disjoint paths: no row twice
     return rows if limit is None else rows[:limit]

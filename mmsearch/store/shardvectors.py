@@ -15,8 +15,9 @@ An index's *storage* is recorded with its model when it is made, and never chang
 A shard's npy file is written whole under its final name (a temporary file renamed into
 place) before any catalog row points into it, and is never changed after (shard numbers
 are never reused), so a location, once committed, names one vector for ever. This
-module reads them (:class:`ShardVectors`, through which the catalog resolves its
-locations) and writes them (:func:`write_npy`).
+module reads them (:class:`ShardVectors`, through which the storage object,
+:class:`~mmsearch.store.storage.NpyShards`, resolves the catalog's locations) and writes
+them (:func:`write_npy`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import numpy as np
 from mmsearch.errors import CorruptIndexError, StorageError
 
 FOLDER = "shards"
-STORAGES = ("catalog", "shards")
 HEADERS = 1 << 16  # shard headers kept (a few dozen bytes each)
 MAPPED_ROWS = 256  # more rows than this from one shard are read through a memory map
 

@@ -5,7 +5,7 @@
 ``<home>/<name>/texts.faiss``     derived: text vectors, ids = texts.id
 ``<home>/<name>/write.lock``      held (flock) by the one process writing
 ``<home>/<name>/shards/``         a distributed run's files; in an index stored as
-                                  ``shards``, the image vectors (:mod:`.shardvectors`)
+                                  ``shards``, the image vectors (:mod:`.storage`)
 
 Every write goes through a verb of :class:`Store` (``put_images``,
 ``forget_images``, ``put_texts``, ``forget_texts``, ...), which commits the
@@ -35,9 +35,9 @@ from mmsearch.store import integrity, selection
 from mmsearch.store.catalog import Catalog, CatalogReader, EmptyCatalogError, ImageFile, StoredImage
 from mmsearch.store.lock import WriteLock, lock_holder
 from mmsearch.store.selection import ImageSelection, MetadataSummary
-from mmsearch.store.shardvectors import STORAGES
+from mmsearch.store.storage import STORAGES, VectorSource, VectorsOrLocations
 from mmsearch.store.vectorfiles import KINDS, Kind, VectorFiles
-from mmsearch.store.vectors import VectorIndex, plan_index
+from mmsearch.store.vectors import IndexPlan, VectorIndex
 
 CATALOG = "catalog.sqlite"
 WEIGHTS_FILE = "weights_file"  # catalog meta: the cached file of a tag's weights
@@ -90,23 +90,11 @@ class Store:
     @property
     def model(self) -> ModelIdentity | None:
         """The model the index was built with; None until one is recorded with its dimension."""
-        raw = self._catalog.get_meta("model")
-        if not raw or self.dim is None:
-            return None
-        try:
-            return ModelIdentity.from_json(raw)
-        except (ValueError, TypeError) as exc:
-            raise CorruptIndexError(f"catalog {self._catalog.path}: the model record is "
-                                    f"unreadable ({exc})") from None
+        return self.read.recorded_model()
 
     @property
     def dim(self) -> int | None:
-        raw = self._catalog.get_meta("dim")
-        if not raw:
-            return None
-        if not raw.isdigit() or int(raw) < 1:
-            raise CorruptIndexError(f"catalog {self._catalog.path}: invalid dimension {raw!r}")
-        return int(raw)
+        return self.read.recorded_dim()
 
     @property
     def schema_version(self) -> int:
@@ -127,6 +115,11 @@ class Store:
     def image_index(self) -> str:
         """The FAISS factory string of the image index as last built."""
         return self._catalog.get_meta("images_index") or "Flat"
+
+    @property
+    def vector_source(self) -> VectorSource:
+        """How the image vectors are kept: the object that answers for the storage."""
+        return self.read.vector_source
 
     @property
     def roots(self) -> list[str] | None:
@@ -204,28 +197,29 @@ class Store:
         return selection.summary(self.read)
 
     def files(self) -> Iterator[tuple[str, Path, int]]:
-        """(name, path, bytes) of the index's files; an index stored as shards adds its
-        npy shards (``shards/img_emb``, their total)."""
+        """(name, path, bytes) of the index's files, and those its storage adds (an index
+        stored as shards: its npy shards, ``shards/img_emb``, their total)."""
         for name in (CATALOG, "images.faiss", "texts.faiss"):
             path = self.root / name
             if path.is_file():
                 yield name, path, path.stat().st_size
-        folder = self.root / "shards" / "img_emb"
-        if self.storage == "shards" and folder.is_dir():
-            yield "shards/img_emb", folder, sum(p.stat().st_size for p in folder.glob("*.npy"))
+        yield from self.vector_source.files()
 
     def refresh(self) -> bool:
         """Pick up what another process committed since this store last looked.
 
         Cheap (a few ``stat`` calls): when the catalog or a vector file changed,
-        the loaded indexes are dropped and read again (and synced) on next use.
-        Returns whether anything changed. A store that is writing sees its own work.
+        the loaded indexes are dropped and read again (and synced) on next use, and the
+        storage is looked up again (a new index records it with its model). Vector shards
+        are not watched: one is written whole before the catalog points into it. Returns
+        whether anything changed. A store that is writing sees its own work.
         """
         now = self._signature()
         if now == self._seen or self.writing:
             self._seen = now
             return False
         self._seen = now
+        self._catalog.reread_storage()
         self._files.forget_loaded()
         return True
 
@@ -271,32 +265,23 @@ class Store:
     def set_weights_file(self, path: str) -> None:
         self._writer().set_meta(WEIGHTS_FILE, path)
 
-    def put_images(self, files: Sequence[ImageFile], vectors: np.ndarray, *,
+    def put_images(self, files: Sequence[ImageFile], vectors: VectorsOrLocations, *,
                    replaces: Sequence[int | None] = (), new_content: bool = True,
-                   ids: Sequence[int] | None = None,
-                   locations: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+                   ids: Sequence[int] | None = None) -> np.ndarray:
         """Add rows for ``files`` with their ``vectors``; returns their new ids.
 
+        ``vectors`` as the index's storage records them (:meth:`VectorSource.record`):
+        float32 rows in an index stored in the catalog; in one stored as shards,
+        :class:`~mmsearch.store.storage.InShards` (where each vector lies in an npy shard
+        written before, and the vectors it gives back: ``vector_source.rows(...)``).
         ``replaces[i]``: the id of the row ``files[i]`` replaces (a changed file), or
         None. ``new_content=False``: the vectors are already stored under these
         content hashes (a moved or copied file), only rows are added. ``ids``: ids
-        given out before by :meth:`reserve_image_ids` (default: fresh ones).
-        ``locations[i]``: (shard, row) of ``files[i]``'s vector in an npy shard written
-        before, for an index stored as shards (and only there); ``vectors`` are then what
-        the shard gives back (:func:`~mmsearch.store.shardvectors.as_stored`). One catalog
+        given out before by :meth:`reserve_image_ids` (default: fresh ones). One catalog
         transaction, then the loaded FAISS index.
         """
-        if (locations is not None) != (self.storage == "shards"):
-            raise StorageError(f"index {self.root.name!r} keeps its vectors in its "
-                               f"{self.storage}: they are stored "
-                               + ("with their shard locations" if locations is None
-                                  else "as vectors, not shard locations"))
+        new, where, added = self.vector_source.record(files, vectors, new_content)
         old = np.asarray([i for i in replaces if i is not None], dtype=np.int64)
-        new = {f.content_hash: v for f, v in zip(files, vectors)} if new_content else {}
-        where = None
-        if locations is not None:
-            where = {f.content_hash: (int(k), int(r)) for f, (k, r) in zip(files, locations)}
-            new = {}
         if self._skip_index():
             return self._writer().commit_images(new, list(files), delete_ids=old, ids=ids,
                                                 locations=where)
@@ -304,7 +289,7 @@ class Store:
         ids = self._writer().commit_images(new, list(files), delete_ids=old, ids=ids,
                                            locations=where)
         if self._drop_vectors("images", old) and len(files):
-            self._files.get("images").add(ids, np.asarray(vectors, dtype=np.float32))
+            self._files.get("images").add(ids, np.asarray(added, dtype=np.float32))
         return ids
 
     @contextlib.contextmanager
@@ -423,13 +408,21 @@ class Store:
         catalog = self._writer()
         if requested is not None:
             catalog.set_meta("index_type", requested)
-        dim = self.dim
-        if dim is None:
+        if self.dim is None:
             return
-        wanted = plan_index(self.requested_type, catalog.image_count(), dim).factory
-        built_for = catalog.get_meta("images_index_asked") or catalog.get_meta("images_index")
-        if wanted != (built_for or "Flat"):
+        if not self.image_index_plan()[1]:
             self._files.rebuild("images", note=False)
+
+    def image_index_plan(self, index_type: str | None = None) -> tuple[IndexPlan, bool]:
+        """(the plan of the image index for the stored images, as ``index_type`` or else the
+        type asked for the index; whether the index as last built is that plan's)."""
+        plan = self._files.plan("images", index_type)
+        return plan, self._files.is_built("images", plan)
+
+    def training_sample(self, plan: IndexPlan) -> np.ndarray | None:
+        """Image vectors to train ``plan`` on: the random sample a rebuild draws (None: it
+        needs no training)."""
+        return self._files.training_sample("images", plan)
 
     def flush(self, kind: Kind = "images") -> None:
         """Save the loaded FAISS index of ``kind`` (done at the end of every write run)."""
@@ -439,13 +432,13 @@ class Store:
     # -- integrity ---------------------------------------------------------------------
     def check(self) -> list[str]:
         """Problems found between catalog, FAISS files and disk; nothing is changed."""
-        return integrity.check(self)
+        return integrity.check(self._catalog, self._files, self.vector_source, self.root)
 
     def repair(self) -> tuple[list[str], list[tuple[str, str]]]:
         """Fix what :meth:`check` finds; returns (image paths, (key, text) pairs) whose
-        damaged vectors were dropped, for the caller to embed again."""
-        self._writer()
-        return integrity.repair(self)
+        damaged vectors were dropped, for the caller to embed again (see
+        :meth:`VectorSource.reembed`)."""
+        return integrity.repair(self._writer(), self._files)
 
 
 def _make_folder(root: Path) -> None:

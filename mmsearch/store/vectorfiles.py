@@ -19,7 +19,8 @@ from typing import Callable, Literal
 import numpy as np
 
 from mmsearch.errors import CorruptIndexError, StorageError
-from mmsearch.store.catalog import Catalog, fs_hint
+from mmsearch.store.catalog import Catalog
+from mmsearch.store.sqlite import fs_hint
 from mmsearch.store.lock import WriteLock
 from mmsearch.store.vectors import IndexPlan, VectorIndex, plan_index
 
@@ -117,7 +118,13 @@ class VectorFiles:
         """The plan of ``kind`` for the catalog's current size (texts are always exact)."""
         wanted = index_type or (self.requested_type if kind == "images" else "flat")
         n = self.catalog.id_summary(kind)[0]
-        return plan_index(wanted, n, self._dim() or self._stored_dim() or 1)
+        return plan_index(wanted, n, self._dim() or self.stored_dim() or 1)
+
+    def is_built(self, kind: Kind, plan: IndexPlan) -> bool:
+        """Whether the index of ``kind`` as last built is ``plan``'s: built for its factory
+        (one built as Flat because the type could not be trained on so few counts as such)."""
+        built = self.catalog.get_meta(f"{kind}_index_asked") or self.catalog.get_meta(f"{kind}_index")
+        return (built or "Flat") == plan.factory
 
     @property
     def requested_type(self) -> str:
@@ -130,7 +137,7 @@ class VectorFiles:
         on a random sample, so memory holds the index being built, not the collection twice.
         """
         plan = self.plan(kind, index_type)
-        index = VectorIndex.from_plan(plan, self._training_sample(kind, plan), fall_back=True)
+        index = VectorIndex.from_plan(plan, self.training_sample(kind, plan), fall_back=True)
         for chunk_ids, vecs in self.catalog.vector_chunks(kind, plan.dim, REBUILD_CHUNK):
             index.add(chunk_ids, vecs)
         index.gpu = self.gpu
@@ -166,7 +173,7 @@ class VectorFiles:
                                     f"{kind}_index_asked": plan.factory})
         return index
 
-    def _training_sample(self, kind: Kind, plan: IndexPlan) -> np.ndarray | None:
+    def training_sample(self, kind: Kind, plan: IndexPlan) -> np.ndarray | None:
         """Vectors to train ``plan`` on: a random sample of the catalog's (None for exact types)."""
         if not plan.n or not plan.needs_training:
             return None
@@ -175,7 +182,7 @@ class VectorFiles:
         chosen = ids if size >= ids.size else np.random.default_rng(0).choice(ids, size, replace=False)
         return self.catalog_vectors(kind, chosen)[1]
 
-    def _stored_dim(self) -> int | None:
+    def stored_dim(self) -> int | None:
         """The dimension every stored vector has, if they all agree (None if none or mixed)."""
         sizes = self.catalog.vector_sizes()
         if len(sizes) == 1:

@@ -140,6 +140,11 @@ class IndexPlan:
             raise UsageError(f"invalid index type {self.requested!r}: {faiss_error_line(exc)}") from exc
 
     @property
+    def is_exact(self) -> bool:
+        """Whether the plan is exact search (``Flat``)."""
+        return self.factory == "Flat"
+
+    @property
     def flat(self) -> "IndexPlan":
         """Exact search: what is built when this type cannot be trained on few vectors."""
         return IndexPlan("flat", "Flat", self.n, self.dim)
