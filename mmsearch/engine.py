@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from mmsearch.errors import ModelMismatchError, UsageError
 from mmsearch.ingest.backfill import backfill_metadata
 from mmsearch.ingest.embed import default_workers
 from mmsearch.ingest.run import IndexReport, index_files
-from mmsearch.locations import as_url, canonical, is_url
+from mmsearch.locations import as_url, canonical, given_root, is_url
 from mmsearch.models.device import faiss_gpu, resolve_device, text_device
 from mmsearch.models.identity import ModelIdentity, check_loaded, identify
 from mmsearch.progress import Progress, no_progress
@@ -36,7 +35,7 @@ from mmsearch.search.query import Filters, Query, combine
 from mmsearch.search.search import (check_k, check_text_query, empty_index, search_images,
                                     search_texts)
 from mmsearch.settings import Settings, resolve
-from mmsearch.store import MetadataSummary, Store, storage_for_run
+from mmsearch.store import MetadataSummary, RunIntent, Store, storage_for_run
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -167,14 +166,19 @@ class Engine:
 
     def _record_weights_file(self) -> None:
         """Remember where a tag's weights were cached, for text queries that skip open_clip."""
+        path = self._new_weights_file()
+        if path:
+            self.store.set_weights_file(path)
+
+    def _new_weights_file(self) -> str | None:
+        """Where a loaded tag's weights were cached, when the index does not know it yet."""
         if self._embedder is None or not self.identity.fingerprint.startswith("tag:"):
-            return
+            return None
         known = self.store.weights_file
         if known and Path(known).is_file():
-            return  # (asking open_clip where the file is may touch the network)
+            return None  # (asking open_clip where the file is may touch the network)
         path = self._embedder.weights_path
-        if path and path != known:
-            self.store.set_weights_file(path)
+        return path if path and path != known else None
 
     # -- writing ---------------------------------------------------------------
     def index(self, paths: Sequence[str | Path], *, progress: Progress | None = None,
@@ -198,41 +202,35 @@ class Engine:
         if url is not None and runner == "local":
             raise UsageError(f"{as_url(url)}: URLs are read by the Ray runner only: "
                              "add --runner ray")
+        roots = [given_root(p) for p in paths]  # every path checked before anything is written
         storage = self._storage_for(runner, storage)
         s = self.settings
         with _Writing(self.store):
-            self._ensure_model_recorded(storage)
-            self._record_older_roots()
-            if runner == "ray":
-                from mmsearch.distributed import index_on_ray, options_from
+            if self.store.model is not None:
+                self._ensure_model_recorded()  # another text tower of this model: adopt it
+            intent = RunIntent(self.identity, lambda: self.embedder.embed_dim, storage, roots,
+                               s.index_type, self._new_weights_file)
+            with self.store.index_run(intent):
+                return self._run(runner, paths, address, progress or no_progress, stop)
 
-                report = index_on_ray(self.store, lambda: self.embedder, self.identity,
-                                      [p if is_url(p) else Path(p).expanduser() for p in paths],
-                                      options_from(s, address), progress=progress or no_progress,
-                                      stop=stop)
-            else:
-                report = index_files(self.store, lambda: self.embedder,
-                                     [Path(p).expanduser() for p in paths],
-                                     batch_size=s.batch_size, workers=s.workers, draft=s.draft,
-                                     progress=progress or no_progress, stop=stop,
-                                     decoder=s.decoder)
-            self._record_weights_file()
-            self.store.add_roots(canonical(p) for p in paths)
-            self.store.retype(s.index_type)
-            return report
+    def _run(self, runner: str, paths: Sequence[str | Path], address: str | None,
+             progress: Progress, stop: threading.Event | None) -> IndexReport:
+        s = self.settings
+        if runner == "ray":
+            from mmsearch.distributed import index_on_ray, options_from
+
+            return index_on_ray(self.store, lambda: self.embedder, self.identity,
+                                [p if is_url(p) else Path(p).expanduser() for p in paths],
+                                options_from(s, address), progress=progress, stop=stop)
+        return index_files(self.store, lambda: self.embedder, [Path(p).expanduser() for p in paths],
+                           batch_size=s.batch_size, workers=s.workers, draft=s.draft,
+                           progress=progress, stop=stop, decoder=s.decoder)
 
     def _storage_for(self, runner: str, asked: str) -> str:
         """The storage of this run (:func:`mmsearch.store.storage_for_run`): the index's own,
         or for a new index ``asked`` (``auto``: shards with the Ray runner)."""
         recorded = self.store.storage if self.store.model is not None else None
         return storage_for_run(recorded, runner, asked, self.settings.index)
-
-    def _record_older_roots(self) -> None:
-        """An index made before roots were recorded: its photos' folders stand for its roots,
-        so that recording this run's roots keeps the earlier photos servable."""
-        if self.store.roots is None and self.store.read.image_count():
-            self.store.add_roots(sorted({os.path.dirname(p) for _, p in
-                                         self.store.read.all_image_paths()}))
 
     def check(self, *, repair: bool = False) -> tuple[list[str], list[str]]:
         """(problems found, what was done about them). ``repair`` needs the write lock."""

@@ -66,6 +66,14 @@ def canonical(path: Path | str) -> str:
     return str(canonical_root(Path(path).expanduser()))
 
 
+def given_root(path: Path | str) -> str:
+    """:func:`canonical` of a folder, file or URL given to ``index``; a local path that does
+    not exist is a `UsageError` (a URL is checked when it is listed)."""
+    if not is_url(path) and not os.path.lexists(Path(path).expanduser()):
+        raise UsageError(f"no such file or directory: {path}")
+    return canonical(path)
+
+
 def canonical_root(root: Path | str) -> Path:
     """Absolute root: a directory fully resolved, a file with its name kept."""
     absolute = os.path.abspath(os.fspath(root))

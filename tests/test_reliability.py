@@ -480,6 +480,24 @@ def test_a_lock_left_by_a_killed_writer_does_not_block(
         assert b.writing and lock_holder(root) == os.getpid()
 
 
+def test_a_run_killed_after_its_first_commit_leaves_its_photos_servable(
+        forker: Forker, model: dict[str, str], tmp_path: Path) -> None:
+    """The run's roots are recorded before its first photo, so a killed run's photos are
+    served (the server serves files under recorded roots only)."""
+    from mmsearch.serve.security import servable
+
+    folder = tmp_path / "photos"
+    draw_shapes(folder, per_combo=2)
+    home, root = tmp_path / "home", tmp_path / "home" / "r"
+    code, _, err = forker.run(mode="index", home=home, index="r", folders=[folder],
+                              batch_size=4, commit_every=4, die="commit:1", **model)
+    assert code == -signal.SIGKILL, err
+    with closing(Store.open(root, create=False)) as store:
+        paths = [p for _, p in store.read.all_image_paths()]
+        assert len(paths) == 4 and store.roots == [str(folder.resolve())]
+        assert all(servable(p, store.roots) for p in paths)
+
+
 # -- damaged files --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory, model: dict[str, str]):

@@ -20,7 +20,6 @@ under a root, is :mod:`mmsearch.locations`' to say.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,8 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
-from mmsearch.errors import UsageError
 from mmsearch.ingest.discover import SkippedFile, walk
-from mmsearch.locations import Roots, canonical_root
+from mmsearch.locations import Roots, given_root
 from mmsearch.store import StoredImage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,11 +107,8 @@ def scan(roots: Iterable[Path], report: IndexReport, stop: threading.Event | Non
     found: dict[Path, Found] = {}
     out = Scan()
     roots = list(roots)
+    out.roots += [given_root(root) for root in roots]  # all checked before the first walk
     for root in roots:
-        if not os.path.lexists(root):
-            raise UsageError(f"no such file or directory: {root}")
-    for root in roots:
-        out.roots.append(str(canonical_root(root)))
         for n, item in enumerate(walk(root)):
             if n % STOP_EVERY == 0 and stopped(stop):
                 raise ScanStopped

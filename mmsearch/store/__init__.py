@@ -21,8 +21,8 @@ from mmsearch.store.lock import lock_holder
 from mmsearch.store.selection import ImageSelection, MetadataSummary, camera_name
 from mmsearch.store.storage import (STORAGES, InShards, VectorSource, storage_for_run,
                                     storage_summary)
-from mmsearch.store.store import Store
+from mmsearch.store.store import RunIntent, Store
 
-__all__ = ["Store", "ImageFile", "StoredImage", "ImageSelection", "MetadataSummary",
+__all__ = ["Store", "RunIntent", "ImageFile", "StoredImage", "ImageSelection", "MetadataSummary",
            "camera_name", "lock_holder", "STORAGES", "InShards", "VectorSource",
            "storage_for_run", "storage_summary"]

@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -43,6 +44,19 @@ CATALOG = "catalog.sqlite"
 WEIGHTS_FILE = "weights_file"  # catalog meta: the cached file of a tag's weights
 ROOTS = "roots"                # catalog meta: JSON list of the canonical roots indexed
 SELECTION_CACHE = 8            # filter selections kept by select_images
+
+
+@dataclass(frozen=True)
+class RunIntent:
+    """What an index run is about to write, recorded by :meth:`Store.index_run` before
+    its first photo."""
+
+    identity: ModelIdentity
+    dim: Callable[[], int]                 # asked only for a new index (it may load the model)
+    storage: str                           # of a new index
+    roots: Sequence[str]                   # canonical folders, files and URLs of the run
+    index_type: str | None                 # the FAISS type asked for (None: as recorded)
+    weights_file: Callable[[], str | None] = lambda: None  # asked when the run ends
 
 
 class Store:
@@ -107,6 +121,11 @@ class Store:
         return self.read.storage
 
     @property
+    def vector_source(self) -> VectorSource:
+        """How the image vectors are kept: the object that answers for the storage."""
+        return self.read.vector_source
+
+    @property
     def requested_type(self) -> str:
         """The image index type asked for (``auto`` unless a run said otherwise)."""
         return self._files.requested_type
@@ -115,11 +134,6 @@ class Store:
     def image_index(self) -> str:
         """The FAISS factory string of the image index as last built."""
         return self._catalog.get_meta("images_index") or "Flat"
-
-    @property
-    def vector_source(self) -> VectorSource:
-        """How the image vectors are kept: the object that answers for the storage."""
-        return self.read.vector_source
 
     @property
     def roots(self) -> list[str] | None:
@@ -261,6 +275,29 @@ class Store:
         new = set(roots) - known  # a set: thousands of files given one by one stay cheap
         if new:
             self._writer().set_meta(ROOTS, json.dumps(sorted(known | new)))
+
+    @contextlib.contextmanager
+    def index_run(self, intent: "RunIntent") -> Iterator[None]:
+        """One index run's writes, in their order; the caller holds the write lock.
+
+        Before the run writes its first photo: the model, dimension and storage of a new
+        index, and the run's roots (an older index that never recorded roots first gets
+        its photos' folders), so a run killed at any point leaves every photo it
+        committed servable. After the run (stopped early or not): the cached weights
+        file, and the image index retyped, rebuilt when its type should change. An error
+        inside skips the closing steps; the next run or open catches up from the catalog.
+        """
+        self._writer()
+        if self.model is None:
+            self.set_model(intent.identity, intent.dim(), intent.storage)
+        if self.roots is None and self.read.image_count():
+            self.add_roots({os.path.dirname(p) for _, p in self.read.all_image_paths()})
+        self.add_roots(intent.roots)
+        yield
+        weights = intent.weights_file()
+        if weights and weights != self.weights_file:
+            self.set_weights_file(weights)
+        self.retype(intent.index_type)
 
     def set_weights_file(self, path: str) -> None:
         self._writer().set_meta(WEIGHTS_FILE, path)
