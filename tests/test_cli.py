@@ -174,3 +174,18 @@ def test_offline_first_run_fails_at_once_then_queries_say_the_index_is_empty(
     assert "--pretrained /path/to/checkpoint.pt" in lines[0]
     out = run("query", "red sports car", code=1)
     assert out.strip() == "mmsearch: index 'default' is empty; run `mmsearch index FOLDER`"
+
+
+@pytest.mark.parametrize("argv", [
+    ["query", "a dog", "--km", "abc"], ["query", "a dog", "-k", "1e999"],
+    ["query", "a dog", "--nope"], ["texts", "add"], ["no-such-command"],
+    ["index", "--workers", "many", "."], ["serve", "--port", "http"],
+])
+def test_usage_errors_are_one_line_and_exit_2(argv: list[str]) -> None:
+    """Through the console script itself, as a shell runs it."""
+    run = subprocess.run([str(Path(sys.executable).parent / "mmsearch"), *argv],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmsearch: ") and "--help" in lines[0], run.stderr
+    assert "Traceback" not in run.stderr and not run.stdout

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from mmsearch.errors import MMSearchError
 from mmsearch.settings import resolve
@@ -43,6 +45,30 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 def err(message: str) -> None:
     typer.echo(f"mmsearch: {message}", err=True)
+
+
+class OneLineErrors(TyperGroup):
+    """The app's command group: a usage error (a bad option value, an unknown option, a
+    missing argument) is one line on stderr and exit code 2, as the library's errors are."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's usage errors, as typer carries them
+            where = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError" and where is not None:
+                typer.echo(where.get_help())  # `mmsearch` or `mmsearch texts` alone
+            else:
+                hint = f" (see '{where.command_path} --help')" if where is not None else ""
+                err(" ".join(exc.format_message().split()) + hint)
+            rv = getattr(exc, "exit_code", 2)
+        except typer.Abort:
+            err("aborted")
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def handle_errors(fn: Callable) -> Callable:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from mmsearch.cli.common import (BatchSizeOpt, DecoderOpt, DeviceOpt, DraftOpt, HomeOpt, IndexOpt, JsonOpt,
+from mmsearch.cli.common import (OneLineErrors, BatchSizeOpt, DecoderOpt, DeviceOpt, DraftOpt, HomeOpt, IndexOpt, JsonOpt,
                                  ModelOpt, PretrainedOpt, WorkersOpt, err, handle_errors,
                                  open_engine, print_json)
 from mmsearch.cli.eval import eval_command
@@ -21,7 +21,8 @@ from mmsearch.cli.serve import serve_command
 from mmsearch.cli.train import distill_command, finetune_command
 
 app = typer.Typer(help="Search photo folders and image-text collections by meaning.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  cls=OneLineErrors)
 texts_app = typer.Typer(help="Index texts to search from an image (image -> text).",
                         no_args_is_help=True)
 app.add_typer(texts_app, name="texts")
