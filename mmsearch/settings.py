@@ -29,6 +29,14 @@ def default_home() -> Path:
 
 DECODERS = ("auto", "threads", "processes", "nvjpeg")
 
+# The defaults of a run, declared here only: Settings, the shells' flags and the library's
+# keywords all read these names.
+DEVICE = "auto"
+BATCH_SIZE = 32
+WORKERS = 0
+DRAFT = True
+DEDUP_THRESHOLD = 0.95
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -42,13 +50,14 @@ class Settings:
     index: str = DEFAULT_INDEX
     model: str | None = None
     pretrained: str | None = None
-    device: str = "auto"          # "auto" -> cuda when available, else cpu
-    batch_size: int = 32
-    workers: int = 0              # decode threads; 0 -> chosen from the core count
-    draft: bool = True            # JPEG reduced-size DCT decoding before the resize
+    device: str = DEVICE          # "auto" -> cuda when available, else cpu
+    batch_size: int = BATCH_SIZE
+    workers: int = WORKERS        # decode threads; 0 -> chosen from the core count
+    draft: bool = DRAFT           # JPEG reduced-size DCT decoding before the resize
     decoder: str = "auto"         # threads | processes | nvjpeg | auto (see ingest/embed.py)
     index_type: str | None = None  # None: keep the index's; "auto", "flat", "hnsw", "ivf",
                                    # "ivfsq", "ivfpq" or a FAISS factory string
+    dedup_threshold: float = DEDUP_THRESHOLD  # cosine at or above which photos are near-duplicates
 
     @property
     def index_dir(self) -> Path:

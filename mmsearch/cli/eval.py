@@ -11,6 +11,7 @@ import typer
 from mmsearch.cli.common import (BatchSizeOpt, DeviceOpt, ModelOpt, PretrainedOpt, WorkersOpt,
                                  handle_errors)
 from mmsearch.eval import DRAFT
+from mmsearch.settings import BATCH_SIZE, DEVICE, WORKERS
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.eval.datasets import RetrievalDataset
@@ -40,8 +41,8 @@ def eval_command(
         "approximate one is also compared with exact search.")] = "flat",
     home: Annotated[Optional[Path], typer.Option(
         help="Data directory for the (reused) evaluation index (env MMSEARCH_HOME).")] = None,
-    device: DeviceOpt = "auto",
-    batch_size: BatchSizeOpt = 32, workers: WorkersOpt = 0,
+    device: DeviceOpt = DEVICE,
+    batch_size: BatchSizeOpt = BATCH_SIZE, workers: WorkersOpt = WORKERS,
     draft: Annotated[bool, typer.Option(
         "--draft/--no-draft", help="Decode big JPEGs at a reduced DCT scale (never below the "
         "model's input) before the resize: faster, but not the pixels open_clip's preprocess "

@@ -19,6 +19,7 @@ from mmsearch.cli.interrupt import stop_on_sigint
 from mmsearch.cli.query import query_command
 from mmsearch.cli.serve import serve_command
 from mmsearch.cli.train import distill_command, finetune_command
+from mmsearch.settings import BATCH_SIZE, DEDUP_THRESHOLD, DEVICE, DRAFT, WORKERS
 
 app = typer.Typer(help="Search photo folders and image-text collections by meaning.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -34,8 +35,8 @@ def index(
     paths: Annotated[list[Path], typer.Argument(help="Folders or files to index (with --runner ray also "
                                                        "fsspec URLs: s3://bucket/photos/).")],
     index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
-    pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
-    batch_size: BatchSizeOpt = 32, workers: WorkersOpt = 0, draft: DraftOpt = True,
+    pretrained: PretrainedOpt = None, device: DeviceOpt = DEVICE,
+    batch_size: BatchSizeOpt = BATCH_SIZE, workers: WorkersOpt = WORKERS, draft: DraftOpt = DRAFT,
     decoder: DecoderOpt = "auto",
     index_type: Annotated[Optional[str], typer.Option(help="auto, flat, hnsw, ivf, ivfsq, ivfpq or a "
                                                       "FAISS factory string.")] = None,
@@ -87,7 +88,7 @@ def texts_add(
     file: Annotated[Path, typer.Argument(help="A .txt file (one text per line) or .jsonl "
                                          "({\"id\": ..., \"text\": ...} per line); - for stdin.")],
     index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
-    pretrained: PretrainedOpt = None, device: DeviceOpt = "auto", as_json: JsonOpt = False,
+    pretrained: PretrainedOpt = None, device: DeviceOpt = DEVICE, as_json: JsonOpt = False,
 ) -> None:
     """Embed texts so that images can find them (query --image X --texts)."""
     from mmsearch.ingest.texts import read_texts
@@ -145,7 +146,7 @@ def _print_metadata(meta: Any) -> None:
 @handle_errors
 def duplicates(
     threshold: Annotated[float, typer.Option(help="Cosine at or above which two photos are "
-                                             "near-duplicates.")] = 0.95,
+                                             "near-duplicates.")] = DEDUP_THRESHOLD,
     index: IndexOpt = None, home: HomeOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Groups of near-duplicate photos (identical files said as such), largest groups first."""

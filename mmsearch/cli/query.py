@@ -11,6 +11,7 @@ from mmsearch.cli.common import (DeviceOpt, HomeOpt, IndexOpt, JsonOpt, ModelOpt
                                  err, handle_errors, open_engine, print_json)
 from mmsearch.errors import UsageError
 from mmsearch.search.filters import OPTIONS
+from mmsearch.settings import DEDUP_THRESHOLD, DEVICE
 
 Opt = typer.Option
 _HELP = {name: o.help for name, o in OPTIONS.items()}
@@ -35,9 +36,9 @@ def query_command(
     sort: Annotated[str, Opt(help=_HELP["sort"])] = "score",
     dedup: Annotated[bool, Opt("--dedup", help=_HELP["dedup"] + " (cosine >= "
                                "--dedup-threshold)")] = False,
-    dedup_threshold: Annotated[float, Opt(help="Cosine at or above which --dedup hides a hit.")] = 0.95,
+    dedup_threshold: Annotated[float, Opt(help="Cosine at or above which --dedup hides a hit.")] = DEDUP_THRESHOLD,
     index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
-    pretrained: PretrainedOpt = None, device: DeviceOpt = "auto", as_json: JsonOpt = False,
+    pretrained: PretrainedOpt = None, device: DeviceOpt = DEVICE, as_json: JsonOpt = False,
 ) -> None:
     """Rank indexed images (or, with --texts, indexed texts) by similarity to the query."""
     from mmsearch.search.filters import from_options

@@ -10,11 +10,12 @@ import typer
 
 from mmsearch.cli.common import DeviceOpt, HomeOpt, IndexOpt, handle_errors
 from mmsearch.errors import UsageError
+from mmsearch.settings import DEVICE
 
 
 @handle_errors
 def serve_command(
-    index: IndexOpt = None, home: HomeOpt = None, device: DeviceOpt = "auto",
+    index: IndexOpt = None, home: HomeOpt = None, device: DeviceOpt = DEVICE,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback "
                                       "needs a token (or --no-auth).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8000,

@@ -12,7 +12,7 @@ import typer
 
 from mmsearch.cli.common import (DeviceOpt, HomeOpt, IndexOpt, JsonOpt, ModelOpt, PretrainedOpt,
                                  handle_errors)
-from mmsearch.settings import DISTILL_DEFAULTS, FINETUNE_DEFAULTS
+from mmsearch.settings import DEVICE, DISTILL_DEFAULTS, FINETUNE_DEFAULTS
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.train.forward import Recalls
@@ -45,7 +45,7 @@ PatienceOpt = Annotated[int, typer.Option(
 def finetune_command(
     data: DataArg, out: OutOpt, images: ImagesOpt = None,
     index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
-    pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
+    pretrained: PretrainedOpt = None, device: DeviceOpt = DEVICE,
     loss: Annotated[str, typer.Option(help="infonce (CLIP's, with temperature) or triplet "
                                       "(hardest in-batch negative).")] = "infonce",
     margin: Annotated[float, typer.Option(help="Triplet margin.")] = 0.2,
@@ -109,7 +109,7 @@ def finetune_command(
 def distill_command(
     data: DataArg, out: OutOpt, images: ImagesOpt = None,
     index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
-    pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
+    pretrained: PretrainedOpt = None, device: DeviceOpt = DEVICE,
     student: Annotated[str, typer.Option(help="Student image tower: an open_clip architecture "
                                          "(its vision config) or a config JSON.")] = "ViT-S-32",
     init: Annotated[str, typer.Option(help="teacher (copy the teacher's weights where shapes "

@@ -48,6 +48,7 @@ from mmsearch.ingest.diff import IndexReport, ScanStopped, Skipped, stopped, tou
 from mmsearch.locations import as_url, filesystem, is_url
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import ImageFile, StoredImage
+from mmsearch.settings import BATCH_SIZE, DEVICE
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.models.identity import ModelIdentity
@@ -64,8 +65,8 @@ class RayOptions:
 
     address: str | None = None
     shard_size: int = SHARD_SIZE
-    device: str = "auto"
-    batch_size: int = 32
+    device: str = DEVICE
+    batch_size: int = BATCH_SIZE
     draft: bool = True
     index_type: str | None = None
 

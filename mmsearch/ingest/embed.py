@@ -40,7 +40,7 @@ from mmsearch.errors import DecodeError, UsageError
 from mmsearch.ingest.decode import (CHANGED, check_unchanged, decode_bytes, load_image,
                                     read_bytes)
 from mmsearch.ingest.steps import CropSpec, crop_spec
-from mmsearch.settings import DECODERS
+from mmsearch.settings import BATCH_SIZE, DECODERS, DRAFT, WORKERS
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -154,8 +154,8 @@ def choose_decoder(asked: str, embedder: Any) -> str:
     return "processes" if cores() >= PROCESS_MIN_CORES else "threads"
 
 
-def embed_paths(embedder: "Embedder", paths: Sequence[Path], *, batch_size: int = 32,
-                workers: int = 0, draft: bool = True, times: StageTimes | None = None,
+def embed_paths(embedder: "Embedder", paths: Sequence[Path], *, batch_size: int = BATCH_SIZE,
+                workers: int = WORKERS, draft: bool = DRAFT, times: StageTimes | None = None,
                 expect: Mapping[Path, Identity] | None = None, decoder: str = "auto",
                 overlap: bool | None = None) -> Iterator[Batch]:
     """Yield :class:`Batch` es covering ``paths`` in order; undecodable files go to ``failed``.

@@ -38,6 +38,7 @@ from mmsearch.ingest.backfill import backfill_metadata, file_metadata
 from mmsearch.ingest.embed import default_workers, embed_paths
 from mmsearch.progress import Progress, no_progress
 from mmsearch.store import ImageFile, StoredImage
+from mmsearch.settings import BATCH_SIZE, DRAFT, WORKERS
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.models.openclip import Embedder
@@ -106,8 +107,8 @@ def _hash_all(files: list[FoundFile], workers: int, progress: Progress, report: 
     return out + [None] * (len(files) - len(out))
 
 
-def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", roots: Iterable[Path], *, batch_size: int = 32,
-        workers: int = 0, draft: bool = True, progress: Progress = no_progress,
+def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", roots: Iterable[Path], *, batch_size: int = BATCH_SIZE,
+        workers: int = WORKERS, draft: bool = DRAFT, progress: Progress = no_progress,
         stop: threading.Event | None = None, commit_every: int | None = None,
         save_every: float | None = None, decoder: str = "auto") -> IndexReport:
     """Bring the index in line with ``roots``. The caller holds the store's write lock.

@@ -22,6 +22,7 @@ import numpy as np
 
 from mmsearch.errors import UsageError
 from mmsearch.locations import location
+from mmsearch.settings import DEDUP_THRESHOLD
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.store import Store
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # Cosine at or above which two photos count as near-duplicates. A tunable starting
 # point, measured on nothing yet: re-encodes, resizes and light crops of one photo
 # usually score above it with CLIP, distinct shots of one scene usually below.
-DEFAULT_THRESHOLD = 0.95
+DEFAULT_THRESHOLD = DEDUP_THRESHOLD
 SCORE_TOLERANCE = 1e-6  # float32 rounding slack on inner products of unit vectors
 
 

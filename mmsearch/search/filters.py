@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from mmsearch.errors import UsageError
+from mmsearch.settings import DEDUP_THRESHOLD
 
 EARTH_KM = 6371.0088          # mean Earth radius (IUGG)
-DEDUP_THRESHOLD = 0.95        # cosine at or above which a lower-ranked hit is a near-duplicate
 SORTS = ("score", "date", "date-asc")
 EXT_ALIASES = {"jpg": ("jpg", "jpeg"), "jpeg": ("jpg", "jpeg"), "tif": ("tif", "tiff"),
                "tiff": ("tif", "tiff"), "heic": ("heic", "heif"), "heif": ("heic", "heif")}
