@@ -1,6 +1,6 @@
 """Evaluation: Recall@K of the engine itself on Karpathy-format benchmarks (``mmsearch eval``).
 
-``datasets``  Karpathy split files (COCO, Flickr30K, Flickr8k), checked against the standard sizes
+``datasets``  Karpathy JSON, Chinese-CLIP and XTD10 sets read as RetrievalDataset; the standard sizes
 ``metrics``   Recall@K, rsum, overlap of approximate with exact search (pure numpy)
 ``evaluate``  the images through the engine's ingest, the captions through its text path, then rank
 """
