@@ -31,11 +31,12 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from mmsearch.errors import EmptyIndexError, StorageError, UsageError
+from mmsearch.store.schema import FLOAT_COLUMNS, INTEGER_COLUMNS
 from mmsearch.store.selection import RECORD_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,8 +49,6 @@ CHUNK = 16_384  # vectors read from the store at a time
 METADATA_COLUMNS = RECORD_COLUMNS[3:]  # after path, size, mtime_ns: the photo metadata
 IMAGE_COLUMNS = ("image_path", "id", "size", "mtime_ns", *METADATA_COLUMNS)
 TEXT_COLUMNS = ("id", "key", "caption")
-_INTEGER = {"id", "size", "mtime_ns", "width", "height", "orientation"}
-_FLOAT = {"gps_lat", "gps_lon"}
 # kind -> format -> (vector folder, vector file stem, table folder, table file stem)
 _LAYOUT = {
     "images": {"npy": ("img_emb", "img_emb", "metadata", "metadata"),
@@ -198,13 +197,19 @@ def _pieces(chunks: Iterable[Rows], shard_size: int) -> Iterator[tuple[int, np.n
                 shard, filled = shard + 1, 0
 
 
+def columns(names: Sequence[str], integers: Collection[str] = ()) -> list["pa.Field"]:
+    """Arrow fields of these catalog columns (and of ``integers``), typed as the catalog
+    types them; every one nullable but ``id``."""
+    pa = _pyarrow()
+    return [pa.field(n, pa.int64() if n in INTEGER_COLUMNS or n in integers else
+                     pa.float64() if n in FLOAT_COLUMNS else pa.string(), nullable=n != "id")
+            for n in names]
+
+
 def _schema(kind: str, dim: int, with_embedding: bool) -> "pa.Schema":
     """The table's columns: nullable metadata, typed even where a shard holds only nulls."""
     pa = _pyarrow()
-    names = IMAGE_COLUMNS if kind == "images" else TEXT_COLUMNS
-    types = [pa.int64() if n in _INTEGER else pa.float64() if n in _FLOAT else pa.string()
-             for n in names]
-    fields = [pa.field(n, t, nullable=n != "id") for n, t in zip(names, types)]
+    fields = columns(IMAGE_COLUMNS if kind == "images" else TEXT_COLUMNS)
     if with_embedding:
         fields.append(pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False))
     return pa.schema(fields)

@@ -30,15 +30,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from mmsearch.errors import StorageError, UsageError
-from mmsearch.export import IMAGE_COLUMNS
+from mmsearch.export import IMAGE_COLUMNS, columns
 from mmsearch.store.shardvectors import FOLDER as FOLDER  # re-exported: the folder of the files
 from mmsearch.store.shardvectors import as_stored, npy_path, write_npy
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-_INTEGER = {"id", "size", "mtime_ns", "width", "height", "orientation", "old_id"}
-_FLOAT = {"gps_lat", "gps_lon"}
 MANIFEST_COLUMNS = ("id", "path", "size", "mtime_ns", "old_id", "old_hash")
 STATUS_COLUMNS = ("id", "image_path", "size", "mtime_ns", "status", "reason", "content_hash",
                   "meta", "old_id")
@@ -142,10 +140,7 @@ def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def _schema(names: tuple[str, ...]) -> "pa.Schema":
-    pa = pyarrow()
-    types = [pa.int64() if n in _INTEGER else pa.float64() if n in _FLOAT else pa.string()
-             for n in names]
-    return pa.schema([pa.field(n, t, nullable=n != "id") for n, t in zip(names, types)])
+    return pyarrow().schema(columns(names, integers={"old_id"}))
 
 
 def table(rows: list[dict[str, Any]], names: tuple[str, ...]) -> "pa.Table":

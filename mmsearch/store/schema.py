@@ -71,8 +71,12 @@ class ImageRow(Base):
     ext: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
-METADATA_COLUMNS = ("taken", "taken_offset", "taken_source", "camera_make", "camera_model", "lens",
-                    "gps_lat", "gps_lon", "width", "height", "orientation", "ext")
+FILE_COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash")
+# the photo metadata columns, in the table's order: what export, hits and filters read
+METADATA_COLUMNS = tuple(c.key for c in ImageRow.__table__.columns if c.key not in FILE_COLUMNS)
+# the image columns by the type their values take outside SQLite (export, Ray status files)
+INTEGER_COLUMNS = frozenset(c.key for c in ImageRow.__table__.columns if isinstance(c.type, Integer))
+FLOAT_COLUMNS = frozenset(c.key for c in ImageRow.__table__.columns if isinstance(c.type, Float))
 
 
 class TextRow(Base):
