@@ -1,4 +1,4 @@
-"""Tests for mmsearch.datasets: Karpathy split loading, errors, expected sizes."""
+"""Tests for mmsearch.eval.datasets: Karpathy split loading, errors, expected sizes."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Cross-modal retrieval evaluation of the engine itself (``mmsearch eval``).
 
-The images of a :class:`~mmsearch.datasets.RetrievalDataset` go through the
+The images of a :class:`~mmsearch.eval.datasets.RetrievalDataset` go through the
 engine's own ingest pipeline (decode, preprocess, embed, catalog, FAISS) into a
 named index under ``settings.home``, the captions through its text path
 (:meth:`Engine.add_texts`); Recall@K is then computed from what the engine's
