@@ -25,6 +25,7 @@ from mmsearch.eval.metrics import DEFAULT_KS, recalls_from_similarity
 from mmsearch.models import identify
 from mmsearch.settings import Settings, resolve
 
+from evalref import better_counts, stored_embeddings
 from tinyclip import write_config
 
 FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k-1k"
@@ -118,44 +119,6 @@ def _reference_embeddings(dataset: RetrievalDataset,
     return torch.cat(text_vecs).numpy(), torch.cat(image_vecs).numpy()
 
 
-def _stored_embeddings(settings: Settings, index_name: str,
-                       dataset: RetrievalDataset) -> tuple[np.ndarray, np.ndarray]:
-    """(caption vectors, image vectors) the engine stored in ``index_name``, in dataset order."""
-    from mmsearch.engine import Engine
-
-    with Engine(settings.with_(index=index_name)) as engine:
-        catalog = engine.store.read
-        ids = {path: i for i, path in catalog.all_image_paths()}
-        order = [ids[str(p.resolve())] for p in dataset.image_paths]
-        got_ids, got = catalog.image_vectors(engine.store.dim, order)
-        images = got[np.searchsorted(got_ids, order)]
-        keys = {key: i for i, (key, _) in catalog.texts_by_id(
-            int(i) for i in catalog.all_text_ids()).items()}
-        order = [keys[str(c)] for c in range(dataset.n_captions)]
-        got_ids, got = catalog.text_vectors(engine.store.dim, order)
-        texts = got[np.searchsorted(got_ids, order)]
-    return texts, images
-
-
-def _better_counts(sim: np.ndarray, owners: np.ndarray, tol: float):
-    """Per query and direction: foreign items surely better (> own + tol), possibly (>= own - tol).
-
-    A query is a hit at K exactly when fewer than K foreign items score above its
-    relevant one; with both counts below K (or both not) the hit cannot flip
-    when any score moves by ``tol``.
-    """
-    rows = np.arange(len(owners))
-    own = sim[rows, owners]
-    other = sim.copy()
-    other[rows, owners] = -np.inf
-    t2i = ((other > own[:, None] + tol).sum(1), (other >= own[:, None] - tol).sum(1))
-    mine = owners[None, :] == np.arange(sim.shape[1])[:, None]  # (images, captions)
-    best = np.where(mine, sim.T, -np.inf).max(1)
-    foreign = np.where(mine, -np.inf, sim.T)
-    i2t = ((foreign > best[:, None] + tol).sum(1), (foreign >= best[:, None] - tol).sum(1))
-    return t2i, i2t
-
-
 def _assert_matches_plain_open_clip(dataset: RetrievalDataset, settings: Settings,
                                     result: EvalResult, random_model: tuple[Path, Path],
                                     max_undecided: int) -> None:
@@ -165,7 +128,7 @@ def _assert_matches_plain_open_clip(dataset: RetrievalDataset, settings: Setting
     ref_t2i, ref_i2t = recalls_from_similarity(sim, dataset.caption_image)
 
     # The engine stored the same vectors (same decoding, preprocessing, weights)...
-    texts, images = _stored_embeddings(settings, result.index_name, dataset)
+    texts, images = stored_embeddings(settings, result.index_name, dataset)
     drift = (np.linalg.norm(images - image_vecs, axis=1).max()
              + np.linalg.norm(texts - text_vecs, axis=1).max())
     assert drift < 1e-4
@@ -175,7 +138,7 @@ def _assert_matches_plain_open_clip(dataset: RetrievalDataset, settings: Setting
     # no rival within `tol` across the cut-off is the same in both; the others are
     # only bounded. With these weights (almost) every recall is decided: a plain equality.
     tol = drift + 1e-5
-    t2i_counts, i2t_counts = _better_counts(sim, dataset.caption_image, tol)
+    t2i_counts, i2t_counts = better_counts(sim, dataset.caption_image, tol)
     undecided, slack = [], 0.0
     for direction, (sure, maybe), got, ref in (("t2i", t2i_counts, result.t2i, ref_t2i),
                                                ("i2t", i2t_counts, result.i2t, ref_i2t)):
@@ -255,7 +218,7 @@ def test_eval_decodes_in_full_unless_draft(upscaled, random_model, tmp_path: Pat
 
     _, reference = _reference_embeddings(dataset, random_model)
     settings = _settings(tmp_path / "home", random_model)
-    moved = {mode: np.linalg.norm(_stored_embeddings(settings, run["index_name"], dataset)[1]
+    moved = {mode: np.linalg.norm(stored_embeddings(settings, run["index_name"], dataset)[1]
                                   - reference, axis=1) for mode, run in runs.items()}
     assert moved["full"].max() < 1e-5, moved["full"]  # float32 rounding only
     # Every photo moved (by 4e-4 to 2e-2 with these weights), far beyond rounding.

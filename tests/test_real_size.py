@@ -194,6 +194,42 @@ def test_eval_over_a_thousand_photos_and_five_thousand_captions(library: Library
         assert 0 <= r[0] <= r[1] <= r[2] <= 100 and r[2] > 0
 
 
+def test_eval_of_five_thousand_photos_equals_numpy_on_the_same_vectors(
+        library: Library, tmp_path: Path) -> None:
+    """A 5,000-image / 25,000-caption Karpathy split (COCO's 5k test split is this size):
+    the library's distinct photos plus 1,000 more re-encodings, each with its source
+    photo's captions; Recall@K through the engine equals numpy's over the vectors it
+    stored, except where near-ties (scores within 1e-5) leave a recall undecided."""
+    from evalref import assert_recalls_match, stored_embeddings
+
+    from mmsearch.eval.datasets import load_karpathy
+    from mmsearch.eval.evaluate import evaluate
+    from mmsearch.settings import resolve
+
+    extra = tmp_path / "photos" / "more"
+    extra.mkdir(parents=True)
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_reencode, [(str(FLICKR / "images" / n), str(extra / n), 180)
+                                  for n in library.names], chunksize=50))
+    captions = {e["filename"]: e["sentences"] for e in
+                json.loads((FLICKR / "dataset_flickr8k_1k.json").read_text())["images"]}
+    photos = [p for p in library.paths if p.parent != library.root / "a b"]  # not the links
+    photos += [extra / n for n in library.names]
+    entries = [{"filepath": os.path.relpath(p.parent, library.root), "filename": p.name,
+                "split": "test", "sentences": captions[p.name]} for p in photos]
+    data = tmp_path / "dataset_5k.json"
+    data.write_text(json.dumps({"dataset": "coco", "images": entries}))
+    dataset = load_karpathy(data, library.root)
+    assert (dataset.n_images, dataset.n_captions) == (5000, 25_000)
+    settings = resolve(home=tmp_path / "home", model=str(library.config),
+                       pretrained=str(library.ckpt), device="cpu", batch_size=64)
+    result = evaluate(dataset, settings=settings)
+    texts, images = stored_embeddings(settings, result.index_name, dataset)
+    undecided = assert_recalls_match(texts @ images.T, dataset.caption_image,
+                                     result.t2i, result.i2t, tol=1e-5)
+    assert undecided <= 3
+
+
 def test_the_ray_runner_over_two_thousand_paths(library: Library) -> None:
     paths = library.paths[:2000]
     out = run("index", *paths, "--runner", "ray", "--index", "by-ray", "--model", library.config,
