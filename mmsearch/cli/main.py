@@ -19,6 +19,7 @@ from mmsearch.cli.interrupt import stop_on_sigint
 from mmsearch.cli.query import query_command
 from mmsearch.cli.serve import serve_command
 from mmsearch.cli.train import distill_command, finetune_command
+from mmsearch.cli.watching import RescanOpt, WatchOpt, keep_watching, watch_options
 from mmsearch.settings import BATCH_SIZE, DEDUP_THRESHOLD, DEVICE, DRAFT, WORKERS
 
 app = typer.Typer(help="Search photo folders and image-text collections by meaning.",
@@ -49,25 +50,36 @@ def index(
                                          "(SQLite), shards (npy files; the catalog keeps rows) "
                                          "or auto (shards with --runner ray, else catalog); an "
                                          "existing index keeps its own.")] = "auto",
+    watch: WatchOpt = False, rescan_every: RescanOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image under PATHS (recursively); re-runs only embed what changed."""
     from mmsearch.progress import ProgressBar
 
     stop = threading.Event()
+    watching = watch_options(watch, rescan_every)
     with open_engine(create=True, index=index, home=home, model=model, pretrained=pretrained,
                      device=device, batch_size=batch_size, workers=workers, draft=draft,
-                     index_type=index_type, decoder=decoder) as engine, ProgressBar(enabled=not as_json) as bar, \
-            stop_on_sigint(stop):
-        report = engine.index(paths, progress=bar.update, stop=stop, runner=runner,
-                              address=address, storage=storage)
-    if as_json:
-        print_json(report)
-    else:
-        _print_report(report)
+                     index_type=index_type, decoder=decoder) as engine, stop_on_sigint(stop):
+        with ProgressBar(enabled=not as_json) as bar:
+            report = engine.index(paths, progress=bar.update, stop=stop, runner=runner,
+                                  address=address, storage=storage)
+        if as_json:
+            print_json(report)
+        else:
+            _print_report(report)
+        if watching is not None and not report.interrupted:
+            keep_watching(engine, _given_roots(paths), stop, watching, runner=runner,
+                          address=address)
     if report.interrupted:
         err("interrupted: everything embedded so far is saved; run the same command to resume")
         raise typer.Exit(130)
+
+
+def _given_roots(paths: list[Path]) -> list[str]:
+    from mmsearch.locations import given_root
+
+    return [given_root(p) for p in paths]
 
 
 def _print_report(report: Any) -> None:

@@ -1,4 +1,5 @@
-"""`mmsearch serve`: the HTTP API and the search page, until Ctrl-C."""
+"""`mmsearch serve`: the HTTP API and the search page, until Ctrl-C (``--watch``: and keep
+the index current meanwhile)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from mmsearch.cli.common import DeviceOpt, HomeOpt, IndexOpt, handle_errors
+from mmsearch.cli.common import DeviceOpt, HomeOpt, IndexOpt, err, handle_errors
+from mmsearch.cli.watching import RescanOpt, WatchOpt, watch_options
 from mmsearch.errors import UsageError
 from mmsearch.settings import DEVICE
 
@@ -25,11 +27,13 @@ def serve_command(
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without a token even beyond "
                                           "loopback (anyone who can reach it sees your photos).")] = False,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in a browser.")] = False,
+    watch: WatchOpt = False, rescan_every: RescanOpt = None,
 ) -> None:
     """Serve the search page and the JSON API over the index (the model stays loaded)."""
     from mmsearch.serve.security import Access, is_loopback
     from mmsearch.settings import resolve
 
+    watching = watch_options(watch, rescan_every)
     if token is not None and no_auth:
         raise UsageError("--token and --no-auth contradict each other")
     if token is None and not no_auth and not is_loopback(host):
@@ -38,10 +42,11 @@ def serve_command(
     settings = resolve(index=index, home=home, device=device)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     _run(settings, Access(host, token), host, port, url + (f"?token={token}" if token else ""),
-         open_browser)
+         open_browser, watching)
 
 
-def _run(settings, access, host: str, port: int, url: str, open_browser: bool) -> None:
+def _run(settings, access, host: str, port: int, url: str, open_browser: bool,
+         watching: dict | None = None) -> None:
     import uvicorn
 
     from mmsearch.serve.app import create_app
@@ -51,6 +56,8 @@ def _run(settings, access, host: str, port: int, url: str, open_browser: bool) -
     try:
         app = create_app(service, access)
         typer.echo(f"mmsearch: serving index {settings.index!r} at {url} (Ctrl-C to stop)")
+        if watching is not None:
+            service.watch(err, **watching)
         if open_browser:
             import webbrowser
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mmsearch.engine import Engine
 from mmsearch.errors import EmptyIndexError, UsageError
@@ -25,6 +26,9 @@ class SearchService:
 
     def __init__(self, settings: Settings, *, warm: bool = True) -> None:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="mmsearch-engine")
+        self._watcher: Any = None  # serve --watch: a Watcher, its thread, its writing engine
+        self._watching: threading.Thread | None = None
+        self._writer: Engine | None = None
         self.engine = self._run(Engine, settings)
         if warm and self.engine.store.model is not None:
             self._run(lambda: self.engine.embedder)  # load the model now, not on a query
@@ -33,8 +37,46 @@ class SearchService:
         return self._worker.submit(fn, *args, **kwargs).result()
 
     def close(self) -> None:
+        self.stop_watching()
         self._run(self.engine.close)
         self._worker.shutdown()
+
+    # -- the watcher (serve --watch) ----------------------------------------------------
+    def watch(self, say: Callable[[str], None], **options: Any) -> None:
+        """Keep the index current in the background (:mod:`mmsearch.ingest.watch`) over its
+        recorded folders: a second engine, opened on the watcher's thread when a batch
+        first comes, writes; queries keep answering on the worker meanwhile and see each
+        batch as it is committed."""
+        from mmsearch.ingest.watch import Watcher
+
+        roots = self.roots or []
+        if not roots:
+            say("watch: the index records no folders yet: index one with `mmsearch index`")
+        self._watcher = Watcher(roots, self._index_batch, say=say, catch_up=True, **options)
+        self._watching = threading.Thread(target=self._watch, name="mmsearch-watch", daemon=True)
+        self._watching.start()
+
+    def _index_batch(self, folders: list[Path], progress: Any, stop: threading.Event) -> Any:
+        if self._writer is None:
+            self._writer = Engine(self.engine.settings)
+        return self._writer.index(folders, progress=progress, stop=stop)
+
+    def _watch(self) -> None:
+        try:
+            self._watcher.run()  # type: ignore[union-attr]
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+
+    def stop_watching(self) -> None:
+        if self._watching is not None and self._watcher is not None:
+            self._watcher.stop.set()
+            self._watching.join()
+            self._watching = None
+
+    def watch_state(self) -> dict[str, Any] | None:
+        """What the watcher is doing (None: not watching)."""
+        return self._watcher.state.as_dict() if self._watcher is not None else None
 
     def search(self, query: Query, k: int, offset: int, filters: Filters) -> dict[str, Any]:
         """One page of hits: ranks ``offset+1 .. offset+k`` of the query."""
@@ -83,7 +125,8 @@ class SearchService:
         return {"name": info.name, "images": info.images, "texts": info.texts,
                 "model": info.model.describe() if info.model else None,
                 "index_type": info.image_index, "first_taken": meta.first_taken,
-                "last_taken": meta.last_taken, "cameras": meta.cameras}
+                "last_taken": meta.last_taken, "cameras": meta.cameras,
+                "watch": self.watch_state()}
 
     def _info(self) -> Any:
         self.engine.store.refresh()

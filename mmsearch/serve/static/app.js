@@ -9,7 +9,7 @@
     in: $("#in"), after: $("#after"), before: $("#before"), camera: $("#camera"),
     sort: $("#sort"), dedup: $("#dedup"), cameras: $("#cameras"),
     status: $("#status"), intro: $("#intro"), empty: $("#empty"), results: $("#results"),
-    more: $("#more"), info: $("#info"), drop: $("#drop"),
+    more: $("#more"), info: $("#info"), watch: $("#watch"), drop: $("#drop"),
     viewer: $("#viewer"), vImg: $("#v-img"), vName: $("#v-name"), vMeta: $("#v-meta"),
     vTexts: $("#v-texts"), vTextsBox: $("#v-texts-box"), vSimilar: $("#v-similar"),
     vOriginal: $("#v-original"), vClose: $("#v-close"), vPrev: $("#v-prev"), vNext: $("#v-next"),
@@ -504,6 +504,7 @@
       if (data.model) parts.push(data.model);
       if (data.name) parts.push(`index “${data.name}”`);
       el.info.textContent = parts.join(" · ");
+      showWatch(data.watch);
       describeFilters(data.filters || {});
       const cameras = Object.keys(data.cameras || {}).filter((c) => c.trim());
       el.cameras.replaceChildren(...cameras.map((c) => {
@@ -514,6 +515,29 @@
     } catch (err) {
       el.info.textContent = "The server cannot be reached.";
     }
+  }
+
+  // serve --watch: what the watcher does, and the counts kept fresh (polled while watching:
+  // often while a batch runs, now and then when idle).
+  let infoTimer = null;
+  function showWatch(watch) {
+    el.watch.hidden = !watch;
+    clearTimeout(infoTimer);
+    if (!watch) return;
+    const missing = (watch.missing || []).length;
+    let text = watch.mode === "rescan" ? "rescanning now and then" : "watching for new photos";
+    if (watch.state === "indexing" || watch.state === "rescanning") {
+      const n = watch.indexing || watch.pending;
+      text = n ? `indexing ${plural(n, "new photo")}…` : "checking for changes…";
+    } else if (watch.state === "waiting for the lock") {
+      text = "waiting for another index run to finish…";
+    } else if (watch.pending) {
+      text = `${plural(watch.pending, "change")} waiting…`;
+    }
+    if (missing) text += ` · ${watch.missing.join(", ")} missing (its photos stay)`;
+    el.watch.textContent = text;
+    const busy = watch.state !== "watching" || watch.pending;
+    infoTimer = setTimeout(loadInfo, busy ? 1000 : 3000);
   }
 
   // The filters as the server declares them (one declaration for the CLI, the API and this
