@@ -1,13 +1,14 @@
 """Query latency: warm in-process text->image and image->image, and the cold CLI.
 
     python benchmarks/bench_query.py [--sizes 10000,100000,1000000] [--queries 200] \
-        [--cold-runs 5] [--home indexes]
+        [--cold-runs 5] [--home indexes] [--baseline-rev REV]
 
 Model: ViT-B-32 with random weights (no pretrained weights offline; the speed is
 the same). They are saved once as a checkpoint file (torch.manual_seed(0)), so
 that queries take the engine's real path for a checkpoint: text queries run the
-plain-torch text tower (mmsearch/models/texttower.py, no open_clip import); the same
-captions are also timed through open_clip's own text modules for comparison. Indexes:
+numpy text tower (mmsearch/models/texttower.py: neither torch nor open_clip imported,
+weights memory-mapped from the model's text-tower file under the home, written by the
+first query); the same captions are also timed through open_clip's own text modules. Indexes:
 embedding 1M photos would take ~18 hours on 2 CPU cores, so the catalog is filled directly
 with synthetic clustered vectors (the distribution of bench_index_scale.py) under fake
 paths through ``Store.put_images``, and the FAISS index is built by
@@ -23,7 +24,10 @@ caption so every query is really encoded) and search (``search_images``, what
 image queries embed Flickr8k photos from disk. The baseline in the same run is
 the untrimmed full-context ``encode_text`` (77 tokens) plus exact Flat search
 over the same vectors. Cold numbers run ``mmsearch query`` as a new process,
-plus a child that times each stage of the same path.
+plus a child that times each stage of the same path. ``--baseline-rev REV`` runs the
+cold CLI of that revision too (its ``mmsearch`` package from ``git archive``, first on
+``PYTHONPATH``), alternating run for run with the working tree's over the same index:
+the torch path this tree replaced, measured under the same load.
 """
 
 from __future__ import annotations
@@ -166,7 +170,7 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
         out["faiss_open_s"] = round(time.perf_counter() - t, 3)
         out["index"] = index.description
         engine.search("warm up", k=K)
-        engine.search("warm up twice", k=K)  # the text tower packs its weights on its 2nd encoding
+        engine.search("warm up twice", k=K)
         emb = engine.text_embedder
         out["text_encoder"] = type(emb).__name__
         enc, srch, total, cached = [], [], [], []
@@ -241,22 +245,20 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
 def weight_floor(emb) -> dict | None:
     """p50 of one pass of a single token through every matrix of the text tower's layers:
     what reading the weights from memory costs, a floor for any fp32 text encoding."""
-    import torch
-
     weights = getattr(getattr(emb, "_tower", None), "_w", None)
     if weights is None:
         return None
-    mats = [w for k, w in weights.items() if k.startswith("transformer.") and w.dim() == 2]
-    x = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
+    mats = [w for k, w in weights.items() if k.startswith("transformer.") and w.ndim == 2]
+    x = {w.shape[0]: np.random.default_rng(0).random((1, w.shape[0]), dtype=np.float32)
+         for w in mats}  # the numpy tower's matrices are [in, out]
     times = []
-    with torch.inference_mode():
-        for _ in range(30):
-            t = time.perf_counter()
-            for w in mats:
-                torch.nn.functional.linear(x[w.shape[1]], w)
-            times.append(time.perf_counter() - t)
+    for _ in range(30):
+        t = time.perf_counter()
+        for w in mats:
+            x[w.shape[0]] @ w
+        times.append(time.perf_counter() - t)
     out = stats(times[5:])
-    out["megabytes"] = round(sum(w.numel() * w.element_size() for w in mats) / 1e6, 1)
+    out["megabytes"] = round(sum(w.nbytes for w in mats) / 1e6, 1)
     return out
 
 
@@ -267,7 +269,6 @@ t0 = time.perf_counter()
 from mmsearch.cli.common import open_engine
 import numpy as np
 t1 = time.perf_counter()
-import torch
 ta = time.perf_counter()
 engine = open_engine(index=sys.argv[1], home=sys.argv[2])
 t2 = time.perf_counter()
@@ -285,19 +286,19 @@ for h in hits:
 t7 = time.perf_counter()
 engine.embed_texts(["a blue bicycle"])
 t8 = time.perf_counter()
-torch.set_num_threads(1)
 engine.embed_texts(["a green tractor"])
 t9 = time.perf_counter()
 from mmsearch.store.vectors import VectorIndex
 t = time.perf_counter(); VectorIndex.load(engine.store.root / "images.faiss", mmap=True); mm = time.perf_counter() - t
 t = time.perf_counter(); VectorIndex.load(engine.store.root / "images.faiss"); rd = time.perf_counter() - t
-print(json.dumps({"imports_s": t1 - t0, "import_torch_s": ta - t1,
+print(json.dumps({"imports_s": t1 - t0,
                   "store_open_s": t2 - ta, "faiss_load_and_check_s": t3 - t2,
                   "model_load_s": t4 - t3, "encode_s": t5 - t4, "search_s": t6 - t5, "print_s": t7 - t6,
                   "faiss_read_only_s": rd, "faiss_mmap_only_s": mm,
-                  "second_encode_default_threads_s": t8 - t7, "third_encode_1_thread_s": t9 - t8,
+                  "second_encode_s": t8 - t7, "third_encode_s": t9 - t8,
                   "image_tower_loaded": engine._embedder is not None, "text_encoder": type(emb).__name__,
                   "open_clip_imported": "open_clip" in sys.modules,
+                  "torch_imported": "torch" in sys.modules,
                   "torchvision_imported": "torchvision" in sys.modules}))
 """
 
@@ -320,30 +321,58 @@ print(json.dumps(out))
 """
 
 
-def cold(home: Path, n: int, runs: int, ckpt: Path) -> dict:
+def timed_query(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """(seconds to the first printed result, to exit, the output) of one CLI process."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = p.stdout.readline()  # the first result line: results are being printed
+    wall = time.perf_counter() - t
+    rest, err = p.stdout.read(), p.stderr.read()
+    p.wait()
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {err}")
+    return wall, time.perf_counter() - t, first + rest
+
+
+def cold(home: Path, n: int, runs: int, baseline: Path | None = None) -> dict:
+    """The cold CLI, and (``baseline``: a folder holding another revision's package) that
+    revision's, alternating run for run after one untimed run each (page cache and .pyc
+    warm, as a user's 2nd query; the first run also writes the text-tower file)."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "0"}
+    variants = {"this": env}
+    if baseline is not None:
+        variants["baseline"] = {**env, "PYTHONPATH": str(baseline)}
     name = f"bench_query_{label(n)}"
     exe = Path(sys.executable).parent / "mmsearch"
     cmd = [str(exe), "query", QUERY, "--index", name, "--home", str(home)]
-    subprocess.run(cmd, capture_output=True, env=env)  # page cache and .pyc warm, as a user's 2nd query
-    walls, exits, output = [], [], ""
+    for v in variants.values():
+        timed_query(cmd, v)
+    walls: dict = {k: [] for k in variants}
+    exits: dict = {k: [] for k in variants}
+    outputs: dict = {}
     for _ in range(runs):
-        t = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        first = p.stdout.readline()  # the first result line: results are being printed
-        walls.append(time.perf_counter() - t)
-        rest = p.stdout.read()
-        err = p.stderr.read()
-        p.wait()
-        exits.append(time.perf_counter() - t)
-        if p.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed: {err}")
-        output = first + rest
+        for k, v in variants.items():
+            wall, to_exit, outputs[k] = timed_query(cmd, v)
+            walls[k].append(wall), exits[k].append(to_exit)
     py = []
     for _ in range(runs):
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", "pass"], env=env)
         py.append(time.perf_counter() - t)
+    shown_cmd = ["mmsearch", "query", QUERY, "--index", name, "--home", shown(home)]
+    out = {"command": " ".join(shown_cmd), "runs": runs, "python_startup_s": round(statistics.median(py), 3)}
+    for k in variants:
+        out[k] = {"wall_s": [round(w, 3) for w in walls[k]], "median_s": round(statistics.median(walls[k]), 3),
+                  "to_exit_s": [round(w, 3) for w in exits[k]],
+                  "median_to_exit_s": round(statistics.median(exits[k]), 3),
+                  "stages_median": cold_stages(name, home, runs, variants[k]),
+                  "printed_lines": len(outputs[k].splitlines()),
+                  "first_line": outputs[k].splitlines()[0] if outputs[k] else ""}
+    return out
+
+
+def cold_stages(name: str, home: Path, runs: int, env: dict) -> dict:
+    """Median time of each stage of the cold path, over ``runs`` instrumented processes."""
     stages = []
     for _ in range(runs):
         p = subprocess.run([sys.executable, "-c", STAGES, name, str(home), QUERY], capture_output=True,
@@ -351,14 +380,17 @@ def cold(home: Path, n: int, runs: int, ckpt: Path) -> dict:
         if p.returncode != 0:
             raise SystemExit(p.stderr)
         stages.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    med = {k: (round(statistics.median(s[k] for s in stages), 3) if isinstance(stages[0][k], float)
-               else stages[0][k]) for k in stages[0]}
-    shown_cmd = ["mmsearch", "query", QUERY, "--index", name, "--home", shown(home)]
-    return {"command": " ".join(shown_cmd), "runs": runs,
-            "wall_s": [round(w, 3) for w in walls], "median_s": round(statistics.median(walls), 3),
-            "to_exit_s": [round(w, 3) for w in exits], "median_to_exit_s": round(statistics.median(exits), 3),
-            "python_startup_s": round(statistics.median(py), 3), "stages_median": med,
-            "printed_lines": len(output.splitlines()), "first_line": output.splitlines()[0] if output else ""}
+    return {k: (round(statistics.median(s[k] for s in stages), 3) if isinstance(stages[0][k], float)
+                else stages[0][k]) for k in stages[0]}
+
+
+def baseline_package(rev: str, folder: Path) -> Path:
+    """The ``mmsearch`` package of git revision ``rev``, extracted under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "mmsearch"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
 
 
 def model_loads(ckpt: Path) -> dict:
@@ -405,24 +437,14 @@ def report(res: dict) -> str:
               f"; text encoder: {w.get('text_encoder', '?')}",
               ""]
     for c in res["cold"]:
-        s = c["stages_median"]
-        L += [f"## cold CLI at {c['n']:,} vectors: `{c['command']}`",
-              f"  wall from process start to the first printed result: median {c['median_s']:.2f} s over "
-              f"{c['runs']} runs {c['wall_s']} (after one untimed run: page cache and .pyc warm); "
-              f"to process exit: median {c['median_to_exit_s']:.2f} s",
-              f"  breakdown (median of {c['runs']} instrumented runs of the same path): python start "
-              f"{c['python_startup_s']:.2f}s + CLI imports {s['imports_s']:.2f}s, import torch "
-              f"{s['import_torch_s']:.2f}s, store open "
-              f"{s['store_open_s']:.2f}s, FAISS load + checks {s['faiss_load_and_check_s']:.2f}s "
-              f"(read alone {s['faiss_read_only_s']:.3f}s, mmap alone {s['faiss_mmap_only_s']:.3f}s), "
-              f"text encoder load {s['model_load_s']:.2f}s, encode {s['encode_s'] * 1e3:.1f} ms, search "
-              f"{s['search_s'] * 1e3:.1f} ms, print {s['print_s'] * 1e3:.1f} ms; then a 2nd encode "
-              f"{s['second_encode_default_threads_s'] * 1e3:.0f} ms ({res['machine'].get('torch_threads')} "
-              f"torch threads), a 3rd with 1 thread {s['third_encode_1_thread_s'] * 1e3:.0f} ms",
-              f"  text encoder: {s['text_encoder']}; image tower loaded: {s['image_tower_loaded']}; "
-              f"open_clip imported: {s['open_clip_imported']}, torchvision imported: "
-              f"{s['torchvision_imported']}; printed {c['printed_lines']} lines, first: {c['first_line']!r}",
-              ""]
+        L.append(f"## cold CLI at {c['n']:,} vectors: `{c['command']}` (python start alone "
+                 f"{c['python_startup_s']:.2f}s)")
+        for k in ("this", "baseline"):
+            if k in c:
+                L += cold_lines(c[k], c["runs"], res.get("baseline_rev") if k == "baseline" else None)
+        if "baseline" in c:
+            L.append(f"  speed-up of the median: {c['baseline']['median_s'] / c['this']['median_s']:.2f}x")
+        L.append("")
     m = res.get("model_loads")
     if m:
         L += ["## model loading alone (fresh process, after importing torch + open_clip "
@@ -436,6 +458,22 @@ def report(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def cold_lines(v: dict, runs: int, rev: str | None) -> list[str]:
+    s = v["stages_median"]
+    who = f"baseline (revision {rev})" if rev else "this tree"
+    return [f"  {who}: wall from process start to the first printed result: median {v['median_s']:.2f} s "
+            f"over {runs} runs {v['wall_s']} (after one untimed run: page cache and .pyc warm); "
+            f"to process exit: median {v['median_to_exit_s']:.2f} s",
+            f"    stages (median of {runs} instrumented runs): CLI imports {s['imports_s']:.2f}s, store open "
+            f"{s['store_open_s']:.2f}s, FAISS load + checks {s['faiss_load_and_check_s']:.2f}s, "
+            f"text encoder load {s['model_load_s']:.2f}s, encode {s['encode_s'] * 1e3:.1f} ms, search "
+            f"{s['search_s'] * 1e3:.1f} ms; then a 2nd encode {s['second_encode_s'] * 1e3:.0f} ms, "
+            f"a 3rd {s['third_encode_s'] * 1e3:.0f} ms",
+            f"    text encoder: {s['text_encoder']}; torch imported: {s.get('torch_imported', '?')}; "
+            f"open_clip imported: {s['open_clip_imported']}; image tower loaded: "
+            f"{s['image_tower_loaded']}; printed {v['printed_lines']} lines, first: {v['first_line']!r}"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,100000,1000000")
@@ -447,6 +485,10 @@ def main() -> None:
                     help="torch/FAISS thread settings to measure warm queries with")
     ap.add_argument("--home", type=Path, default=ROOT / "indexes")
     ap.add_argument("--stem", default="query_latency")
+    ap.add_argument("--baseline-rev", default=None,
+                    help="also time this git revision's cold CLI, alternating with this tree's")
+    ap.add_argument("--no-model-loads", action="store_true",
+                    help="skip timing open_clip's model loading")
     ap.add_argument("--report-only", type=Path, default=None,
                     help="rewrite the text report of a results JSON (no measuring)")
     args = ap.parse_args()
@@ -487,13 +529,26 @@ def main() -> None:
             res["warm"].append(w)
             _machine.write_results(args.stem, report(res), res)
     torch.set_num_threads(default_threads)
-    res["model_loads"] = model_loads(ckpt)
+    if not args.no_model_loads:
+        res["model_loads"] = model_loads(ckpt)
+    baseline = None
+    if args.baseline_rev:
+        import tempfile
+
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline_rev],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        res["baseline_rev"] = rev
+        baseline = baseline_package(rev, Path(tempfile.mkdtemp(prefix="bench_query_base_")))
     for n in [int(s) for s in args.cold_sizes.split(",") if s]:
         if n in sizes:
             progress(f"cold CLI at {n:,}")
-            c = cold(home, n, args.cold_runs, ckpt)
+            c = cold(home, n, args.cold_runs, baseline)
             c["n"] = n
             res["cold"].append(c)
+    if baseline is not None:
+        import shutil
+
+        shutil.rmtree(baseline)
     res["machine"]["load_avg_end"] = _machine.load_avg()
     _machine.write_results(args.stem, report(res), res)
     print(report(res))

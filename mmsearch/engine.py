@@ -128,10 +128,11 @@ class Engine:
             weights = self.store.weights_file
             device = text_device(self.settings.device)  # auto: the CPU (CUDA not started)
             if self._embedder is None:
-                self._text_embedder = load_text_encoder(self.identity, device,
-                                                        weights_path=weights)
+                self._text_embedder = load_text_encoder(self.identity, device, weights_path=weights,
+                                                        home=self.settings.home)
             else:
-                lean = lean_text_encoder(self.identity, device, weights_path=weights)
+                lean = lean_text_encoder(self.identity, device, weights_path=weights,
+                                         home=self.settings.home)
                 self._text_embedder = self._embedder if lean is None else lean
         return self._text_embedder
 

@@ -1,4 +1,6 @@
-"""The plain-torch text tower: equal to open_clip's, used only where it applies, open_clip-free."""
+"""The numpy text tower: equal to open_clip's, used only where it applies, torch- and open_clip-free.
+
+Every test runs with a private MMSEARCH_HOME, where the towers' weights files are written."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from conftest import draw_shapes
 from mmsearch.engine import Engine
 from mmsearch.errors import ModelMismatchError
 from mmsearch.models import Embedder, identify, load_embedder, load_text_encoder
+
+pytestmark = pytest.mark.usefixtures("home")
 
 TEXTS = ["a red circle", "two dogs play in the snow near a wooden fence", "", "  A  Blue SQUARE!! ",
          "Ünïcödé &amp; <b>tags</b> 123", "word " * 100]
@@ -31,11 +35,10 @@ def open_clip_vectors(config: Path | str, ckpt: Path) -> np.ndarray:
 
 def lean_vectors(config: Path | str, ckpt: Path) -> np.ndarray:
     enc = load_text_encoder(identify(str(config), str(ckpt)), "cpu")
-    assert not isinstance(enc, Embedder), "expected the plain-torch tower"
-    first = enc.encode_texts(TEXTS)  # over views of the checkpoint's matrices
-    enc._text_cache.clear()
-    again = enc.encode_texts(TEXTS)  # over packed copies (from the second encoding on)
-    assert np.abs(first - again).max() < 1e-6
+    assert not isinstance(enc, Embedder), "expected the numpy tower"
+    first = enc.encode_texts(TEXTS)  # the process that wrote the tower file
+    again = load_text_encoder(identify(str(config), str(ckpt)), "cpu").encode_texts(TEXTS)
+    assert np.abs(first - again).max() < 1e-6  # one that only maps it
     return again
 
 
@@ -168,7 +171,7 @@ def test_a_tagged_model_records_its_cached_file_for_open_clip_free_queries(
 def test_text_queries_take_the_plain_torch_tower_even_with_the_full_model_loaded(
         home: Path, tiny_model: tuple[Path, Path], shapes: dict) -> None:
     """A server (or an index run) has the full model loaded; its text queries still go
-    through the faster plain-torch tower, with the same results."""
+    through the faster numpy tower, with the same results."""
     from mmsearch import Engine
 
     config, ckpt = tiny_model
@@ -178,3 +181,72 @@ def test_text_queries_take_the_plain_torch_tower_even_with_the_full_model_loaded
         assert type(engine.text_embedder).__name__ == "_PlainTextEncoder"
         np.testing.assert_allclose(engine.embed_texts(["a red circle"]), full, atol=1e-5)
         assert engine.search("a red circle", k=2)[0].path.name.startswith("red_circle_")
+
+
+def test_vit_b_32_random_weights_equal_open_clip(tmp_path: Path) -> None:
+    """The full-size text tower (12 layers, width 512, 49408 tokens) to 1e-4, from a
+    checkpoint holding only its text weights."""
+    import open_clip
+    import torch
+
+    from mmsearch.models import texttower
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    ckpt = tmp_path / "vit-b-32-text.pt"
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}, ckpt)
+    texts = [*TEXTS, "一只猫坐在垫子上 🐱", "a photo of " + "very " * 80 + "long text"]
+    with torch.inference_mode():
+        ref = torch.nn.functional.normalize(
+            model.encode_text(open_clip.get_tokenizer("ViT-B-32")(texts)), dim=-1).numpy()
+    tower = texttower.load("ViT-B-32", None, ckpt, tmp_path / "home")
+    assert tower is not None
+    assert np.abs(tower.encode(texts) - ref).max() < 1e-4
+
+
+def test_the_tower_file_is_written_once_and_again_when_the_weights_change(
+        tmp_path: Path, tiny_config: Path) -> None:
+    import torch
+
+    from mmsearch.models import texttower, towerfile
+
+    ckpt, home = tmp_path / "w.pt", tmp_path / "home"
+    state = random_checkpoint(tiny_config, ckpt)
+    spec = texttower.text_spec("tinyclip-test", str(tiny_config))
+    assert spec is not None
+    first = texttower.load("tinyclip-test", str(tiny_config), ckpt, home).encode(TEXTS)
+    (path,) = (home / towerfile.FOLDER).iterdir()
+    assert path.suffix == ".safetensors"
+    written = path.stat().st_ino
+    mapped = texttower.tower_weights(spec, ckpt, home)
+    assert mapped is not None and not mapped["text_projection"].flags.writeable  # the mapped file
+    assert path.stat().st_ino == written
+    torch.save({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                for k, v in state.items()}, ckpt)  # other weights at the same path
+    second = texttower.load("tinyclip-test", str(tiny_config), ckpt, home).encode(TEXTS)
+    assert list((home / towerfile.FOLDER).iterdir()) == [path] and path.stat().st_ino != written
+    assert towerfile.header(path)[1]["source"] == identify(str(tiny_config), str(ckpt)).fingerprint
+    assert np.abs(first - second).max() > 1e-2
+    np.testing.assert_allclose(second, lean_vectors(tiny_config, ckpt), atol=1e-6)
+    with path.open("r+b") as f:  # a damaged file (a full disk, say) is written again
+        f.truncate(path.stat().st_size // 2)
+    again = texttower.load("tinyclip-test", str(tiny_config), ckpt, home).encode(TEXTS)
+    np.testing.assert_array_equal(again, second)
+
+
+def test_a_safetensors_checkpoint_is_converted_without_torch(
+        tmp_path: Path, tiny_config: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = random_checkpoint(tiny_config, tmp_path / "w.pt")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    code = ("import json, sys\nfrom mmsearch.models import texttower\n"
+            f"t = texttower.load('tinyclip-test', {str(tiny_config)!r}, "
+            f"{str(tmp_path / 'w.safetensors')!r}, __import__('pathlib').Path({str(tmp_path / 'h')!r}))\n"
+            f"v = t.encode({TEXTS!r})\n"
+            "print(json.dumps({'v': v.tolist(), 'torch': 'torch' in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["torch"] is False
+    ref = open_clip_vectors(tiny_config, tmp_path / "w.safetensors")
+    assert np.abs(np.asarray(result["v"]) - ref).max() < 1e-5

@@ -7,6 +7,7 @@ OFA-Sys Chinese-CLIP through transformers, the ``chinese`` preset.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmsearch.models.identity import CHINESE_CLIP, ModelIdentity, check_supported
@@ -29,22 +30,24 @@ def load_embedder(identity: ModelIdentity, device: str = "auto") -> "Embedder":
 
 
 def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,
-                      weights_path: str | None = None) -> "TextEncoder":
-    """What text queries need, loaded the cheapest way the backend has."""
+                      weights_path: str | None = None, home: Path | None = None) -> "TextEncoder":
+    """What text queries need, loaded the cheapest way the backend has (``home``: where the
+    numpy text tower keeps its weights file; default MMSEARCH_HOME)."""
     check_supported(identity)
     if identity.backend == CHINESE_CLIP:
         return load_embedder(identity, device)
     from mmsearch.models import openclip
 
-    return openclip.load_text_encoder(identity, device, weights_path=weights_path)
+    return openclip.load_text_encoder(identity, device, weights_path=weights_path, home=home)
 
 
 def lean_text_encoder(identity: ModelIdentity, device: str = "auto", *,
-                      weights_path: str | None = None) -> "TextEncoder | None":
-    """The plain-torch text tower for ``identity`` where it applies (open_clip's standard
-    CLIP text tower, weights in a file, on the CPU), else None."""
+                      weights_path: str | None = None,
+                      home: Path | None = None) -> "TextEncoder | None":
+    """The numpy text tower for ``identity`` where it applies (open_clip's standard CLIP
+    text tower, weights in a file, on the CPU), else None."""
     if identity.backend == CHINESE_CLIP:
         return None
     from mmsearch.models import openclip
 
-    return openclip.lean_text_encoder(identity, device, weights_path=weights_path)
+    return openclip.lean_text_encoder(identity, device, weights_path=weights_path, home=home)

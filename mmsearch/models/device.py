@@ -15,8 +15,10 @@ if TYPE_CHECKING:  # pragma: no cover
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; a named CUDA device must exist.
 
-    Idempotent: a resolved name resolves to itself. Imports torch.
+    Idempotent: a resolved name resolves to itself. Imports torch unless ``device`` is ``cpu``.
     """
+    if device == "cpu":
+        return device
     import torch
 
     if device == "auto":

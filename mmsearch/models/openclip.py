@@ -65,7 +65,7 @@ class TextEncoder:
 
 
 class _PlainTextEncoder(TextEncoder):
-    """Text queries through :mod:`mmsearch.texttower` (no open_clip import)."""
+    """Text queries through :mod:`mmsearch.models.texttower` (numpy: no torch, no open_clip)."""
 
     def __init__(self, identity: ModelIdentity, tower: Any) -> None:
         super().__init__(identity, "cpu")
@@ -266,21 +266,23 @@ def open_clip_name(identity: ModelIdentity) -> str:
 
 
 def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,
-                      weights_path: str | None = None) -> TextEncoder:
+                      weights_path: str | None = None, home: Path | None = None) -> TextEncoder:
     """What text queries need, loaded the cheapest way that gives the same vectors.
 
     On the CPU, for a plain CLIP text tower whose weights are a file (a local
     checkpoint, or ``weights_path``: where a tag's download was cached), that is
-    :mod:`mmsearch.texttower` -- torch only, weights memory-mapped, open_clip not
-    imported. Otherwise it is open_clip's model with the text tower alone.
+    :mod:`mmsearch.models.texttower` -- numpy over the model's text-tower file under
+    ``home`` (default: MMSEARCH_HOME), neither torch nor open_clip imported once that
+    file exists. Otherwise it is open_clip's model with the text tower alone.
     """
     check_supported(identity)
-    lean = lean_text_encoder(identity, device, weights_path=weights_path)
+    lean = lean_text_encoder(identity, device, weights_path=weights_path, home=home)
     return lean if lean is not None else load_embedder(identity, device, image_tower=False)
 
 
 def lean_text_encoder(identity: ModelIdentity, device: str = "auto", *,
-                      weights_path: str | None = None) -> TextEncoder | None:
+                      weights_path: str | None = None,
+                      home: Path | None = None) -> TextEncoder | None:
     """:mod:`mmsearch.models.texttower` for ``identity`` where it applies (a plain CLIP text
     tower, its weights in a file, on the CPU), else None."""
     config_path = identity.config_path
@@ -294,8 +296,9 @@ def lean_text_encoder(identity: ModelIdentity, device: str = "auto", *,
         weights_path = checked_file(identity)
     if weights_path and Path(weights_path).is_file() and resolve_device(device) == "cpu":
         from mmsearch.models import texttower
+        from mmsearch.settings import default_home
 
-        tower = texttower.load(identity.arch, config_path, weights_path)
+        tower = texttower.load(identity.arch, config_path, weights_path, home or default_home())
         if tower is not None:
             return _PlainTextEncoder(identity, tower)
     return None

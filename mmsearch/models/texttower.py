@@ -1,34 +1,41 @@
-"""Text queries without importing open_clip: CLIP's text tower in plain torch.
+"""Text queries without torch or open_clip: CLIP's text tower in numpy.
 
-Importing open_clip also imports torchvision, timm and friends: about 2 s of a
-cold ``mmsearch query`` that embeds one short text. For the standard open_clip
-text tower (token embedding, a causal pre-LayerNorm transformer, pooling at the
-end-of-text token, a projection matrix) this module runs the same computation
-with ``torch.nn.functional`` over the checkpoint's text weights, memory-mapped
-so only the pages used are read; the tokenizer is open_clip's own file, loaded
-by path. Anything else -- other configs, checkpoint layouts, devices -- makes
-:func:`load` return None and :mod:`mmsearch.models` uses open_clip as usual.
-The tests hold this tower equal to open_clip's ``encode_text`` to 1e-5.
+Importing torch costs 1-2 s and open_clip (with torchvision, timm) about 2 s more,
+most of a cold ``mmsearch query`` that embeds one short text. For the standard
+open_clip text tower (token embedding, a causal pre-LayerNorm transformer, pooling at
+the end-of-text token, a projection matrix) this module runs the same computation in
+numpy float32, over the positions up to the end token only (the attention is causal:
+the padding after it changes nothing). The weights come memory-mapped from the
+model's text-tower file (:mod:`.towerfile`, written once from the checkpoint, which
+is the only step that may need torch); the tokenizer is :mod:`.cliptokenizer`.
+Anything else -- other configs, checkpoint layouts, devices -- makes :func:`load`
+return None and :mod:`mmsearch.models` uses open_clip as usual. The tests hold this
+tower equal to open_clip's ``encode_text`` to 1e-5.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
+
+from mmsearch.models import towerfile
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    import torch
+
+    from mmsearch.models.cliptokenizer import ClipTokenizer
 
 # text_cfg keys this tower implements (with open_clip's defaults); any other key
 # (HF towers, layer scale, other pooling or attention variants) means "use open_clip"
 _PLAIN_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 _PLAIN_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale",
                    "init_logit_bias"}
+_BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+               "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
+               "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,9 @@ class TextSpec:
     heads: int
     layers: int
     quick_gelu: bool
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
 
 
 def _open_clip_dir() -> Path | None:
@@ -69,33 +79,37 @@ def text_spec(arch: str, config_path: str | None) -> TextSpec | None:
         return None
 
 
-def _tokenizer(context_length: int) -> Callable[[Sequence[str]], "torch.Tensor"] | None:
-    """open_clip's SimpleTokenizer, from the loaded package or its file loaded on its own."""
-    module = sys.modules.get("open_clip.tokenizer")
-    if module is None:
-        package = _open_clip_dir()
-        if package is None or not (package / "tokenizer.py").is_file():
-            return None
-        spec = importlib.util.spec_from_file_location("_mmsearch_clip_tokenizer",
-                                                      package / "tokenizer.py")
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-        except Exception:  # noqa: BLE001 - a changed open_clip layout: fall back to open_clip
-            return None
-    return module.SimpleTokenizer(context_length=context_length)
+def _checkpoint_text(path: Path) -> dict[str, "np.ndarray"] | None:
+    """The checkpoint's non-image tensors as float32 numpy arrays; None for layouts left to
+    open_clip. A safetensors file is read without torch; anything else needs it."""
+    state = _safetensors_text(path) if path.suffix == ".safetensors" else None
+    if state is None:
+        state = _torch_text(path)
+    if state is None:
+        return None
+    return {k: v for k, v in state.items() if not k.startswith("visual.")}
 
 
-def _text_weights(path: Path) -> dict[str, "torch.Tensor"] | None:
-    """The checkpoint's non-image tensors, memory-mapped; None for layouts left to open_clip."""
+def _safetensors_text(path: Path) -> dict[str, "np.ndarray"] | None:
+    import numpy as np
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k).astype(np.float32, copy=False) for k in f.keys()
+                    if not k.startswith("visual.") and f.get_slice(k).get_dtype() in ("F32", "F16")}
+    except Exception:  # noqa: BLE001 - bfloat16 and other dtypes numpy lacks: read with torch
+        return None
+
+
+def _torch_text(path: Path) -> dict[str, "np.ndarray"] | None:
     import torch
 
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors.torch import load_file
 
-            with safe_open(str(path), framework="pt") as f:
-                state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("visual.")}
+            state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # noqa: BLE001 - TorchScript archives, old formats, pickles: open_clip's job
@@ -104,105 +118,139 @@ def _text_weights(path: Path) -> dict[str, "torch.Tensor"] | None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         return None
-    return {k.removeprefix("module."): v if v.dtype == torch.float32 or not v.is_floating_point()
-            else v.float()  # half-precision checkpoints: open_clip loads them into float32 too
-            for k, v in state.items()
-            if isinstance(v, torch.Tensor) and not k.removeprefix("module.").startswith("visual.")}
+    return {k.removeprefix("module."): v.float().numpy() for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not k.removeprefix("module.").startswith("visual.")}
 
 
-def _shapes_fit(w: dict[str, "torch.Tensor"], spec: TextSpec) -> bool:
+def _shapes_fit(w: dict[str, "np.ndarray"], spec: TextSpec) -> bool:
     width = spec.width
     need = {"token_embedding.weight": 2, "positional_embedding": 2, "ln_final.weight": 1,
             "ln_final.bias": 1, "text_projection": 2}
-    if any(k not in w or w[k].dim() != d for k, d in need.items()):
+    if any(k not in w or w[k].ndim != d for k, d in need.items()):
         return False
-    layers = {int(k.split(".")[2]) for k in w if k.startswith("transformer.resblocks.")}
+    layers = {k.split(".")[2] for k in w if k.startswith("transformer.resblocks.")}
     return (tuple(w["positional_embedding"].shape) == (spec.context_length, width)
             and w["token_embedding.weight"].shape[1] == width
             and w["text_projection"].shape[0] == width
-            and layers == set(range(spec.layers)) and width % spec.heads == 0
+            and layers == {str(i) for i in range(spec.layers)} and width % spec.heads == 0
             and all(f"transformer.resblocks.{i}.{name}" in w for i in range(spec.layers)
                     for name in _BLOCK_KEYS))
 
 
-_BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
-               "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
-               "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+def _packed(w: dict[str, "np.ndarray"], spec: TextSpec) -> dict[str, "np.ndarray"]:
+    """The tensors the tower uses, its layers' matrices transposed to ``[in, out]``."""
+    keep = ["token_embedding.weight", "positional_embedding", "ln_final.weight",
+            "ln_final.bias", "text_projection"]
+    keep += [f"transformer.resblocks.{i}.{n}" for i in range(spec.layers) for n in _BLOCK_KEYS]
+    return {k: (w[k].T if k.startswith("transformer.") and w[k].ndim == 2 else w[k]) for k in keep}
 
 
 class TextTower:
-    """CLIP's text encoder as ``torch.nn.functional`` calls over a dict of weights.
+    """CLIP's text encoder as numpy float32 operations over a dict of ``[in, out]`` weights."""
 
-    The layers' matrices are used as ``[in, out]``: first as transposed views of the
-    mapped checkpoint, then, from the second encoding on, as contiguous copies -- for
-    the few rows of a query ``addmm`` over that layout runs ~25 % faster (the matrix
-    products are ~80 % of an encoding), but copying 151 MB (ViT-B-32) costs ~0.12 s,
-    which a process that embeds one query (``mmsearch query``) never pays.
-    """
-
-    def __init__(self, spec: TextSpec, weights: dict[str, "torch.Tensor"],
-                 tokenizer: Callable[[Sequence[str]], "torch.Tensor"]) -> None:
+    def __init__(self, spec: TextSpec, weights: dict[str, "np.ndarray"],
+                 tokenizer: "ClipTokenizer") -> None:
         self.spec = spec
-        self._w = {k: (w.t() if _is_matrix(k, w) else w) for k, w in weights.items()}
+        self._w = weights
         self._tokenizer = tokenizer
-        self._encodings = 0
 
-    def _pack(self) -> None:
-        self._w = {k: (w.contiguous() if _is_matrix(k, w) else w) for k, w in self._w.items()}
-
-    def encode(self, texts: Sequence[str]) -> "np.ndarray":
+    def encode(self, texts: list[str]) -> "np.ndarray":
         """(N, D) float32, L2-normalised: open_clip's ``encode_text`` over the trimmed context."""
-        import torch
-        import torch.nn.functional as F
+        import numpy as np
 
-        self._encodings += 1
-        if self._encodings == 2:
-            self._pack()
         w, spec = self._w, self.spec
         tokens = self._tokenizer(list(texts))
-        last = tokens.argmax(dim=-1)  # the end-of-text token has the highest id
-        n = int(last.max()) + 1       # causal: the padding after it changes nothing
-        with torch.inference_mode():
-            x = F.embedding(tokens[:, :n], w["token_embedding.weight"]) + w["positional_embedding"][:n]
-            b = x.shape[0]
-            x = x.reshape(b * n, spec.width)  # rows = tokens; attention reshapes per head
-            for i in range(spec.layers):
-                x = self._block(x, b, n, f"transformer.resblocks.{i}.")
-            x = F.layer_norm(x, (spec.width,), w["ln_final.weight"], w["ln_final.bias"])
-            x = x.reshape(b, n, spec.width)[torch.arange(b), last] @ w["text_projection"]
-            return F.normalize(x.float(), dim=-1).numpy()
+        last = tokens.argmax(axis=-1)  # the end-of-text token has the highest id
+        n = int(last.max()) + 1        # causal: the padding after it changes nothing
+        b = len(tokens)
+        x = w["token_embedding.weight"][tokens[:, :n]] + w["positional_embedding"][:n]
+        x = x.reshape(b * n, spec.width)  # rows = tokens; attention reshapes per head
+        mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), 1)
+        for i in range(spec.layers):
+            x = self._block(x, b, n, mask, f"transformer.resblocks.{i}.")
+        x = _layer_norm(x, w["ln_final.weight"], w["ln_final.bias"])
+        x = x.reshape(b, n, spec.width)[np.arange(b), last] @ w["text_projection"]
+        norm = np.linalg.norm(x, axis=-1, keepdims=True)
+        return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
 
-    def _block(self, x: "torch.Tensor", b: int, n: int, p: str) -> "torch.Tensor":
-        import torch
-        import torch.nn.functional as F
+    def _block(self, x: "np.ndarray", b: int, n: int, mask: "np.ndarray", p: str) -> "np.ndarray":
+        import numpy as np
 
         w, width, heads = self._w, self.spec.width, self.spec.heads
-        y = F.layer_norm(x, (width,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
-        qkv = torch.addmm(w[p + "attn.in_proj_bias"], y, w[p + "attn.in_proj_weight"])
-        q, k, v = qkv.view(b, n, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        a = a.transpose(1, 2).reshape(b * n, width)
-        x = x + torch.addmm(w[p + "attn.out_proj.bias"], a, w[p + "attn.out_proj.weight"])
-        y = F.layer_norm(x, (width,), w[p + "ln_2.weight"], w[p + "ln_2.bias"])
-        y = torch.addmm(w[p + "mlp.c_fc.bias"], y, w[p + "mlp.c_fc.weight"])
-        y = y * torch.sigmoid(1.702 * y) if self.spec.quick_gelu else F.gelu(y)
-        return x + torch.addmm(w[p + "mlp.c_proj.bias"], y, w[p + "mlp.c_proj.weight"])
+        y = _layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"])
+        qkv = y @ w[p + "attn.in_proj_weight"] + w[p + "attn.in_proj_bias"]
+        q, k, v = qkv.reshape(b, n, 3, heads, width // heads).transpose(2, 0, 3, 1, 4)
+        s = q @ k.transpose(0, 1, 3, 2) * np.float32((width // heads) ** -0.5) + mask
+        s = np.exp(s - s.max(axis=-1, keepdims=True))
+        a = (s / s.sum(axis=-1, keepdims=True)) @ v  # (b, heads, n, head width)
+        a = a.transpose(0, 2, 1, 3).reshape(b * n, width)
+        x = x + (a @ w[p + "attn.out_proj.weight"] + w[p + "attn.out_proj.bias"])
+        y = _layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"])
+        y = y @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"]
+        y = y / (1 + np.exp(-1.702 * y)) if self.spec.quick_gelu else _gelu(y)
+        return x + (y @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"])
 
 
-def _is_matrix(key: str, w: "torch.Tensor") -> bool:
-    return key.startswith("transformer.") and w.dim() == 2
+def _layer_norm(x: "np.ndarray", weight: "np.ndarray", bias: "np.ndarray") -> "np.ndarray":
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    var = (centred * centred).mean(axis=-1, keepdims=True)
+    return centred / (var + 1e-5) ** 0.5 * weight + bias
 
 
-def load(arch: str, config_path: str | None, weights_path: str | Path) -> TextTower | None:
-    """The plain-torch tower for these weights, or None where open_clip must do it."""
+def _gelu(x: "np.ndarray") -> "np.ndarray":
+    """Exact (erf) GELU, torch's default; erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7)."""
+    import numpy as np
+
+    z = np.abs(x) * np.float32(0.5 ** 0.5)
+    t = 1 / (1 + np.float32(0.3275911) * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                          + t * 1.061405429))))
+    erf = np.copysign(1 - poly.astype(np.float32) * np.exp(-z * z), x)
+    return 0.5 * x * (1 + erf)
+
+
+def load(arch: str, config_path: str | None, weights_path: str | Path,
+         home: Path) -> TextTower | None:
+    """The numpy tower for these weights, or None where open_clip must do it.
+
+    Its weights come from the model's text-tower file under ``home``, written from the
+    checkpoint first when it is missing or was made from other contents."""
+    from mmsearch.models.cliptokenizer import tokenizer
+
     spec = text_spec(arch, config_path)
-    if spec is None:
+    tok = tokenizer(spec.context_length) if spec is not None else None
+    if spec is None or tok is None:
         return None
-    weights = _text_weights(Path(weights_path))
-    if weights is None or not _shapes_fit(weights, spec):
-        return None
-    tokenizer = _tokenizer(spec.context_length)
-    return TextTower(spec, weights, tokenizer) if tokenizer is not None else None
+    weights = tower_weights(spec, Path(weights_path), home)
+    return TextTower(spec, weights, tok) if weights is not None else None
 
 
-__all__ = ["TextSpec", "TextTower", "load", "text_spec"]
+def tower_weights(spec: TextSpec, source: Path, home: Path) -> dict[str, "np.ndarray"] | None:
+    """The packed weights, memory-mapped from the tower file (made once per checkpoint
+    contents); None when the checkpoint is not a plain tower of ``spec``."""
+    from mmsearch.models.identity import file_fingerprint
+
+    path = towerfile.tower_path(home, source, spec.to_json())
+    fingerprint = file_fingerprint(source)
+    found = towerfile.header(path)
+    if found is not None and found[1].get("source") == fingerprint:
+        try:
+            return towerfile.read(path)
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged file: written again
+            pass
+    state = _checkpoint_text(source)
+    if state is None or not _shapes_fit(state, spec):
+        return None
+    packed = _packed(state, spec)
+    try:
+        towerfile.write(path, packed, {"source": fingerprint, "spec": spec.to_json()})
+        return towerfile.read(path)
+    except OSError:  # a read-only home: this process keeps its own copy
+        import numpy as np
+
+        return {k: np.ascontiguousarray(v) for k, v in packed.items()}
+
+
+__all__ = ["TextSpec", "TextTower", "load", "text_spec", "tower_weights"]

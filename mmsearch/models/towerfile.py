@@ -1,0 +1,83 @@
+"""A text tower's weights as a safetensors file under the mmsearch home, memory-mapped.
+
+A checkpoint (``.pt`` needs torch to read) is converted once into
+``<home>/.models/text/<key>.safetensors``: float32 tensors in the layout the numpy
+tower multiplies with, and in its header the spec and the fingerprint of the
+checkpoint it came from. The file is written to a temporary name and renamed into
+place (readers never see half a file; two writers race harmlessly), and written again
+when the checkpoint's fingerprint no longer matches. Reading parses the header and
+maps the file: numpy arrays over the page cache, no torch, only the pages used read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+FOLDER = Path(".models") / "text"  # under the home; not an index name (those start alnum)
+FORMAT = "mmsearch-text-tower-1"
+
+
+def tower_path(home: Path, weights: Path, spec: str) -> Path:
+    """Where the tower of checkpoint ``weights`` with this ``spec`` (its JSON) is kept."""
+    key = hashlib.blake2b(f"{weights.resolve()}\0{spec}".encode(), digest_size=12).hexdigest()
+    return home / FOLDER / f"{key}.safetensors"
+
+
+def write(path: Path, tensors: dict[str, "np.ndarray"], meta: dict[str, str]) -> None:
+    """Write ``tensors`` (float32) and ``meta`` as a safetensors file, atomically."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+                  str(tmp), metadata={"format": FORMAT, **meta})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def header(path: Path) -> tuple[dict, dict[str, str]] | None:
+    """(tensor entries, metadata) of a file of this format, None if absent or another one."""
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            head = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        return None
+    meta = head.pop("__metadata__", None) or {}
+    return (head, meta) if meta.get("format") == FORMAT else None
+
+
+def read(path: Path) -> dict[str, "np.ndarray"]:
+    """The file's tensors as read-only float32 arrays over one memory map."""
+    import numpy as np
+
+    found = header(path)
+    if found is None:
+        raise OSError(f"not a text-tower file: {path}")
+    entries, _ = found
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    start = 8 + size
+    out = {}
+    for name, e in entries.items():
+        if e["dtype"] != "F32":
+            raise OSError(f"unexpected dtype {e['dtype']} in {path}")
+        begin, end = e["data_offsets"]
+        out[name] = np.frombuffer(buf, np.float32, (end - begin) // 4, start + begin).reshape(e["shape"])
+    return out
+
+
+__all__ = ["FOLDER", "header", "read", "tower_path", "write"]
