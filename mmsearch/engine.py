@@ -26,7 +26,7 @@ from mmsearch.ingest.embed import default_workers
 from mmsearch.ingest.run import IndexReport, index_files
 from mmsearch.locations import as_url, canonical, given_root, is_url
 from mmsearch.models.device import faiss_gpu, resolve_device, text_device
-from mmsearch.models.identity import ModelIdentity, check_loaded, identify
+from mmsearch.models.identity import ModelIdentity, check_loaded, check_precision, identify
 from mmsearch.progress import Progress, no_progress
 from mmsearch.search.duplicates import DEFAULT_THRESHOLD, DuplicateGroup, find_duplicates
 from mmsearch.models.languages import language_hint
@@ -114,7 +114,13 @@ class Engine:
         if self._embedder is None:
             from mmsearch.models.backends import load_embedder
 
-            self._embedder = load_embedder(self.identity, self.device)
+            embedder = load_embedder(self.identity, self.device, runtime=self.settings.runtime,
+                                     home=self.settings.home)
+            made = getattr(embedder, "image_precision", "fp32")  # int8 vectors: the index's own
+            if self.store.model is not None:
+                check_precision(self.store.model, made, self.settings.runtime)
+            self.identity = dataclasses.replace(self.identity, image_precision=made)
+            self._embedder = embedder
         return self._embedder
 
     @property
@@ -139,7 +145,8 @@ class Engine:
     def _ensure_model_recorded(self, storage: str = "catalog") -> None:
         stored = self.store.model
         if stored is None:
-            self.store.set_model(self.identity, self.embedder.embed_dim, storage)
+            dim = self.embedder.embed_dim  # loading it settles the identity's image precision
+            self.store.set_model(self.identity, dim, storage)
         elif stored.text_fingerprint != self.identity.text_fingerprint:
             self._adopt_text_tower()
         self._record_weights_file()
@@ -209,6 +216,8 @@ class Engine:
         with _Writing(self.store):
             if self.store.model is not None:
                 self._ensure_model_recorded()  # another text tower of this model: adopt it
+            else:
+                self.embedder  # noqa: B018 - its runtime settles the new index's image precision
             intent = RunIntent(self.identity, lambda: self.embedder.embed_dim, storage, roots,
                                s.index_type, self._new_weights_file)
             with self.store.index_run(intent):

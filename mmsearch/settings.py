@@ -28,6 +28,7 @@ def default_home() -> Path:
 
 
 DECODERS = ("auto", "threads", "processes", "nvjpeg")
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")  # who runs the image tower (models/onnxtower.py)
 
 # The defaults of a run, declared here only: Settings, the shells' flags and the library's
 # keywords all read these names.
@@ -58,6 +59,7 @@ class Settings:
     index_type: str | None = None  # None: keep the index's; "auto", "flat", "hnsw", "ivf",
                                    # "ivfsq", "ivfpq" or a FAISS factory string
     dedup_threshold: float = DEDUP_THRESHOLD  # cosine at or above which photos are near-duplicates
+    runtime: str = "auto"         # image tower: auto | torch | onnx | onnx-int8 (models/onnxtower.py)
 
     @property
     def index_dir(self) -> Path:
@@ -109,6 +111,7 @@ def resolve(
     draft: bool | None = None,
     index_type: str | None = None,
     decoder: str | None = None,
+    runtime: str | None = None,
 ) -> Settings:
     """Build :class:`Settings` from explicit values, then the environment, then defaults."""
     name = index or os.environ.get("MMSEARCH_INDEX") or DEFAULT_INDEX
@@ -116,6 +119,8 @@ def resolve(
         raise UsageError("--batch-size must be at least 1")
     if decoder is not None and decoder not in DECODERS:
         raise UsageError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if workers is not None and workers < 0:
         raise UsageError("--workers must be 0 (auto) or more")
     settings = Settings(home=Path(home).expanduser() if home else default_home(),
@@ -123,6 +128,6 @@ def resolve(
     changes = {
         "model": model, "pretrained": pretrained, "device": device,
         "batch_size": batch_size, "workers": workers, "draft": draft, "index_type": index_type,
-        "decoder": decoder,
+        "decoder": decoder, "runtime": runtime,
     }
     return settings.with_(**{k: v for k, v in changes.items() if v is not None})

@@ -40,6 +40,10 @@ DraftOpt = Annotated[bool, typer.Option(help="Fast reduced-size JPEG decoding be
 DecoderOpt = Annotated[str, typer.Option(
     help="auto, threads, processes or nvjpeg: where images are decoded (auto: threads on a "
     "CPU; nvJPEG on a CUDA GPU for baseline JPEGs, else worker processes).")]
+RuntimeOpt = Annotated[str, typer.Option(
+    help="Who runs the image tower: torch, onnx (ONNX Runtime, equal vectors) or onnx-int8 "
+    "(int8 weights: faster, cosine ~0.99; the index records it); auto: the index's, else torch. "
+    "pip install 'mmsearch[onnx]'.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from mmsearch.cli.common import (OneLineErrors, BatchSizeOpt, DecoderOpt, DeviceOpt, DraftOpt, HomeOpt, IndexOpt, JsonOpt,
+from mmsearch.cli.common import (OneLineErrors, BatchSizeOpt, DecoderOpt, DeviceOpt, RuntimeOpt, DraftOpt, HomeOpt, IndexOpt, JsonOpt,
                                  ModelOpt, PretrainedOpt, WorkersOpt, err, handle_errors,
                                  open_engine, print_json)
 from mmsearch.cli.eval import eval_command
@@ -38,7 +38,7 @@ def index(
     index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
     pretrained: PretrainedOpt = None, device: DeviceOpt = DEVICE,
     batch_size: BatchSizeOpt = BATCH_SIZE, workers: WorkersOpt = WORKERS, draft: DraftOpt = DRAFT,
-    decoder: DecoderOpt = "auto",
+    decoder: DecoderOpt = "auto", runtime: RuntimeOpt = "auto",
     index_type: Annotated[Optional[str], typer.Option(help="auto, flat, hnsw, ivf, ivfsq, ivfpq or a "
                                                       "FAISS factory string.")] = None,
     runner: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster; "
@@ -60,7 +60,8 @@ def index(
     watching = watch_options(watch, rescan_every)
     with open_engine(create=True, index=index, home=home, model=model, pretrained=pretrained,
                      device=device, batch_size=batch_size, workers=workers, draft=draft,
-                     index_type=index_type, decoder=decoder) as engine, stop_on_sigint(stop):
+                     index_type=index_type, decoder=decoder, runtime=runtime) as engine, \
+            stop_on_sigint(stop):
         with ProgressBar(enabled=not as_json) as bar:
             report = engine.index(paths, progress=bar.update, stop=stop, runner=runner,
                                   address=address, storage=storage)

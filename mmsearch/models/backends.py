@@ -16,17 +16,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from mmsearch.models.openclip import Embedder, TextEncoder
 
 
-def load_embedder(identity: ModelIdentity, device: str = "auto") -> "Embedder":
-    """The model for ``identity`` with both towers (images and texts)."""
+def load_embedder(identity: ModelIdentity, device: str = "auto", *, runtime: str = "auto",
+                  home: Path | None = None) -> "Embedder":
+    """The model for ``identity`` with both towers (images and texts); ``runtime`` runs the
+    image tower (:mod:`.onnxtower`: auto, torch, onnx, onnx-int8; open_clip models only)."""
     check_supported(identity)
     if identity.backend == CHINESE_CLIP:
+        import logging
+
         from mmsearch.models.chineseclip import load_chinese_clip
         from mmsearch.models.device import resolve_device
 
+        if runtime not in ("auto", "torch"):
+            logging.getLogger("mmsearch.models").warning(
+                f"--runtime {runtime}: not available for Chinese-CLIP; using torch")
         return load_chinese_clip(identity, resolve_device(device))  # type: ignore[return-value]
     from mmsearch.models import openclip
 
-    return openclip.load_embedder(identity, device)
+    return openclip.load_embedder(identity, device, runtime=runtime, home=home)
 
 
 def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,

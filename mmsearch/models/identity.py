@@ -35,6 +35,7 @@ PRESETS = {
 MANIFEST = "mmsearch_manifest.json"  # written by finetune/distill beside open_clip's files
 _OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+FP32, INT8 = "fp32", "int8"  # image vector precisions (ModelIdentity.image_precision)
 _FINGERPRINT_CHUNK = 4 << 20
 
 
@@ -48,7 +49,9 @@ class ModelIdentity:
     ``backend`` names the library that runs the model (today only ``open_clip``).
     ``text_pretrained``/``text_fingerprint`` identify a text tower whose weights
     come from elsewhere than the model's (a fine-tuned or multilingual tower);
-    None means the model's own.
+    None means the model's own. ``image_precision`` is ``int8`` for an index whose
+    image vectors come from the int8-quantised tower (``--runtime onnx-int8``): not
+    equal to fp32 ones (cosine ~0.99), so an index holds one kind only.
     """
 
     arch: str
@@ -58,9 +61,13 @@ class ModelIdentity:
     backend: str = OPEN_CLIP
     text_pretrained: str | None = None
     text_fingerprint: str | None = None
+    image_precision: str = FP32
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if self.image_precision == FP32:  # records written before int8 existed read the same
+            del data["image_precision"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelIdentity":
@@ -160,6 +167,16 @@ def same_image_tower(a: ModelIdentity, b: ModelIdentity) -> bool:
     return (a.backend, a.arch, a.fingerprint) == (b.backend, b.arch, b.fingerprint)
 
 
+def check_precision(stored: ModelIdentity, made: str, runtime: str) -> None:
+    """Refuse image vectors of precision ``made`` (by ``runtime``) for an index holding the other."""
+    if stored.image_precision != made:
+        other = "onnx-int8" if stored.image_precision == INT8 else "torch or onnx"
+        raise ModelMismatchError(
+            f"this index holds {stored.image_precision} image vectors; --runtime {runtime} makes "
+            f"{made} ones, and an index does not mix them: use --runtime {other} (or auto), "
+            "or another --index")
+
+
 def _folder_fingerprint(folder: Path, names: tuple[str, ...]) -> str:
     """The fingerprint of the first weights file of ``names`` present in ``folder``."""
     for name in names:
@@ -174,7 +191,8 @@ def check_loaded(stored: ModelIdentity, asked: ModelIdentity | None) -> ModelIde
     if asked is not None:
         if not same_image_tower(stored, asked):
             stored.check_same(asked)
-        return asked  # same weights, possibly at a new path, or another text tower
+        # same weights, possibly at a new path, or another text tower; the index's precision
+        return replace(asked, image_precision=stored.image_precision)
     return stored
 
 

@@ -92,6 +92,14 @@ class Embedder(TextEncoder):
         self.image_size: int = int(size if isinstance(size, int) else min(size))
         self.preprocess_cfg: dict[str, Any] = {k: v for k, v in cfg.items()}
         self._pil_stage, self._norm = _split_preprocess(preprocess) if preprocess else (None, None)
+        self.runtime: Any = None  # models.onnxtower.ImageRuntime; None: torch
+
+    @property
+    def image_precision(self) -> str:
+        """``int8`` when the int8 ONNX tower embeds the images, else ``fp32``."""
+        from mmsearch.models.onnxtower import precision
+
+        return precision(self.runtime.runtime if self.runtime is not None else "torch")
 
     def prepare(self, image: "Image.Image") -> "np.ndarray | torch.Tensor":
         """One RGB image -> model input: a uint8 HxWx3 array when the tensor steps can be
@@ -156,7 +164,10 @@ class Embedder(TextEncoder):
         with torch.inference_mode(), self._autocast():
             if batch.dtype == torch.uint8 and self._norm is not None:
                 batch = normalise_on(batch, *self._norm, self.device)
-            feats = self._model.encode_image(batch.to(self.device, non_blocking=True))
+            if self.runtime is not None and self.runtime.run is not None:  # ONNX Runtime
+                feats = torch.from_numpy(self.runtime.run(batch))
+            else:
+                feats = self._model.encode_image(batch.to(self.device, non_blocking=True))
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy()
 
@@ -220,12 +231,14 @@ def encode_text_trimmed(model: Any, tokens: "torch.Tensor") -> "torch.Tensor":
 
 
 def load_embedder(identity: ModelIdentity, device: str = "auto", *,
-                  image_tower: bool = True) -> Embedder:
+                  image_tower: bool = True, runtime: str = "torch",
+                  home: Path | None = None) -> Embedder:
     """Build the open_clip model for ``identity`` (downloading a tagged checkpoint once).
 
     ``image_tower=False`` builds only what text queries need when it can: the
     model skeleton on the meta device (no random initialisation) and the text
     weights from the checkpoint, about half the weights and a fraction of the time.
+    ``runtime``: who runs the image tower (:mod:`.onnxtower`; its files under ``home``).
     """
     import open_clip
 
@@ -253,7 +266,28 @@ def load_embedder(identity: ModelIdentity, device: str = "auto", *,
     model.eval()
     with _quiet_open_clip():
         tokenizer = open_clip.get_tokenizer(name)
-    return Embedder(identity, model, preprocess, tokenizer, dev)
+    embedder = Embedder(identity, model, preprocess, tokenizer, dev)
+    if preprocess is not None:
+        embedder.runtime = _image_runtime(embedder, runtime, home)
+    return embedder
+
+
+def _image_runtime(embedder: Embedder, runtime: str, home: Path | None) -> Any:
+    """The :class:`~.onnxtower.ImageRuntime` ``runtime`` resolves to; its note (a fallback to
+    torch) and a first export's time are logged once, as one line each."""
+    from mmsearch.models import onnxtower
+    from mmsearch.settings import default_home
+
+    asked = onnxtower.resolve_runtime(runtime, embedder.device, embedder.identity.image_precision)
+    chosen = onnxtower.image_runtime(asked, embedder.identity, embedder.torch_model,
+                                     embedder.image_size, home or default_home())
+    log = logging.getLogger("mmsearch.models")
+    if chosen.note:
+        log.warning(chosen.note)
+    elif chosen.export_seconds is not None:
+        log.warning(f"--runtime {asked}: exported the image tower in {chosen.export_seconds:.1f}s "
+                    "(once per model)")
+    return chosen
 
 
 def open_clip_name(identity: ModelIdentity) -> str:

@@ -1,0 +1,181 @@
+"""The image tower through ONNX Runtime: fp32, or dynamically quantised to int8.
+
+``--runtime`` picks who runs the image tower when photos are embedded:
+
+* ``torch``: open_clip's model (the reference every test compares with);
+* ``onnx``: the tower exported with ``torch.onnx.export`` and run by ONNX Runtime on
+  the CPU; its vectors equal torch's (cosine >= 0.9999 per image), so an index may mix
+  them with torch's;
+* ``onnx-int8``: that export with its weights quantised to int8 (dynamic quantisation),
+  faster on a CPU but not equal: cosine ~0.99 to fp32. Its vectors are a different
+  model's as far as an index is concerned: the index records ``image_precision="int8"``
+  in its model identity and refuses fp32 vectors afterwards, and the other way round;
+* ``auto`` (the default): ``onnx-int8`` for an index that holds int8 vectors, else
+  ``torch``. The ONNX runtimes are asked for by name: the first use exports the tower
+  (seconds to a minute), and fp32 ONNX is only a few per cent faster than torch.
+
+The exported files live under ``<home>/.models/onnx/``, one per model fingerprint, image
+size and precision, written to a temporary name and renamed into place. A tower that
+fails to export or to load falls back to torch, and the reason is kept in one line
+(:attr:`ImageRuntime.note`) for the shells to show.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from mmsearch.errors import UsageError
+from mmsearch.models.identity import FP32, INT8
+from mmsearch.settings import RUNTIMES
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from mmsearch.models.identity import ModelIdentity
+
+FOLDER = Path(".models") / "onnx"
+OPSET = 17
+
+
+def resolve_runtime(runtime: str, device: str, image_precision: str) -> str:
+    """``auto`` -> ``onnx-int8`` for an int8 index (``image_precision``), else ``torch``; an
+    ONNX runtime needs the CPU and onnxruntime installed."""
+    if runtime not in RUNTIMES:
+        raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "auto":
+        runtime = "onnx-int8" if image_precision == INT8 else "torch"
+    if runtime == "torch":
+        return runtime
+    if not device.startswith("cpu"):
+        raise UsageError(f"--runtime {runtime} runs on the CPU: add --device cpu")
+    if not _have_onnxruntime():
+        raise UsageError(f"--runtime {runtime} needs ONNX Runtime: pip install 'mmsearch[onnx]'")
+    return runtime
+
+
+def precision(runtime: str) -> str:
+    """The precision of the image vectors a runtime makes: ``int8`` or ``fp32``."""
+    return INT8 if runtime == "onnx-int8" else FP32
+
+
+def _have_onnxruntime() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+@dataclass
+class ImageRuntime:
+    """Who runs the image tower: ``run`` (a batch in, unnormalised vectors out) or None for
+    torch; ``runtime`` the one in use; ``note`` why an asked ONNX runtime is not (one line)."""
+
+    runtime: str
+    run: Callable[["torch.Tensor"], "np.ndarray"] | None = None
+    note: str | None = None
+    export_seconds: float | None = None  # set when this process exported the tower
+
+
+def onnx_path(home: Path, identity: "ModelIdentity", size: int, runtime: str) -> Path:
+    """Where the exported tower of ``identity`` at input ``size`` is kept for ``runtime``."""
+    import torch
+
+    key = "\0".join((identity.backend, identity.arch, identity.fingerprint, str(size),
+                     torch.__version__, str(OPSET)))
+    digest = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+    return home / FOLDER / f"{digest}-{precision(runtime)}.onnx"
+
+
+def image_runtime(runtime: str, identity: "ModelIdentity", model: Any, size: int,
+                  home: Path) -> ImageRuntime:
+    """The image tower for ``runtime``: exported and loaded once, or torch with a note."""
+    if runtime == "torch":
+        return ImageRuntime("torch")
+    started = time.perf_counter()
+    path = onnx_path(home, identity, size, runtime)
+    try:
+        exported = not path.is_file()
+        if exported:
+            _export(model, size, onnx_path(home, identity, size, "onnx"))
+            if runtime == "onnx-int8":
+                _quantise(onnx_path(home, identity, size, "onnx"), path)
+        session = _session(path)
+    except Exception as exc:  # noqa: BLE001 - any exporter or runtime failure: torch does it
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        return ImageRuntime("torch", note=f"--runtime {runtime}: the image tower could not be "
+                                          f"exported ({type(exc).__name__}: {reason}); using torch")
+    seconds = round(time.perf_counter() - started, 1) if exported else None
+    return ImageRuntime(runtime, _runner(session), export_seconds=seconds)
+
+
+def _export(model: Any, size: int, path: Path) -> None:
+    """``model.encode_image`` as an ONNX file with a dynamic batch axis (atomically)."""
+    if path.is_file():
+        return
+    import torch
+
+    class ImageTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return self.model.encode_image(pixels)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings: the library stays quiet
+            torch.onnx.export(ImageTower().eval(), (torch.zeros(1, 3, size, size),), str(tmp),
+                              input_names=["pixels"], output_names=["embedding"],
+                              dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+                              opset_version=OPSET, dynamo=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _quantise(source: Path, path: Path) -> None:
+    """``source`` with its MatMul/Gemm weights dynamically quantised to int8 (atomically)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process the model is not for our users
+    try:
+        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
+        os.replace(tmp, path)
+    finally:
+        root.setLevel(level)
+        tmp.unlink(missing_ok=True)
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the library stays quiet
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _runner(session: Any) -> Callable[["torch.Tensor"], "np.ndarray"]:
+    import numpy as np
+
+    def run(batch: "torch.Tensor") -> "np.ndarray":
+        pixels = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        return session.run(["embedding"], {"pixels": pixels})[0]
+
+    return run
+
+
+__all__ = ["ImageRuntime", "RUNTIMES", "image_runtime", "onnx_path", "precision", "resolve_runtime"]

@@ -1,0 +1,90 @@
+"""The image tower through ONNX Runtime: fp32 equal to torch, int8 recorded in the index's
+identity (never mixed with fp32 vectors), a failed export falls back to torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmsearch.engine import Engine
+from mmsearch.errors import ModelMismatchError, UsageError
+from mmsearch.models import identify
+from mmsearch.models.backends import load_embedder
+from mmsearch.models.onnxtower import FOLDER
+from mmsearch.settings import resolve
+
+pytest.importorskip("onnxruntime")
+
+
+def embed(emb, photos: list[Path]) -> np.ndarray:
+    from mmsearch.ingest.decode import load_image
+
+    return emb.encode_images(emb.collate([emb.prepare(load_image(p)) for p in photos]))
+
+
+def test_onnx_fp32_equals_torch_and_is_exported_once(
+        tmp_path: Path, tiny_model: tuple[Path, Path], flickr_images: list[Path]) -> None:
+    ident = identify(*map(str, tiny_model))
+    photos = flickr_images[:24]
+    ref = embed(load_embedder(ident, "cpu", runtime="torch"), photos)
+    first = load_embedder(ident, "cpu", runtime="onnx", home=tmp_path)
+    assert first.runtime.runtime == "onnx" and first.runtime.export_seconds is not None
+    fp32 = embed(first, photos)
+    assert fp32.dtype == np.float32 and (fp32 * ref).sum(1).min() >= 0.9999
+    (exported,) = (tmp_path / FOLDER).iterdir()
+    again = load_embedder(ident, "cpu", runtime="onnx", home=tmp_path)
+    assert again.runtime.export_seconds is None and list((tmp_path / FOLDER).iterdir()) == [exported]
+    np.testing.assert_allclose(embed(again, photos), fp32, atol=1e-6)
+    int8 = embed(load_embedder(ident, "cpu", runtime="onnx-int8", home=tmp_path), photos)
+    assert 0.95 < (int8 * fp32).sum(1).min() < 0.99999  # close, but not the same vectors
+
+
+def test_a_failed_export_falls_back_to_torch_with_one_line(
+        tmp_path: Path, tiny_model: tuple[Path, Path], flickr_images: list[Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / ".models").mkdir()
+    (tmp_path / FOLDER).write_text("not a folder")  # the export cannot be written
+    ident = identify(*map(str, tiny_model))
+    emb = load_embedder(ident, "cpu", runtime="onnx-int8", home=tmp_path)
+    assert emb.runtime.runtime == "torch" and emb.image_precision == "fp32"
+    notes = [r.getMessage() for r in caplog.records if r.name == "mmsearch.models"]
+    assert len(notes) == 1 and "\n" not in notes[0] and "using torch" in notes[0]
+    ref = load_embedder(ident, "cpu", runtime="torch")
+    np.testing.assert_array_equal(embed(emb, flickr_images[:4]), embed(ref, flickr_images[:4]))
+
+
+def test_int8_vectors_are_part_of_the_index_identity(
+        home: Path, tiny_model: tuple[Path, Path], flickr_images: list[Path]) -> None:
+    import shutil
+
+    config, ckpt = tiny_model
+    for i, p in enumerate(flickr_images[:6]):
+        (home.parent / ("a" if i < 3 else "b")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, home.parent / ("a" if i < 3 else "b") / p.name)
+    opts = {"model": str(config), "pretrained": str(ckpt), "device": "cpu"}
+    with Engine.open("q", runtime="onnx-int8", **opts) as engine:
+        assert engine.index([home.parent / "a"]).embedded == 3
+        assert engine.store.model.image_precision == "int8"
+    for runtime in ("torch", "onnx"):  # fp32 vectors into an int8 index: refused
+        with Engine.open("q", runtime=runtime, **opts) as engine, \
+                pytest.raises(ModelMismatchError, match="holds int8 image vectors"):
+            engine.index([home.parent / "b"])
+    with Engine.open("q", create=False) as engine:  # auto: the index's own runtime
+        assert engine.index([home.parent / "b"]).embedded == 3
+        assert engine.embedder.runtime.runtime == "onnx-int8"
+        assert len(engine.search("a dog", k=6)) == 6
+    with Engine.open("f", runtime="onnx", **opts) as engine:  # fp32 ONNX mixes with torch's
+        engine.index([home.parent / "a"])
+        assert engine.store.model.image_precision == "fp32"
+    with Engine.open("f", runtime="onnx-int8", **opts) as engine, \
+            pytest.raises(ModelMismatchError, match="holds fp32 image vectors"):
+        engine.index([home.parent / "b"])
+    with Engine.open("f", runtime="torch", **opts) as engine:
+        assert engine.index([home.parent / "b"]).embedded == 3
+
+
+def test_an_unknown_runtime_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="--runtime"):
+        resolve(runtime="tensorrt")
