@@ -157,7 +157,11 @@ class _Pending:
         self.last = 0.0  # when the last change came
 
     def add(self, folder: str, photo: str | None, now: float) -> None:
+        """One change; a photo's second change (created, then written) counts once."""
         self.folders.add(folder)
+        if photo is not None and photo in self.photos:
+            self.last = max(self.last, now)
+            return
         if photo is not None and len(self.photos) < self.cap:
             self.photos.add(photo)
         self.count += 1
@@ -243,7 +247,9 @@ class Watcher:
                 if self._check_roots() != set(roots):
                     return  # a root went or came back: watch the present ones afresh
                 self._tick()
-        except OSError as exc:  # the OS's watch limit, most often
+        except OSError as exc:  # a root that just went, or the OS's watch limit
+            if self._check_roots() != set(roots):
+                return
             self._fall_back(f"file-system events are unavailable ({str(exc).strip() or exc!r})")
         except RuntimeError as exc:  # notify's other errors
             self._fall_back(f"file-system events failed ({exc})")
@@ -317,14 +323,16 @@ class Watcher:
             self._run_batch()
 
     def _run_batch(self) -> None:
-        self.state.state, self.state.indexing = "indexing", len(self._pending.photos)
+        waiting = self.state.state == "waiting for the lock"
+        if not waiting:
+            self.state.state, self.state.indexing = "indexing", len(self._pending.photos)
         if not self._settled():
-            self.state.state = "watching"
+            self.state.state = "waiting for the lock" if waiting else "watching"
             return
         taken = self._pending.take()
         folders = self._targets(taken.folders)
-        if not folders:
-            self.state.pending = self._pending.count
+        if not folders:  # all under missing roots: they wait for their roots
+            self.state.state, self.state.pending = "watching", self._pending.count
             return
         whole = set(folders) <= self._present and not taken.photos
         self.state.state = "rescanning" if whole else "indexing"
@@ -334,7 +342,7 @@ class Watcher:
         except IndexLockedError:
             self._wait_for_lock(taken)
             return
-        except MMSearchError as exc:  # e.g. a folder gone between its check and its scan
+        except (MMSearchError, OSError) as exc:  # e.g. a folder gone since its check
             self._say(f"watch: this batch failed and will be tried again: {exc}")
             self._pending.put_back(taken)
             self._retry_at = time.monotonic() + RETRY_S

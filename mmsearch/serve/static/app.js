@@ -493,7 +493,7 @@
     try {
       const response = await fetch("/api/info", { credentials: "same-origin" });
       const data = await readJson(response);
-      if (!response.ok) { el.info.textContent = detailOf(data, response); return; }
+      if (!response.ok) { el.info.textContent = detailOf(data, response); retryInfo(); return; }
       info = data;
       const parts = [plural(data.images || 0, "photo")];
       if (data.texts) parts.push(plural(data.texts, "text"));
@@ -514,7 +514,14 @@
       }));
     } catch (err) {
       el.info.textContent = "The server cannot be reached.";
+      retryInfo();
     }
+  }
+
+  // While watching, a failed look at /api/info is tried again (the status line stays live).
+  function retryInfo() {
+    clearTimeout(infoTimer);
+    if (info && info.watch) infoTimer = setTimeout(loadInfo, 3000);
   }
 
   // serve --watch: what the watcher does, and the counts kept fresh (polled while watching:
