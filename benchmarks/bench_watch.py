@@ -124,9 +124,10 @@ def main() -> None:
         "base_photos": args.base, "batch_photos": args.batch,
         "idle_ms": ms(idle), "during_batch_ms": ms(during),
         "batch_seconds": last.get("seconds"), "batches": state["batches"],
-        "batch_photos_per_s": round(args.batch / last["seconds"], 1) if last.get("seconds") else None,
-        "searchable_after_copy_s": round(searchable, 1),
-        "watcher_lines": lines, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "batch_photos_per_s": (round(args.batch / last["seconds"], 1)
+                               if last.get("seconds") else None),
+        "searchable_after_copy_s": round(searchable, 1), "watcher_lines": lines,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     }
     text = "\n".join([
         header(), f"# model {ARCH}/{WEIGHTS}, device cpu; {args.base} photos indexed, then "

@@ -298,7 +298,7 @@ def test_the_page_shows_the_batch_and_new_counts_without_a_reload(
             (root / "new").mkdir()
             for src in flickr_images[:20]:
                 shutil.copy(src, root / "new" / src.name)
-            indexing = re.compile(r"indexing \d+ new photos?…")  # one batch, or two on a slow copy
+            indexing = re.compile(r"indexing \d+ new photos?…")  # one batch, two on a slow copy
             page.locator("#watch", has_text=indexing).wait_for()
             page.wait_for_selector("#info:has-text('32 photos')")
             page.wait_for_selector("#watch:has-text('watching for new photos')")
