@@ -22,7 +22,9 @@ fails to export or to load falls back to torch, and the reason is kept in one li
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import time
 import warnings
@@ -131,8 +133,10 @@ def _export(model: Any, size: int, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's warnings: the library stays quiet
+        # grad on: nn.MultiheadAttention's inference fast path has no ONNX form
+        with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")  # the tracer's warnings and dumps: the library is quiet
             torch.onnx.export(ImageTower().eval(), (torch.zeros(1, 3, size, size),), str(tmp),
                               input_names=["pixels"], output_names=["embedding"],
                               dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
