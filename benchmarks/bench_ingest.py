@@ -4,6 +4,8 @@
     python benchmarks/bench_ingest.py --pretrained /path/to/ViT-B-32.pt --n 1000
     python benchmarks/bench_ingest.py --device cuda --n 1000 --big 0 --batch-size 256 --workers 16
     python benchmarks/bench_ingest.py --photos DIR --big-dir DIR --decoders threads,processes,nvjpeg
+    python benchmarks/bench_ingest.py --runtimes torch,onnx,onnx-int8 --n 200 [--recall-model \
+        tinyclip.json --recall-pretrained tinyclip.pt]   # -> results/ingest_runtimes.*
 
 Sets: real Flickr8k photos from ../shared (about 500x375) and the same photos
 re-encoded as 12-megapixel JPEGs (4000x3000, quality 90), the size phones make
@@ -17,6 +19,14 @@ re-encoded as 12-megapixel JPEGs (4000x3000, quality 90), the size phones make
   * embed_paths - decoding + model alone, once per decoder in --decoders,
 with per-stage seconds, and the peak RSS of mmsearch at n and 2n images.
 Speed does not depend on the weights, so random weights (--pretrained none) are fine.
+
+``--runtimes`` compares who runs the image tower instead (``--runtime``, models/onnxtower.py),
+on the CPU, torch first as the baseline, in one process and alternating round by round
+(``--rounds``) so that they share the machine's load: the export time (once, into a fresh
+home), the images/s of ``Engine.index`` on a fresh index as the ``index`` summary prints
+it, the model alone on one batch, and the cosine of each photo's vector to torch's. With
+``--recall-model``/``--recall-pretrained`` (the trained tiny test model, say) it also
+runs ``mmsearch eval``'s Recall@1/5/10 on flickr8k-1k per runtime.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import _machine  # noqa: E402
 from _machine import header  # noqa: E402
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-1k" / "images"
@@ -209,6 +220,135 @@ def bench_set(name: str, folder: Path, emb, args: argparse.Namespace) -> dict:
             "embed_paths": decoders}
 
 
+def runtime_round(runtime: str, folder: Path, home: Path, name: str, args: argparse.Namespace,
+                  check: list[Path]) -> dict:
+    """One fresh index through ``runtime``: the model loaded (and exported) first, untimed."""
+    from mmsearch import Engine
+
+    with Engine.open(name, home=home, model=args.model, pretrained=args.pretrained,
+                     batch_size=args.batch_size, workers=args.workers, draft=args.draft,
+                     device="cpu", runtime=runtime) as e:
+        t = time.perf_counter()
+        emb = e.embedder
+        load_s = time.perf_counter() - t
+        report = e.index([folder])
+        out = {"runtime": emb.runtime.runtime, "load_s": round(load_s, 2),
+               "export_s": emb.runtime.export_seconds, "note": emb.runtime.note,
+               "index_ips": round(report.images_per_second, 2), "embedded": report.embedded,
+               "model_only_ips": round(model_only(emb, args.batch_size, 2 * args.batch_size), 2)}
+        from mmsearch.ingest.decode import load_image
+
+        out["vectors"] = emb.encode_images(emb.collate([emb.prepare(load_image(p)) for p in check]))
+    return out
+
+
+def runtimes(args: argparse.Namespace) -> dict:
+    """--runtimes: each runtime's export, index and model rates, torch's in the same run."""
+    folder = args.photos or flickr_set(args.n)
+    check = sorted(folder.iterdir())[:args.check_n]
+    homes = {rt: Path(tempfile.mkdtemp(prefix=f"mmsearch-bench-{rt}-")) for rt in args.runtimes}
+    rounds: dict[str, list[dict]] = {rt: [] for rt in args.runtimes}
+    try:
+        for r in range(args.rounds):
+            for rt in args.runtimes:
+                print(f"  round {r + 1}: {rt}", file=sys.stderr, flush=True)
+                rounds[rt].append(runtime_round(rt, folder, homes[rt], f"r{r}", args, check))
+    finally:
+        for h in homes.values():
+            shutil.rmtree(h, ignore_errors=True)
+    ref = rounds[args.runtimes[0]][0]["vectors"]
+    out = {}
+    for rt, rs in rounds.items():
+        cos = (rs[0]["vectors"] * ref).sum(1)
+        out[rt] = {"runtime_used": rs[0]["runtime"], "export_s": rs[0]["export_s"], "note": rs[0]["note"],
+                   "index_ips": [x["index_ips"] for x in rs],
+                   "index_ips_median": float(np.median([x["index_ips"] for x in rs])),
+                   "model_only_ips": [x["model_only_ips"] for x in rs],
+                   "model_only_ips_median": float(np.median([x["model_only_ips"] for x in rs])),
+                   "cosine_to_baseline_min": round(float(cos.min()), 5),
+                   "cosine_to_baseline_mean": round(float(cos.mean()), 5)}
+    return out
+
+
+def recalls(args: argparse.Namespace) -> dict:
+    """Recall@1/5/10 on flickr8k-1k per runtime (each in a fresh home: an eval index is
+    reused by model, and an index holds one precision)."""
+    from mmsearch.eval.datasets import load_dataset
+    from mmsearch.eval.evaluate import evaluate
+    from mmsearch.ingest.decode import load_image
+    from mmsearch.models import identify, load_embedder
+    from mmsearch.settings import resolve
+
+    data = FLICKR.parent
+    dataset = load_dataset(data / "dataset_flickr8k_1k.json", FLICKR)
+    photos = sorted(FLICKR.glob("*.jpg"))[:args.check_n]
+    out, ref = {}, None
+    for rt in args.runtimes:
+        home = Path(tempfile.mkdtemp(prefix=f"mmsearch-eval-{rt}-"))
+        try:
+            settings = resolve(home=home, model=str(args.recall_model), device="cpu",
+                               pretrained=str(args.recall_pretrained), runtime=rt)
+            res = evaluate(dataset, settings=settings)
+            emb = load_embedder(identify(settings.model, settings.pretrained), "cpu", runtime=rt,
+                                home=home)
+            vecs = emb.encode_images(emb.collate([emb.prepare(load_image(p)) for p in photos]))
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+        ref = vecs if ref is None else ref
+        cos = (vecs * ref).sum(1)
+        out[rt] = {"t2i": res.t2i, "i2t": res.i2t, "rsum": round(res.rsum, 2),
+                   "images_per_second": round(res.images_per_second, 1),
+                   "cosine_to_baseline_min": round(float(cos.min()), 5),
+                   "cosine_to_baseline_mean": round(float(cos.mean()), 5)}
+    return out
+
+
+def runtimes_report(res: dict) -> str:
+    L = [f"# bench_ingest --runtimes: {res['model']} / {res['pretrained']}, CPU, batch "
+         f"{res['batch_size']}, {res['n']} Flickr photos per index, {res['rounds']} rounds "
+         f"alternating the runtimes; baseline {res['baseline']}",
+         _machine.machine_text(res["machine"]), ""]
+    base = res["runtimes"][res["baseline"]]
+    for rt, r in res["runtimes"].items():
+        export = f"exported in {r['export_s']:.1f}s (once)" if r["export_s"] else "no export"
+        L.append(f"  {rt:<10} index {r['index_ips_median']:6.2f} images/s {r['index_ips']} "
+                 f"({r['index_ips_median'] / base['index_ips_median']:.2f}x), model alone "
+                 f"{r['model_only_ips_median']:6.2f}/s ({r['model_only_ips_median'] / base['model_only_ips_median']:.2f}x), "
+                 f"cosine to {res['baseline']} min {r['cosine_to_baseline_min']:.5f} mean "
+                 f"{r['cosine_to_baseline_mean']:.5f} ({res['check_n']} photos); {export}"
+                 + (f"; NOTE {r['note']}" if r["note"] else ""))
+    if res.get("recall"):
+        L += ["", f"# Recall@K on flickr8k-1k (1,000 photos, 5,000 captions), model {res['recall_model']}"]
+        for rt, r in res["recall"].items():
+            t2i = " ".join(f"R@{k} {v:.1f}" for k, v in r["t2i"].items())
+            i2t = " ".join(f"R@{k} {v:.1f}" for k, v in r["i2t"].items())
+            L.append(f"  {rt:<10} text->image {t2i} | image->text {i2t} | rsum {r['rsum']:.1f} | "
+                     f"cosine to {res['baseline']} min {r['cosine_to_baseline_min']:.5f} mean "
+                     f"{r['cosine_to_baseline_mean']:.5f} ({res['check_n']} photos)")
+    L += [f"note: {n}" for n in res.get("notes", [])]
+    return "\n".join(L) + "\n"
+
+
+def main_runtimes(args: argparse.Namespace) -> None:
+    info = _machine.machine_info()
+    res = {"benchmark": "bench_ingest --runtimes", "model": args.model, "pretrained": args.pretrained,
+           "batch_size": args.batch_size, "n": args.n, "rounds": args.rounds, "check_n": args.check_n,
+           "baseline": args.runtimes[0], "machine": info,
+           "command": " ".join(["python", "benchmarks/bench_ingest.py", *sys.argv[1:]])}
+    res["runtimes"] = runtimes(args)
+    if args.recall_model:
+        res["recall_model"] = Path(args.recall_model).stem
+        res["recall"] = recalls(args)
+        res["notes"] = ["the tiny test model is trained on drawn shapes, not photos: on "
+                        "flickr8k-1k its recall is at chance level (R@10 ~1% text->image), so "
+                        "these rows show only whether int8 moves the ranking, not a real model's "
+                        "loss; the cosines are to its own torch vectors on real photos"]
+    res["machine"]["load_avg_end"] = _machine.load_avg()
+    text = runtimes_report(res)
+    _machine.write_results(args.stem, text, res)
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-32")
@@ -228,7 +368,17 @@ def main() -> None:
     parser.add_argument("--decoders", type=lambda s: s.split(","), default=["auto"],
                         help="embed_paths alone with each: auto,threads,processes,nvjpeg")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--runtimes", type=lambda s: s.split(","), default=None,
+                        help="compare image-tower runtimes instead, the first the baseline: "
+                             "torch,onnx,onnx-int8")
+    parser.add_argument("--rounds", type=int, default=2, help="--runtimes: rounds per runtime")
+    parser.add_argument("--check-n", type=int, default=64, help="--runtimes: photos compared")
+    parser.add_argument("--recall-model", type=Path, help="--runtimes: model config for Recall@K")
+    parser.add_argument("--recall-pretrained", type=Path, help="--runtimes: its checkpoint")
+    parser.add_argument("--stem", default="ingest_runtimes", help="--runtimes: results file stem")
     args = parser.parse_args()
+    if args.runtimes:
+        return main_runtimes(args)
     if not FLICKR.is_dir() and not (args.photos and (args.big_dir or not args.big)):
         sys.exit(f"photos not found: {FLICKR} (see ../shared/README.md)")
     from mmsearch.models import identify, load_embedder

@@ -88,3 +88,14 @@ def test_int8_vectors_are_part_of_the_index_identity(
 def test_an_unknown_runtime_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="--runtime"):
         resolve(runtime="tensorrt")
+
+
+def test_vit_b_32_exports_and_equals_torch(tmp_path: Path, flickr_images: list[Path]) -> None:
+    """The default architecture (random weights): its attention must not take torch's
+    inference fast path while exporting, which has no ONNX form."""
+    ident = identify("ViT-B-32", "none")
+    emb = load_embedder(ident, "cpu", runtime="onnx", home=tmp_path)
+    assert emb.runtime.runtime == "onnx", emb.runtime.note
+    onnx = embed(emb, flickr_images[:4])
+    emb.runtime = None  # the same model, through torch
+    assert (onnx * embed(emb, flickr_images[:4])).sum(1).min() >= 0.9999
