@@ -221,7 +221,10 @@ class Engine:
             intent = RunIntent(self.identity, lambda: self.embedder.embed_dim, storage, roots,
                                s.index_type, self._new_weights_file)
             with self.store.index_run(intent):
-                return self._run(runner, paths, address, progress or no_progress, stop)
+                report = self._run(runner, paths, address, progress or no_progress, stop)
+        if self._embedder is not None:  # the numpy text tower's weights file is written now,
+            self.text_embedder  # noqa: B018 - so the first query imports no torch either
+        return report
 
     def _run(self, runner: str, paths: Sequence[str | Path], address: str | None,
              progress: Progress, stop: threading.Event | None) -> IndexReport:
