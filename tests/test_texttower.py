@@ -87,7 +87,9 @@ def test_checkpoint_layouts_and_quick_gelu_equal_open_clip(tmp_path: Path, tiny_
             if obj is not None:
                 torch.save(obj, tmp_path / name)
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
-        for name in [*layouts, "w.safetensors"]:
+        save_file({k: (v.bfloat16() if v.is_floating_point() else v).contiguous()  # numpy has no
+                   for k, v in state.items()}, str(tmp_path / "bf16.safetensors"))  # bfloat16
+        for name in [*layouts, "w.safetensors", "bf16.safetensors"]:
             lean = lean_vectors(config, tmp_path / name)
             ref = open_clip_vectors(config, tmp_path / name)
             assert np.abs(lean - ref).max() < 1e-5, (config.name, name)

@@ -96,9 +96,11 @@ def _safetensors_text(path: Path) -> dict[str, "np.ndarray"] | None:
 
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return {k: f.get_tensor(k).astype(np.float32, copy=False) for k in f.keys()
-                    if not k.startswith("visual.") and f.get_slice(k).get_dtype() in ("F32", "F16")}
-    except Exception:  # noqa: BLE001 - bfloat16 and other dtypes numpy lacks: read with torch
+            keys = [k for k in f.keys() if not k.startswith("visual.")]
+            if any(f.get_slice(k).get_dtype() not in ("F32", "F16", "I64") for k in keys):
+                return None  # bfloat16 and other dtypes numpy lacks: read with torch
+            return {k: f.get_tensor(k).astype(np.float32, copy=False) for k in keys}
+    except Exception:  # noqa: BLE001 - not readable here: torch's reader decides
         return None
 
 
