@@ -99,3 +99,20 @@ def test_vit_b_32_exports_and_equals_torch(tmp_path: Path, flickr_images: list[P
     onnx = embed(emb, flickr_images[:4])
     emb.runtime = None  # the same model, through torch
     assert (onnx * embed(emb, flickr_images[:4])).sum(1).min() >= 0.9999
+
+
+def test_execution_providers_follow_the_device() -> None:
+    """CPU by default; CUDA only where the installed build has its provider (not here:
+    onnxruntime from PyPI is CPU-only), refused in one line otherwise."""
+    import onnxruntime as ort
+
+    from mmsearch.models.onnxtower import providers, resolve_runtime
+
+    assert providers("cpu") == ["CPUExecutionProvider"]
+    assert providers("cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert resolve_runtime("onnx", "cpu", "fp32") == "onnx"
+    assert resolve_runtime("auto", "cpu", "int8") == "onnx-int8"
+    assert resolve_runtime("auto", "cuda", "fp32") == "torch"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(UsageError, match="no CUDAExecutionProvider"):
+            resolve_runtime("onnx", "cuda", "fp32")

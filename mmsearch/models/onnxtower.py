@@ -3,8 +3,9 @@
 ``--runtime`` picks who runs the image tower when photos are embedded:
 
 * ``torch``: open_clip's model (the reference every test compares with);
-* ``onnx``: the tower exported with ``torch.onnx.export`` and run by ONNX Runtime on
-  the CPU; its vectors equal torch's (cosine >= 0.9999 per image), so an index may mix
+* ``onnx``: the tower exported with ``torch.onnx.export`` and run by ONNX Runtime with
+  its CPU execution provider (CUDA's with ``--device cuda`` where the installed build,
+  onnxruntime-gpu, has it: :func:`providers`); its vectors equal torch's (cosine >= 0.9999 per image), so an index may mix
   them with torch's;
 * ``onnx-int8``: that export with its weights quantised to int8 (dynamic quantisation),
   faster on a CPU but not equal: cosine ~0.99 to fp32. Its vectors are a different
@@ -48,18 +49,33 @@ OPSET = 17
 
 def resolve_runtime(runtime: str, device: str, image_precision: str) -> str:
     """``auto`` -> ``onnx-int8`` for an int8 index (``image_precision``), else ``torch``; an
-    ONNX runtime needs the CPU and onnxruntime installed."""
+    ONNX runtime needs onnxruntime, and for ``--device cuda`` a build with its CUDA provider."""
     if runtime not in RUNTIMES:
         raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "auto":
         runtime = "onnx-int8" if image_precision == INT8 else "torch"
     if runtime == "torch":
         return runtime
-    if not device.startswith("cpu"):
-        raise UsageError(f"--runtime {runtime} runs on the CPU: add --device cpu")
     if not _have_onnxruntime():
         raise UsageError(f"--runtime {runtime} needs ONNX Runtime: pip install 'mmsearch[onnx]'")
+    import onnxruntime as ort
+
+    first = providers(device)[0]
+    wanted = first if isinstance(first, str) else first[0]
+    if wanted not in ort.get_available_providers():
+        raise UsageError(f"--runtime {runtime} --device {device}: this ONNX Runtime build has no "
+                         f"{wanted} (it has {', '.join(ort.get_available_providers())}); install "
+                         "onnxruntime-gpu, or use --device cpu")
     return runtime
+
+
+def providers(device: str) -> list[Any]:
+    """ONNX Runtime execution providers for a resolved ``--device``: ``cuda[:N]`` -> CUDA
+    (then the CPU for what it lacks), anything else the CPU."""
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 def precision(runtime: str) -> str:
@@ -95,7 +111,7 @@ def onnx_path(home: Path, identity: "ModelIdentity", size: int, runtime: str) ->
 
 
 def image_runtime(runtime: str, identity: "ModelIdentity", model: Any, size: int,
-                  home: Path) -> ImageRuntime:
+                  home: Path, device: str = "cpu") -> ImageRuntime:
     """The image tower for ``runtime``: exported and loaded once, or torch with a note."""
     if runtime == "torch":
         return ImageRuntime("torch")
@@ -107,7 +123,7 @@ def image_runtime(runtime: str, identity: "ModelIdentity", model: Any, size: int
             _export(model, size, onnx_path(home, identity, size, "onnx"))
             if runtime == "onnx-int8":
                 _quantise(onnx_path(home, identity, size, "onnx"), path)
-        session = _session(path)
+        session = _session(path, device)
     except Exception as exc:  # noqa: BLE001 - any exporter or runtime failure: torch does it
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         return ImageRuntime("torch", note=f"--runtime {runtime}: the image tower could not be "
@@ -137,7 +153,8 @@ def _export(model: Any, size: int, path: Path) -> None:
         with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings(), \
                 contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")  # the tracer's warnings and dumps: the library is quiet
-            torch.onnx.export(ImageTower().eval(), (torch.zeros(1, 3, size, size),), str(tmp),
+            pixels = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
+            torch.onnx.export(ImageTower().eval(), (pixels,), str(tmp),
                               input_names=["pixels"], output_names=["embedding"],
                               dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
                               opset_version=OPSET, dynamo=False)
@@ -164,12 +181,12 @@ def _quantise(source: Path, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _session(path: Path) -> Any:
+def _session(path: Path, device: str) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the library stays quiet
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=providers(device))
 
 
 def _runner(session: Any) -> Callable[["torch.Tensor"], "np.ndarray"]:

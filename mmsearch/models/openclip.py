@@ -280,7 +280,7 @@ def _image_runtime(embedder: Embedder, runtime: str, home: Path | None) -> Any:
 
     asked = onnxtower.resolve_runtime(runtime, embedder.device, embedder.identity.image_precision)
     chosen = onnxtower.image_runtime(asked, embedder.identity, embedder.torch_model,
-                                     embedder.image_size, home or default_home())
+                                     embedder.image_size, home or default_home(), embedder.device)
     log = logging.getLogger("mmsearch.models")
     if chosen.note:
         log.warning(chosen.note)
