@@ -151,7 +151,8 @@ def test_wise_endpoints_and_midpoint() -> None:
     assert torch.equal(mid["w"], torch.tensor([1.0, 3.0])) and torch.equal(mid["n"], b["n"])
 
 
-def test_saved_folder_reloads_to_the_same_vectors(tuned: tuple, base: dict[str, str]) -> None:
+def test_saved_folder_reloads_to_the_same_vectors(tuned: tuple, base: dict[str, str],
+                                                  home: Path) -> None:
     report, out, before, after = tuned
     manifest = json.loads((out / "mmsearch_manifest.json").read_text())
     assert manifest["towers_changed"] == ["text"] and manifest["improved"] is True
