@@ -190,7 +190,8 @@ class TextTower:
         x = x + (a @ w[p + "attn.out_proj.weight"] + w[p + "attn.out_proj.bias"])
         y = _layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"])
         y = y @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"]
-        y = y / (1 + np.exp(-1.702 * y)) if self.spec.quick_gelu else _gelu(y)
+        # QuickGELU y * sigmoid(1.702 y), the sigmoid as tanh (no overflow for large -y)
+        y = y * (0.5 + 0.5 * np.tanh(0.851 * y)) if self.spec.quick_gelu else _gelu(y)
         return x + (y @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"])
 
 
