@@ -35,6 +35,7 @@ def tower_path(home: Path, weights: Path, spec: str) -> Path:
 def write(path: Path, tensors: dict[str, "np.ndarray"], meta: dict[str, str]) -> None:
     """Write ``tensors`` (float32) and ``meta`` as a safetensors file, atomically."""
     import numpy as np
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +44,8 @@ def write(path: Path, tensors: dict[str, "np.ndarray"], meta: dict[str, str]) ->
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
                   str(tmp), metadata={"format": FORMAT, **meta})
         os.replace(tmp, path)
+    except SafetensorError as exc:  # its I/O errors (a full disk): an OSError like the rest
+        raise OSError(f"cannot write {path}: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
 
