@@ -125,8 +125,8 @@ class Engine:
 
     @property
     def text_embedder(self) -> "TextEncoder":
-        """The model for text queries: the plain-torch text tower where it applies (it is
-        the fastest, and equal to open_clip's), else the full model if loaded, else the
+        """The model for text queries: the numpy text tower where it applies (no
+        torch import, and equal to open_clip's), else the full model if loaded, else the
         text tower alone."""
         if self._text_embedder is None:
             from mmsearch.models.backends import lean_text_encoder, load_text_encoder

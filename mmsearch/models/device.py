@@ -49,7 +49,7 @@ def faiss_gpu(device: str) -> int | None:
 def text_device(device: str) -> str:
     """Where text queries are encoded for a ``--device`` value: ``auto`` -> ``cpu``.
 
-    A short text costs milliseconds on the CPU through the plain-torch text tower, while
+    A short text costs milliseconds on the CPU through the numpy text tower, while
     starting CUDA and moving a text tower there costs seconds: a cold ``mmsearch query``
     on a GPU machine would spend them all on one text. A device named explicitly
     (``cuda``, ``cuda:1``) is honoured. Does not import torch.
