@@ -260,3 +260,16 @@ def test_a_reader_opened_before_the_storage_was_recorded_sees_it_after_refresh(t
     finally:
         writer.close()
         reader.close()
+
+
+def test_a_root_under_a_recorded_root_is_not_recorded_again(tmp_path: Path) -> None:
+    """A watcher's batches index subfolders of a root time after time: the recorded roots
+    do not grow with them."""
+    store = Store.open(tmp_path / "idx", create=True)
+    try:
+        store.lock()
+        store.add_roots(["/photos", "/other/a.jpg"])
+        store.add_roots(["/photos/2024", "/photos", "/other/a.jpg", "/photos 2", "/other/b.jpg"])
+        assert store.roots == ["/other/a.jpg", "/other/b.jpg", "/photos", "/photos 2"]
+    finally:
+        store.close()

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from mmsearch.errors import CorruptIndexError, EmptyIndexError, IndexNotFoundError, StorageError
+from mmsearch.locations import Roots
 from mmsearch.models.identity import ModelIdentity
 from mmsearch.store import integrity, selection
 from mmsearch.store.catalog import Catalog, CatalogReader, EmptyCatalogError, ImageFile, StoredImage
@@ -271,10 +272,11 @@ class Store:
 
     def add_roots(self, roots: Iterable[str]) -> None:
         """Remember folders (or files) given to ``index``: the server serves files under them only."""
-        known = set(self.roots or [])
-        new = set(roots) - known  # a set: thousands of files given one by one stay cheap
+        known = self.roots or []
+        held = Roots(known)  # a folder or file under a recorded root adds nothing (a watcher's
+        new = {r for r in roots if r not in held}  # batches name subfolders, time after time)
         if new:
-            self._writer().set_meta(ROOTS, json.dumps(sorted(known | new)))
+            self._writer().set_meta(ROOTS, json.dumps(sorted(set(known) | new)))
 
     @contextlib.contextmanager
     def index_run(self, intent: "RunIntent") -> Iterator[None]:
