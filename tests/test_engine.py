@@ -101,6 +101,8 @@ def test_incremental_reindex(engine: Engine, tmp_path: Path) -> None:
     again = engine.index([folder])
     assert (again.added, again.unchanged, again.embedded, again.removed) == (0, 12, 0, 0)
 
+    moved_id = next(i for i, p in engine.store.read.all_image_paths()
+                    if p.endswith("blue_square_0.png"))
     (folder / "red_circle_0.png").unlink()                                   # deleted
     os.rename(folder / "blue_square_0.png", folder / "renamed.png")         # moved
     shutil.copy(folder / "green_circle_0.png", folder / "copy.png")         # duplicate
@@ -108,8 +110,9 @@ def test_incremental_reindex(engine: Engine, tmp_path: Path) -> None:
     os.utime(folder / "green_square_0.png", ns=(1, 1))                       # touched only
     tinyclip.draw_shape("red", "triangle", seed=51).save(folder / "new.png")  # new
     report = engine.index([folder])
-    assert report.removed == 2          # the deleted file and the old name of the moved one
-    assert report.added == 3            # renamed + copy + new
+    assert report.removed == 1          # the deleted file
+    assert report.moved == 1            # the renamed one keeps its row
+    assert report.added == 2            # copy + new
     assert report.updated == 1          # changed content, same path
     assert report.embedded == 2         # only the changed and the new file went through the model
     assert report.unchanged == 9        # 8 untouched + the touched one
@@ -118,6 +121,8 @@ def test_incremental_reindex(engine: Engine, tmp_path: Path) -> None:
     assert engine.search("a yellow circle", k=1)[0].path.name == "yellow_square_0.png"
     info = engine.info()
     assert (info.images, info.distinct_images) == (13, 12)
+    assert dict(engine.store.read.all_image_paths())[moved_id] == str(folder / "renamed.png")
+    assert engine.search("a blue square", k=1)[0].id == moved_id
 
 
 def stored_vector(engine: Engine, path: Path) -> np.ndarray:

@@ -9,6 +9,8 @@ Longer runs of the same tests are marked ``soak`` and run with MMSEARCH_SOAK=1.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import os
 import queue
@@ -233,9 +235,12 @@ def expected_changes(root: Path, files: list[Path]) -> dict[str, int]:
             except sqlite3.OperationalError:  # no tables yet
                 pass
     present = {str(f): content_hash(f) for f in files}
-    return {"added": sum(1 for p in present if p not in rows),
+    new = Counter(h for p, h in present.items() if p not in rows)
+    gone = Counter(h for p, h in rows.items() if p not in present)
+    moved = sum((new & gone).values())  # a gone row per new file of its content
+    return {"added": sum(new.values()) - moved,
             "updated": sum(1 for p, h in present.items() if p in rows and rows[p] != h),
-            "removed": sum(1 for p in rows if p not in present)}
+            "moved": moved, "removed": sum(gone.values()) - moved}
 
 
 def kill_plan(seeds: list[int], hooks: list[str]) -> list[tuple[str, object]]:
@@ -247,7 +252,7 @@ def kill_plan(seeds: list[int], hooks: list[str]) -> list[tuple[str, object]]:
 
 # -- killed at any moment ---------------------------------------------------------------------
 def mutate(folder: Path, files: list[Path], round_: int) -> None:
-    """Changes of every kind: new content, deleted, new files, copies, touched only."""
+    """Changes of every kind: new content, deleted, new files, copies, moved, touched only."""
     rng = random.Random(round_)
     n = len(files)
     changed, deleted = rng.sample(files, max(2, n // 7)), rng.sample(files, max(2, n // 10))
@@ -262,6 +267,10 @@ def mutate(folder: Path, files: list[Path], round_: int) -> None:
         shutil.copy(src, folder / f"copy{round_}_{i}.png")
     for path in rng.sample(survivors, 3):
         os.utime(path, ns=(5 + round_, 5 + round_))
+    moved = folder / f"moved{round_}"
+    moved.mkdir()
+    for path in rng.sample([f for f in survivors if f not in changed], 3):
+        path.rename(moved / path.name)
 
 
 def _kill_then_resume(forker: Forker, engine: Engine, model: dict[str, str], tmp: Path,

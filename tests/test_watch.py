@@ -139,7 +139,8 @@ def test_photos_copied_in_while_serving_are_searchable_and_deleted_ones_go(
     assert service.watch_state()["state"] == "stopped"
 
 
-def test_a_move_and_a_renamed_folder_embed_nothing(live: Live, library) -> None:
+def test_a_move_and_a_renamed_folder_keep_their_ids_and_embed_nothing(live: Live,
+                                                                        library) -> None:
     _, root = library
     before = live.paths()
     moved_from, moved_to = root / "a" / "green_circle_0.png", root / "b" / "moved.png"
@@ -147,7 +148,10 @@ def test_a_move_and_a_renamed_folder_embed_nothing(live: Live, library) -> None:
     os.rename(moved_from, moved_to)
     wait_for(lambda: str(moved_to) in live.paths() and str(moved_from) not in live.paths())
     assert live.watcher.state.last["embedded"] == 0
+    assert live.watcher.state.last["moved"] == 1
+    assert live.paths()[str(moved_to)] == before[str(moved_from)]  # the same id
     np.testing.assert_array_equal(vector(live.reader, moved_to), old_vector)
+    assert live.reader.search(image=moved_to, k=1)[0].id == before[str(moved_from)]
 
     os.rename(root / "b", root / "renamed")
     renamed = {str(root / "renamed" / n) for n in ("red_circle_0.png", "blue_square_0.png",
@@ -157,6 +161,7 @@ def test_a_move_and_a_renamed_folder_embed_nothing(live: Live, library) -> None:
     assert len(paths) == len(before) == 12
     assert not any("/b/" in p for p in paths)
     assert live.watcher.state.last["embedded"] == 0
+    assert sorted(paths.values()) == sorted(before.values())  # every id kept
 
 
 def test_a_file_written_in_two_halves_is_indexed_once_complete(

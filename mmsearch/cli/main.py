@@ -84,8 +84,9 @@ def _given_roots(paths: list[Path]) -> list[str]:
 
 
 def _print_report(report: Any) -> None:
+    moved = f"moved {report.moved}, " if report.moved else ""
     typer.echo(f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
-               f"removed {report.removed}, skipped {len(report.skipped)} "
+               f"{moved}removed {report.removed}, skipped {len(report.skipped)} "
                f"({report.embedded} embedded in {report.seconds:.1f}s, "
                f"{report.images_per_second:.1f} images/s)")
     if report.metadata_read:

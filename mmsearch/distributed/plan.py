@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from mmsearch.distributed.shards import MANIFEST_COLUMNS, Run, ShardLayout, write_table
-from mmsearch.ingest.diff import IndexReport, Scan, ScanStopped, reconcile, scan, stopped
+from mmsearch.ingest.diff import IndexReport, Scan, ScanStopped, forget_gone, reconcile, scan, stopped
 from mmsearch.ingest.remote import list_url
 from mmsearch.locations import is_url
 
@@ -45,7 +45,9 @@ def plan_run(store: "Store", layout: ShardLayout, roots: Iterable[Path | str], m
     This invocation's work (a resumed run) is not counted or tried again: rows in
     ``just_stored`` are not unchanged, files in ``just_failed`` are left as they are."""
     scanned = _scan(list(roots), report, stop)
-    todo = reconcile(store, scanned, report, settled=just_stored, left=just_failed)
+    found = reconcile(store, scanned, report, settled=just_stored, left=just_failed)
+    forget_gone(store, found.gone, report)  # the cluster hashes: moves are not known here
+    todo = found.candidates
     if not todo:
         return Planned(None, scanned.roots)
     first_id = store.reserve_image_ids(len(todo))

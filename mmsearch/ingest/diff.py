@@ -9,18 +9,23 @@ rows under them (:func:`diff`) and sorts every file into one of three:
   mtime changed (a *touched* file, :func:`touch`); a hash already stored reuses its
   vector; a new one is embedded;
 * **gone**: a row under the roots whose file was not found, and not under a path that
-  could not be read (kept as it is): it is forgotten (:func:`forget_gone`).
+  could not be read (kept as it is). A new file with the same content *moved* there: the
+  row follows it (:class:`Moves`) and keeps its id, vector and place in the index. The
+  others are forgotten (:func:`forget_gone`).
 
-:func:`reconcile` does the comparison, counts the unchanged and forgets the gone. The
-local runner (:mod:`mmsearch.ingest.run`) hashes the candidates on the driver; the Ray
-runner (:mod:`mmsearch.distributed`) hands them to the cluster, which hashes them. Both
-count what they store through :class:`IndexReport`. Where a path is, and whether it is
-under a root, is :mod:`mmsearch.locations`' to say.
+:func:`reconcile` does the comparison and counts the unchanged. The local runner
+(:mod:`mmsearch.ingest.run`) hashes the candidates on the driver, so it knows the moves
+before it forgets anything. The Ray runner (:mod:`mmsearch.distributed`) hands the
+candidates to the cluster, which hashes them; it forgets the gone rows at once, and a moved
+file there gets a new id (its vector is still reused, not embedded again). Both count what
+they store through :class:`IndexReport`. Where a path is, and whether it is under a root,
+is :mod:`mmsearch.locations`' to say.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, NamedTuple, Protocol, Sequence
@@ -52,6 +57,7 @@ class IndexReport:
     added: int = 0
     updated: int = 0
     unchanged: int = 0
+    moved: int = 0             # files found under a new path: their rows followed them
     removed: int = 0
     embedded: int = 0
     skipped: list[Skipped] = field(default_factory=list)
@@ -155,13 +161,43 @@ def diff(scanned: Scan, stored: Mapping[str, StoredImage], *,
 
 def reconcile(store: "Store", scanned: Scan, report: IndexReport, *,
               settled: Collection[int] = frozenset(),
-              left: Collection[str] = frozenset()) -> list[Candidate]:
-    """:func:`diff` with the catalog: counts the unchanged, forgets the gone; the candidates
-    are the runner's to hash."""
+              left: Collection[str] = frozenset()) -> Diff:
+    """:func:`diff` with the catalog; counts the unchanged. The candidates are the runner's
+    to hash, the gone its to move (:class:`Moves`) or forget (:func:`forget_gone`)."""
     found = diff(scanned, store.read.images_under(scanned.roots), settled=settled, left=left)
     report.unchanged += len(found.unchanged)
-    forget_gone(store, found.gone, report)
-    return found.candidates
+    return found
+
+
+class Moves:
+    """The gone rows of a run, by content: a new file with a gone row's content is that
+    file moved (or renamed), and takes the row (:meth:`claim`). :meth:`settle` records the
+    moves and forgets the rows nothing claimed."""
+
+    def __init__(self, gone: Iterable[StoredImage]) -> None:
+        self._gone: dict[str, list[StoredImage]] = defaultdict(list)
+        for row in gone:
+            self._gone[row.content_hash].append(row)
+        self._moved: list[tuple[StoredImage, dict[str, Any]]] = []
+
+    def claim(self, file: Found, content_hash: str, meta: dict[str, Any]) -> bool:
+        """Whether ``file`` (new under its path, with this content) is a gone row moved."""
+        rows = self._gone.get(content_hash)
+        if not rows:
+            return False
+        row = rows.pop()
+        self._moved.append((StoredImage(row.id, str(file.path), file.size, file.mtime_ns,
+                                        content_hash), meta))
+        return True
+
+    def settle(self, store: "Store", report: IndexReport, *, forget: bool = True) -> None:
+        """Record the moves; forget the unclaimed rows unless ``forget`` is False (a run
+        stopped before it hashed every file: they may be moves it has not seen yet)."""
+        store.touch_images([r for r, _ in self._moved])
+        store.set_metadata((r.id, meta) for r, meta in self._moved)
+        report.moved += len(self._moved)
+        if forget:
+            forget_gone(store, [r for rows in self._gone.values() for r in rows], report)
 
 
 def forget_gone(store: "Store", gone: Sequence[StoredImage], report: IndexReport) -> None:

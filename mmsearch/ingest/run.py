@@ -1,10 +1,11 @@
 """Indexing a folder: discover → compare with the catalog → embed what is new → store.
 
 A run is incremental (:mod:`mmsearch.ingest.diff`). A file whose size and mtime match
-its row is unchanged; rows whose files are gone are removed. The other files are hashed
-here, on the driver, in worker threads: same content as the old row (touched), or as a
-stored image (moved or copied), reuses the stored embedding; new content is decoded and
-embedded.
+its row is unchanged. The other files are hashed here, on the driver, in worker threads:
+same content as the old row (touched), or as a row whose file is gone (moved: the row
+follows the file and keeps its id), or as another stored image (copied), reuses the stored
+embedding; new content is decoded and embedded. Rows whose files are gone and did not move
+are removed.
 
 Work is committed in batches of ``commit_every`` images through the store's
 write verbs (:meth:`Store.put_images`: rows and their vectors in one catalog
@@ -31,8 +32,8 @@ import numpy as np
 
 from mmsearch.errors import DecodeError, UsageError
 from mmsearch.ingest.decode import content_hash
-from mmsearch.ingest.diff import (Candidate, IndexReport, ScanStopped, Skipped, reconcile, scan,
-                                  stopped, touch)
+from mmsearch.ingest.diff import (Candidate, IndexReport, Moves, ScanStopped, Skipped, reconcile,
+                                  scan, stopped, touch)
 from mmsearch.ingest.discover import FoundFile
 from mmsearch.ingest.backfill import backfill_metadata, file_metadata
 from mmsearch.ingest.embed import default_workers, embed_paths
@@ -60,10 +61,11 @@ class _Plan:
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> photo metadata
 
 
-def _hash_candidates(store: "Store", todo: list[Candidate], report: IndexReport,
+def _hash_candidates(store: "Store", todo: list[Candidate], moves: Moves, report: IndexReport,
                      progress: Progress, workers: int,
                      stop: threading.Event | None = None) -> _Plan:
-    """Hash the candidates: touched (same content as the old row), reusable, or to embed."""
+    """Hash the candidates: touched (same content as the old row), a gone row moved (taken
+    by ``moves``), reusable, or to embed."""
     result = _Plan()
     hashed = _hash_all([f for f, _ in todo], workers, progress, report, stop)
     known = store.known_vectors([h[0] for h in hashed if h])
@@ -75,6 +77,8 @@ def _hash_candidates(store: "Store", todo: list[Candidate], report: IndexReport,
         if row and row.content_hash == h:
             result.touch.append((StoredImage(row.id, row.path, f.size, f.mtime_ns, h),
                                  result.meta[str(f.path)]))
+        elif row is None and moves.claim(f, h, result.meta[str(f.path)]):
+            continue
         elif h in known:
             result.reuse.append((f, h, row))
         elif h in batch_hashes:  # a copy of a file embedded in this run: reuse it afterwards
@@ -134,8 +138,10 @@ def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", r
         return report
     progress("scan", len(scanned.found), len(scanned.found))
     store.vectors("images")  # load and check the FAISS file before the first write
-    todo = _hash_candidates(store, reconcile(store, scanned, report), report, progress,
-                            workers, stop)
+    found = reconcile(store, scanned, report)
+    moves = Moves(found.gone)
+    todo = _hash_candidates(store, found.candidates, moves, report, progress, workers, stop)
+    moves.settle(store, report, forget=not report.interrupted)
     saver = _Saver(store, save_every)
     touch(store, todo.touch, report)
     _apply_reuse(store, todo.reuse, todo.meta, report, saver)

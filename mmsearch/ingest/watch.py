@@ -108,9 +108,9 @@ class WatchState:
 
 
 def batch_line(report: "IndexReport", folders: int) -> str:
-    """One line for a batch: what it added, updated, removed and skipped, and why."""
-    line = (f"added {report.added}, updated {report.updated}, removed {report.removed}, "
-            f"skipped {len(report.skipped)}")
+    """One line for a batch: what it added, updated, moved, removed and skipped, and why."""
+    line = (f"added {report.added}, updated {report.updated}, moved {report.moved}, "
+            f"removed {report.removed}, skipped {len(report.skipped)}")
     if report.skipped:
         reasons = [f"{Path(s.path).name}: {s.reason}" for s in report.skipped[:3]]
         more = len(report.skipped) - len(reasons)
@@ -362,7 +362,8 @@ class Watcher:
         self._say(f"watch: {batch_line(report, folders)}")
         self.state.batches += 1
         self.state.last = {"added": report.added, "updated": report.updated,
-                           "removed": report.removed, "embedded": report.embedded,
+                           "moved": report.moved, "removed": report.removed,
+                           "embedded": report.embedded,
                            "skipped": len(report.skipped),
                            "seconds": round(report.seconds, 2)}
         self.state.indexing = self.state.done = 0

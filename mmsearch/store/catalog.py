@@ -517,13 +517,15 @@ class Catalog(CatalogReader):
         return last + 1
 
     def touch_images(self, rows: list[StoredImage]) -> None:
-        """Record a new size/mtime for files whose content did not change."""
+        """Record path, size and mtime of rows whose content did not change (touched or
+        moved files)."""
         if rows:
             with self._write() as conn:
                 stmt = (update(ImageRow).where(ImageRow.id == bindparam("row_id"))
-                        .values(size=bindparam("new_size"), mtime_ns=bindparam("new_mtime")))
-                conn.execute(stmt, [{"row_id": r.id, "new_size": r.size, "new_mtime": r.mtime_ns}
-                                    for r in rows])
+                        .values(path=bindparam("new_path"), size=bindparam("new_size"),
+                                mtime_ns=bindparam("new_mtime")))
+                conn.execute(stmt, [{"row_id": r.id, "new_path": r.path, "new_size": r.size,
+                                     "new_mtime": r.mtime_ns} for r in rows])
 
     def set_metadata(self, rows: Iterable[tuple[int, dict[str, Any]]]) -> None:
         """Store (id, metadata) of existing image rows; every column is written (missing: NULL)."""

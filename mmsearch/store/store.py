@@ -373,7 +373,9 @@ class Store:
             self._deferred = False  # it holds every write so far
 
     def touch_images(self, rows: Sequence[StoredImage]) -> None:
-        """Record a new size/mtime for files whose content did not change."""
+        """Record where files whose content did not change are now, and their size and
+        mtime: a touched file (same path) or a moved one (a new path; the id, the vector
+        and its place in the index stay)."""
         self._writer().touch_images(list(rows))
 
     def set_metadata(self, rows: Iterable[tuple[int, dict]]) -> None:
