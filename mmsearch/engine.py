@@ -24,6 +24,7 @@ from mmsearch.errors import ModelMismatchError, UsageError
 from mmsearch.ingest.backfill import backfill_metadata
 from mmsearch.ingest.embed import default_workers
 from mmsearch.ingest.run import IndexReport, index_files
+from mmsearch.ingest.videos import VideoOptions
 from mmsearch.locations import as_url, canonical, given_root, is_url
 from mmsearch.models.device import faiss_gpu, resolve_device, text_device
 from mmsearch.models.identity import ModelIdentity, check_loaded, check_precision, identify
@@ -237,7 +238,8 @@ class Engine:
                                 options_from(s, address), progress=progress, stop=stop)
         return index_files(self.store, lambda: self.embedder, [Path(p).expanduser() for p in paths],
                            batch_size=s.batch_size, workers=s.workers, draft=s.draft,
-                           progress=progress, stop=stop, decoder=s.decoder)
+                           progress=progress, stop=stop, decoder=s.decoder,
+                           video=VideoOptions(fps=s.video_fps))
 
     def _storage_for(self, runner: str, asked: str) -> str:
         """The storage of this run (:func:`mmsearch.store.storage_for_run`): the index's own,

@@ -8,7 +8,8 @@ plan, the server's file check, the ``--in`` filter); they are answered here only
   fully resolved, a file with its own name kept; a URL as fsspec spells it, without a
   trailing slash), and :func:`location` the form hits carry.
 * *Under*: a path is under a root when it is the root or lies below it: equal, or the
-  root followed by ``/``. Roots are read without their trailing slashes (``/a/`` is
+  root followed by ``/``, or by ``#t=``: a moment of a video (:func:`moment`,
+  ``clip.mp4#t=12.000``, a W3C media fragment) lies under the video. Roots are read without their trailing slashes (``/a/`` is
   ``/a``); a root that is nothing but slashes or a URL scheme keeps them (``/``,
   ``s3://``, ``file:///``) and holds every path starting with it; an empty root holds
   nothing. Paths are compared as they are written, character by character: no wildcard
@@ -34,7 +35,8 @@ from typing import Any, Iterable, Iterator
 from mmsearch.errors import UsageError
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # s3://..., or s3:/... once a Path had it
-SQL_CHUNK = 200  # roots per SQL statement: ~2 terms each, far below SQLite's depth of 1000
+SQL_CHUNK = 200  # roots per SQL statement: ~3 terms each, far below SQLite's depth of 1000
+FRAGMENT = "#t="  # a video's moment: clip.mp4#t=12.000 lies under clip.mp4
 
 
 def is_url(path: Path | str) -> bool:
@@ -121,14 +123,37 @@ def root_form(root: str) -> str:
 
 
 def _heads(path: str) -> Iterator[str]:
-    """Every root form that ``path`` is under: itself, and its beginnings before and
-    through each ``/`` (a root ending in ``/`` holds the paths starting with it)."""
+    """Every root form that ``path`` is under: itself, its beginnings before and through
+    each ``/`` (a root ending in ``/`` holds the paths starting with it), and before each
+    ``#t=``."""
     yield path
     i = path.find("/")
     while i >= 0:
         yield path[:i]
         yield path[:i + 1]
         i = path.find("/", i + 1)
+    i = path.find(FRAGMENT)
+    while i >= 0:
+        yield path[:i]
+        i = path.find(FRAGMENT, i + 1)
+
+
+def moment(video: str, seconds: float) -> str:
+    """Where a moment of a video is: the video's path with a media fragment
+    (``clip.mp4#t=12.000``); it lies under the video."""
+    return f"{video}{FRAGMENT}{seconds:.3f}"
+
+
+def video_of(path: str) -> str | None:
+    """The video a :func:`moment` path is of (None for any other path)."""
+    head, sep, tail = path.rpartition(FRAGMENT)
+    if not sep or not head:
+        return None
+    try:
+        float(tail)
+    except ValueError:
+        return None
+    return head
 
 
 class Roots:
@@ -165,13 +190,14 @@ class PathRange:
     equal: str | None
     low: str
     high: str
+    moments: tuple[str, str] | None = None  # [low, high) of the paths starting root#t=
 
 
 def path_range(root: str) -> PathRange:
     form = root_form(root)
     if form.endswith("/"):
         return PathRange(None, form, form[:-1] + "0")
-    return PathRange(form, form + "/", form + "0")
+    return PathRange(form, form + "/", form + "0", (form + FRAGMENT, form + FRAGMENT[:-1] + ">"))
 
 
 def path_ranges(roots: Iterable[str], chunk: int = SQL_CHUNK) -> list[list[PathRange]]:
@@ -196,5 +222,7 @@ def _sql_under(column: Any, roots: tuple[str, ...], chunk: int) -> tuple[Any, ..
     for ranges in path_ranges(roots, chunk):
         equal = [r.equal for r in ranges if r.equal is not None]
         terms = [(column >= r.low) & (column < r.high) for r in ranges]
+        terms += [(column >= r.moments[0]) & (column < r.moments[1]) for r in ranges
+                  if r.moments]
         out.append(reduce(or_, [column.in_(equal)] + terms if equal else terms))
     return tuple(out)

@@ -37,6 +37,8 @@ BATCH_SIZE = 32
 WORKERS = 0
 DRAFT = True
 DEDUP_THRESHOLD = 0.95
+VIDEO_FPS = 1.0         # frames sampled per second of video (plus the first of each shot)
+MAX_VIDEO_FPS = 30.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Settings:
                                    # "ivfsq", "ivfpq" or a FAISS factory string
     dedup_threshold: float = DEDUP_THRESHOLD  # cosine at or above which photos are near-duplicates
     runtime: str = "auto"         # image tower: auto | torch | onnx | onnx-int8 (models/onnxtower.py)
+    video_fps: float = VIDEO_FPS  # frames sampled per second of video (ingest/videos.py)
 
     @property
     def index_dir(self) -> Path:
@@ -112,6 +115,7 @@ def resolve(
     index_type: str | None = None,
     decoder: str | None = None,
     runtime: str | None = None,
+    video_fps: float | None = None,
 ) -> Settings:
     """Build :class:`Settings` from explicit values, then the environment, then defaults."""
     name = index or os.environ.get("MMSEARCH_INDEX") or DEFAULT_INDEX
@@ -123,11 +127,14 @@ def resolve(
         raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if workers is not None and workers < 0:
         raise UsageError("--workers must be 0 (auto) or more")
+    if video_fps is not None and not 0 < video_fps <= MAX_VIDEO_FPS:
+        raise UsageError(f"--video-fps must be above 0 and at most {MAX_VIDEO_FPS:g}, "
+                         f"got {video_fps:g}")
     settings = Settings(home=Path(home).expanduser() if home else default_home(),
                         index=check_index_name(name))
     changes = {
         "model": model, "pretrained": pretrained, "device": device,
         "batch_size": batch_size, "workers": workers, "draft": draft, "index_type": index_type,
-        "decoder": decoder, "runtime": runtime,
+        "decoder": decoder, "runtime": runtime, "video_fps": video_fps,
     }
     return settings.with_(**{k: v for k, v in changes.items() if v is not None})

@@ -46,8 +46,9 @@ def test_query_json_image_and_subtree(indexed: Path, tmp_path: Path) -> None:
     assert [h["rank"] for h in hits] == [1, 2, 3]
     assert set(hits[0]) == {"rank", "score", "id", "path", "taken", "taken_source", "camera_make",
                             "camera_model", "lens", "gps_lat", "gps_lon", "width", "height",
-                            "size", "ext"}
+                            "size", "ext", "kind", "time", "start", "end", "video_id"}
     assert (hits[0]["ext"], hits[0]["taken_source"], hits[0]["width"]) == ("png", "mtime", 64)
+    assert (hits[0]["kind"], hits[0]["time"], hits[0]["video_id"]) == ("image", None, None)
     probe = tmp_path / "probe.png"
     tinyclip.draw_shape("yellow", "circle", seed=99).save(probe)
     hits = json.loads(run("query", "--image", probe, "--json", "-k", "1"))

@@ -129,13 +129,15 @@ def test_periods_reach_the_end_of_the_calendar_and_read_ascii_digits_only() -> N
     ({"after": "2" * 40}, "after: too long"),
     ({"sort": "s" * 100}, "sort: too long"),
     ({"near": "1" * 100, "km": 1.0}, "near: too long"),
+    ({"type": "v" * 100}, "type: too long"),
+    ({"type": "movie"}, "--type 'movie': use image or video"),
 ])
 def test_every_free_text_filter_is_bounded(kwargs: dict, words: str) -> None:
     with pytest.raises(UsageError, match=re.escape(words)):
         from_options(**kwargs)
     assert all(o.help for o in OPTIONS.values())
     free_text = {n for n, o in OPTIONS.items() if o.max_chars}
-    assert free_text == {"in", "after", "before", "camera", "ext", "near", "sort"}
+    assert free_text == {"in", "after", "before", "camera", "ext", "near", "sort", "type"}
 
 
 def test_metadata_is_in_hits_info_and_json(engine: Engine, library: tuple[Path, dict]) -> None:
@@ -233,11 +235,13 @@ def test_an_older_index_is_back_filled_without_loading_a_model(
     root = home / "old"
     with closing(sqlite3.connect(root / "catalog.sqlite")) as db, db:  # as schema v2 left it
         db.execute("DROP INDEX ix_images_taken")
+        db.execute("DROP INDEX ix_images_video_id")
+        db.execute("DROP TABLE videos")
         for column in METADATA_COLUMNS:
             db.execute(f"ALTER TABLE images DROP COLUMN {column}")
         db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     with Engine.open("old", create=False) as e:
-        assert e.info().schema_version == 4 and e.info().metadata.not_read == 25
+        assert e.info().schema_version == 5 and e.info().metadata.not_read == 25
         assert "25 images have no metadata yet" in " ".join(e.check()[0])
         assert e.search("a photo", k=5, filters=Filters(camera="fuji")) == []  # not read yet
         report = e.index([folder])

@@ -17,6 +17,8 @@ from mmsearch.locations import (Roots, as_url, canonical, is_url, path_range, ro
 # ' ' and '.' (below '/'), '0' (just above it), non-ASCII (multi-byte in UTF-8)
 ALPHABET = "ab0/.-_%\\ é日😀~"
 PREFIXES = ["/", "/a b/", "s3://b/", "s3://", "file:///", "gs://bucket", ""]
+# a video's moments lie under it (clip.mp4#t=1.500); near misses must not
+MOMENTS = ["", "", "", "#t=1.500", "#t=0.000", "#t=", "#t>", "#s=1", "#t=2/x"]
 
 _metadata = MetaData()
 _paths = Table("paths", _metadata, Column("path", Text, unique=True))
@@ -31,7 +33,7 @@ def reference(path: str, root: str) -> bool:
     bare = root.rstrip("/")
     if not bare or re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]+:", bare):
         return path.startswith(root if bare else "/")
-    return path == bare or path.startswith(bare + "/")
+    return path == bare or path.startswith(bare + "/") or path.startswith(bare + "#t=")
 
 
 def sql_rows(roots: list[str], chunk: int) -> list[str]:
@@ -42,8 +44,8 @@ def sql_rows(roots: list[str], chunk: int) -> list[str]:
 
 @st.composite
 def paths_and_roots(draw: st.DrawFn) -> tuple[list[str], list[str]]:
-    paths = draw(st.lists(st.builds(str.__add__, st.sampled_from(PREFIXES),
-                                    st.text(ALPHABET, max_size=10)),
+    paths = draw(st.lists(st.builds(lambda a, b, c: a + b + c, st.sampled_from(PREFIXES),
+                                    st.text(ALPHABET, max_size=10), st.sampled_from(MOMENTS)),
                           min_size=1, max_size=30, unique=True))
     roots = []
     for _ in range(draw(st.integers(0, 12))):

@@ -1,4 +1,4 @@
-"""An index written by the schema-v1 release opens, migrates (v2, v3, v4) and answers as it did.
+"""An index written by the schema-v1 release opens, migrates (v2, v3, v4, v5) and answers as it did.
 
 ``fixtures/v1_index`` was made by ``fixtures/make_v1_index.py`` with the code of
 commit 60fd259 (schema v1): 24 drawn shapes and 12 captions embedded with the tiny
@@ -46,14 +46,14 @@ def _by_id(hits: list) -> dict[int, float]:
 def test_the_fixture_is_schema_v1() -> None:
     meta = _meta(FIXTURE)
     assert meta["schema_version"] == "1" and "backend" not in json.loads(meta["model"])
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
 
 
 def test_a_v1_index_migrates_and_answers_the_same(v1_home: Path, tmp_path: Path) -> None:
     config = tinyclip.write_config(tmp_path / f"{tinyclip.MODEL_NAME}.json")
     with Engine.open("v1", home=v1_home, model=str(config), pretrained="none",
                      create=False) as engine:
-        assert engine.info().schema_version == 4 and engine.info().images == 24
+        assert engine.info().schema_version == 5 and engine.info().images == 24
         assert engine.info().storage == "catalog"  # v4: recorded; its vectors stay where they are
         assert len(engine.store.missing_metadata()) == 24  # read by the next index run
         assert engine.store.model.backend == "open_clip"
@@ -70,13 +70,19 @@ def test_a_v1_index_migrates_and_answers_the_same(v1_home: Path, tmp_path: Path)
         for hits, want in zip(search_texts(engine.store, vectors, 5), EXPECTED["texts_for_vectors"]):
             assert [(h.id, h.key) for h in hits] == [(i, key) for i, key, _ in want]
     model = json.loads(_meta(v1_home / "v1")["model"])
-    assert _meta(v1_home / "v1")["schema_version"] == "4"
+    assert _meta(v1_home / "v1")["schema_version"] == "5"
     assert _meta(v1_home / "v1")["storage"] == "catalog"
     with closing(sqlite3.connect(v1_home / "v1" / "catalog.sqlite")) as db:
         columns = {row[1] for row in db.execute("PRAGMA table_info(embeddings)")}
         assert {"shard", "shard_row"} <= columns
         assert db.execute("SELECT count(*) FROM embeddings WHERE shard IS NOT NULL "
                           "OR length(vector) != 4 * 64").fetchone() == (0,)
+        # v5: every row of an older index is a photo; the videos table is there, empty
+        types = {row[1]: row[2] for row in db.execute("PRAGMA table_info(images)")}
+        assert (types["video_id"], types["start_s"], types["time_s"]) == ("INTEGER", "FLOAT", "FLOAT")
+        assert types["width"] == "INTEGER" and types["gps_lat"] == "FLOAT"
+        assert db.execute("SELECT count(*) FROM images WHERE video_id IS NOT NULL").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM videos").fetchone() == (0,)
     assert (model["backend"], model["text_pretrained"], model["text_fingerprint"]) == (
         "open_clip", None, None)
 

@@ -241,7 +241,7 @@ def test_info_declares_the_filters_for_the_page(client: TestClient) -> None:
     filters = client.get("/api/info").json()["filters"]
     assert filters["camera"]["max_chars"] == 200 and filters["in"]["help"]
     assert set(filters) == {"in", "after", "before", "camera", "ext", "near", "km", "min_score",
-                            "sort", "dedup"}
+                            "sort", "dedup", "type", "moments"}
 
 
 def test_new_photos_appear_without_a_restart(client: TestClient, library, tiny_model, tmp_path) -> None:

@@ -20,7 +20,7 @@ from mmsearch.cli.query import query_command
 from mmsearch.cli.serve import serve_command
 from mmsearch.cli.train import distill_command, finetune_command
 from mmsearch.cli.watching import RescanOpt, WatchOpt, keep_watching, watch_options
-from mmsearch.settings import BATCH_SIZE, DEDUP_THRESHOLD, DEVICE, DRAFT, WORKERS
+from mmsearch.settings import BATCH_SIZE, DEDUP_THRESHOLD, DEVICE, DRAFT, VIDEO_FPS, WORKERS
 
 app = typer.Typer(help="Search photo folders and image-text collections by meaning.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -50,17 +50,20 @@ def index(
                                          "(SQLite), shards (npy files; the catalog keeps rows) "
                                          "or auto (shards with --runner ray, else catalog); an "
                                          "existing index keeps its own.")] = "auto",
+    video_fps: Annotated[float, typer.Option(help="Frames sampled per second of video (plus "
+                                             "the first frame of each shot).")] = VIDEO_FPS,
     watch: WatchOpt = False, rescan_every: RescanOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Embed every image under PATHS (recursively); re-runs only embed what changed."""
+    """Embed every image and video under PATHS (recursively); re-runs only embed what changed."""
     from mmsearch.progress import ProgressBar
 
     stop = threading.Event()
     watching = watch_options(watch, rescan_every)
     with open_engine(create=True, index=index, home=home, model=model, pretrained=pretrained,
                      device=device, batch_size=batch_size, workers=workers, draft=draft,
-                     index_type=index_type, decoder=decoder, runtime=runtime) as engine, \
+                     index_type=index_type, decoder=decoder, runtime=runtime,
+                     video_fps=video_fps) as engine, \
             stop_on_sigint(stop):
         with ProgressBar(enabled=not as_json) as bar:
             report = engine.index(paths, progress=bar.update, stop=stop, runner=runner,
@@ -89,6 +92,13 @@ def _print_report(report: Any) -> None:
                f"{moved}removed {report.removed}, skipped {len(report.skipped)} "
                f"({report.embedded} embedded in {report.seconds:.1f}s, "
                f"{report.images_per_second:.1f} images/s)")
+    if report.frames:
+        typer.echo(f"  videos: {report.frames} moments stored")
+    if report.videos_without_decoder:
+        typer.echo(f"  {report.videos_without_decoder} videos not indexed: they need PyAV, "
+                   "pip install 'mmsearch[video]'")
+    for w in report.warnings:
+        typer.echo(f"  partly indexed {w.path!r}: {w.reason}")
     if report.metadata_read:
         typer.echo(f"  read the metadata (dates, cameras, places) of {report.metadata_read} "
                    "images indexed before")

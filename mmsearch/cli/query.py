@@ -37,6 +37,8 @@ def query_command(
     dedup: Annotated[bool, Opt("--dedup", help=_HELP["dedup"] + " (cosine >= "
                                "--dedup-threshold)")] = False,
     dedup_threshold: Annotated[float, Opt(help="Cosine at or above which --dedup hides a hit.")] = DEDUP_THRESHOLD,
+    type_: Annotated[Optional[str], Opt("--type", help=_HELP["type"])] = None,
+    moments: Annotated[bool, Opt("--moments", help=_HELP["moments"])] = False,
     index: IndexOpt = None, home: HomeOpt = None, model: ModelOpt = None,
     pretrained: PretrainedOpt = None, device: DeviceOpt = DEVICE, as_json: JsonOpt = False,
 ) -> None:
@@ -52,10 +54,10 @@ def query_command(
         raise UsageError("give something to search for: words, an image file, id:N, or --image PATH")
     filters = from_options(within=within, after=after, before=before, camera=camera, ext=ext,
                            near=near, km=km, min_score=min_score, sort=sort, dedup=dedup,
-                           dedup_threshold=dedup_threshold)
-    if texts and (filters.selects or sort != "score" or dedup):
-        raise UsageError("--in, --after, --before, --camera, --ext, --near, --sort and --dedup "
-                         "apply to images, not to --texts")
+                           dedup_threshold=dedup_threshold, type=type_, moments=moments)
+    if texts and (filters.selects or sort != "score" or dedup or moments):
+        raise UsageError("--in, --after, --before, --camera, --ext, --near, --type, --sort, "
+                         "--dedup and --moments apply to images, not to --texts")
     with open_engine(index=index, home=home, model=model, pretrained=pretrained,
                      device=device) as engine:
         hits: list[Any] = (engine.search_texts(query, k=k) if texts
@@ -76,5 +78,14 @@ def _print_hits(hits: list[Any], texts: bool, as_json: bool, filters: Any) -> No
         typer.echo("no results" + (" (nothing indexed matches the filters)" if shaped else ""))
     for h in hits:
         what = h.text if texts else h.path
+        if not texts and h.kind == "video":
+            what = f"{h.path} @ {clock(h.start)}–{clock(h.end)}"
         when = f"  {h.taken or '-':<19}" if filters.sort != "score" else ""
         typer.echo(f"{h.rank:>3}  {h.score:.4f}{when}  {what}")
+
+
+def clock(seconds: float | None) -> str:
+    """``83.4`` -> ``1:23``; ``3723`` -> ``1:02:03``."""
+    total = int(seconds or 0)
+    hours, rest = divmod(total, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

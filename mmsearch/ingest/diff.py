@@ -61,6 +61,9 @@ class IndexReport:
     removed: int = 0
     embedded: int = 0
     skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[Skipped] = field(default_factory=list)  # stored, but not whole (a video)
+    frames: int = 0            # video frames stored (one per span of alike frames)
+    videos_without_decoder: int = 0  # videos found but not indexed: PyAV is missing
     metadata_read: int = 0     # earlier images whose metadata this run read (an older index)
     interrupted: bool = False
     seconds: float = 0.0
@@ -107,15 +110,17 @@ class Scan:
     keep: list[str] = field(default_factory=list)
 
 
-def scan(roots: Iterable[Path], report: IndexReport, stop: threading.Event | None = None) -> Scan:
-    """Walk the local ``roots`` (a missing one is a `UsageError`); what was passed over is
-    reported and kept. `ScanStopped` when ``stop`` is set before the walk ends."""
+def scan(roots: Iterable[Path], report: IndexReport, stop: threading.Event | None = None,
+         extensions: Collection[str] | None = None) -> Scan:
+    """Walk the local ``roots`` (a missing one is a `UsageError`) for files with these
+    ``extensions`` (default: the images'); what was passed over is reported and kept.
+    `ScanStopped` when ``stop`` is set before the walk ends."""
     found: dict[Path, Found] = {}
     out = Scan()
     roots = list(roots)
     out.roots += [given_root(root) for root in roots]  # all checked before the first walk
     for root in roots:
-        for n, item in enumerate(walk(root)):
+        for n, item in enumerate(walk(root, extensions=extensions)):
             if n % STOP_EVERY == 0 and stopped(stop):
                 raise ScanStopped
             if isinstance(item, SkippedFile):
@@ -190,14 +195,21 @@ class Moves:
                                         content_hash), meta))
         return True
 
+    def taken(self) -> list[StoredImage]:
+        """The claimed rows, with their files' new paths, sizes and mtimes."""
+        return [r for r, _ in self._moved]
+
+    def unclaimed(self) -> list[StoredImage]:
+        return [r for rows in self._gone.values() for r in rows]
+
     def settle(self, store: "Store", report: IndexReport, *, forget: bool = True) -> None:
-        """Record the moves; forget the unclaimed rows unless ``forget`` is False (a run
-        stopped before it hashed every file: they may be moves it has not seen yet)."""
-        store.touch_images([r for r, _ in self._moved])
+        """Record the moves of photos; forget the unclaimed rows unless ``forget`` is False
+        (a run stopped before it hashed every file: they may be moves it has not seen yet)."""
+        store.touch_images(self.taken())
         store.set_metadata((r.id, meta) for r, meta in self._moved)
         report.moved += len(self._moved)
         if forget:
-            forget_gone(store, [r for rows in self._gone.values() for r in rows], report)
+            forget_gone(store, self.unclaimed(), report)
 
 
 def forget_gone(store: "Store", gone: Sequence[StoredImage], report: IndexReport) -> None:

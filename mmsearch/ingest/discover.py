@@ -48,6 +48,16 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 HEIF_EXTENSIONS: frozenset[str] = frozenset({".heic", ".heif"})
 """Extensions recognised only when ``pillow_heif`` is importable."""
 
+VIDEO_EXTENSIONS: frozenset[str] = frozenset(
+    {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp"}
+)
+"""Extensions of the video files an index run finds (decoded with PyAV: the video extra)."""
+
+
+def is_video(path: Path | str) -> bool:
+    """Whether ``path`` names a video file, by its extension (any case)."""
+    return has_image_extension(Path(path).name, VIDEO_EXTENSIONS)
+
 
 @dataclass(frozen=True)
 class FoundFile:

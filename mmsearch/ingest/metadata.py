@@ -42,7 +42,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +224,23 @@ def _exif_offset(value: object) -> str | None:
     if hours > 14 or minutes > 59:
         return None
     return _format_offset(timedelta(hours=hours, minutes=minutes) * (-1 if sign == "-" else 1))
+
+
+def video_taken(created: str | None, mtime_ns: int) -> tuple[str | None, str | None, str]:
+    """(taken, taken_offset, taken_source) of a video: the container's creation time (UTC,
+    as phones write it) in local time, source ``container``; else the file's mtime."""
+    if created:
+        try:
+            when = datetime.fromisoformat(created.replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            local = when.astimezone()
+            offset = local.utcoffset()
+            return (local.replace(tzinfo=None).isoformat(timespec="seconds"),
+                    _format_offset(offset) if offset is not None else None, "container")
+        except (ValueError, OverflowError, OSError):
+            pass
+    return (*_mtime_time(mtime_ns), "mtime")
 
 
 def _mtime_time(mtime_ns: int) -> tuple[str | None, str | None]:

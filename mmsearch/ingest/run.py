@@ -34,7 +34,8 @@ from mmsearch.errors import DecodeError, UsageError
 from mmsearch.ingest.decode import content_hash
 from mmsearch.ingest.diff import (Candidate, IndexReport, Moves, ScanStopped, Skipped, reconcile,
                                   scan, stopped, touch)
-from mmsearch.ingest.discover import FoundFile
+from mmsearch.ingest.discover import VIDEO_EXTENSIONS, FoundFile, supported_extensions
+from mmsearch.ingest.videos import VideoOptions, index_videos, split
 from mmsearch.ingest.backfill import backfill_metadata, file_metadata
 from mmsearch.ingest.embed import default_workers, embed_paths
 from mmsearch.progress import Progress, no_progress
@@ -114,7 +115,8 @@ def _hash_all(files: list[FoundFile], workers: int, progress: Progress, report: 
 def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", roots: Iterable[Path], *, batch_size: int = BATCH_SIZE,
         workers: int = WORKERS, draft: bool = DRAFT, progress: Progress = no_progress,
         stop: threading.Event | None = None, commit_every: int | None = None,
-        save_every: float | None = None, decoder: str = "auto") -> IndexReport:
+        save_every: float | None = None, decoder: str = "auto",
+        video: VideoOptions = VideoOptions()) -> IndexReport:
     """Bring the index in line with ``roots``. The caller holds the store's write lock.
 
     ``commit_every`` images go in one catalog transaction; the FAISS file is
@@ -131,7 +133,7 @@ def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", r
     report = IndexReport()
     decoders, workers = workers, workers or default_workers()  # 0: the decoder chooses
     try:
-        scanned = scan(roots, report, stop)
+        scanned, videos = split(scan(roots, report, stop, supported_extensions() | VIDEO_EXTENSIONS))
     except ScanStopped:
         report.interrupted = True
         report.seconds = time.perf_counter() - start
@@ -145,9 +147,12 @@ def index_files(store: "Store", embedder: "Embedder | Callable[[], Embedder]", r
     saver = _Saver(store, save_every)
     touch(store, todo.touch, report)
     _apply_reuse(store, todo.reuse, todo.meta, report, saver)
-    _embed_new(store, embedder, todo, report, progress, stop, saver, commit_every,
+    embedder = _embed_new(store, embedder, todo, report, progress, stop, saver, commit_every,
                batch_size=batch_size, workers=decoders, draft=draft, decoder=decoder)
     _apply_reuse(store, todo.dupes if not report.interrupted else [], todo.meta, report, saver)
+    if not report.interrupted:
+        embedder = index_videos(store, embedder, videos, report, video, batch_size=batch_size,
+                                stop=stop)
     if not report.interrupted:
         store.prune()
         report.metadata_read = backfill_metadata(store, scanned.roots, workers, stop)
@@ -196,13 +201,14 @@ def _apply_reuse(store: "Store", entries: list[tuple[FoundFile, str, StoredImage
 
 def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", todo: _Plan,
                report: IndexReport, progress: Progress, stop: threading.Event | None,
-               saver: _Saver, commit_every: int, **options) -> None:
+               saver: _Saver, commit_every: int, **options) -> "Embedder | Callable[[], Embedder]":
+    """Embed the new contents; returns the embedder (loaded, if it was needed)."""
     if stopped(stop):
         report.interrupted = True
-        return
+        return embedder
     jobs = {f.path: (f, h, row) for f, h, row in todo.embed}
     if not jobs:
-        return
+        return embedder
     if callable(embedder):  # loaded only now: a run with nothing new never loads a model
         embedder = embedder()
     pending: list[Pending] = []
@@ -224,6 +230,7 @@ def _embed_new(store: "Store", embedder: "Embedder | Callable[[], Embedder]", to
             report.interrupted = True
             break
     _commit(store, pending, report, saver)
+    return embedder
 
 
 def _commit(store: "Store", pending: list[Pending], report: IndexReport, saver: _Saver,

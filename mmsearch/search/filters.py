@@ -62,7 +62,10 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("min_score", "Only hits with at least this cosine score (-1..1)."),
     Option("sort", "score, date (newest first) or date-asc: the order of the k best hits.", 16),
     Option("dedup", "Hide hits that are near-duplicates of a better one."),
+    Option("type", "image or video: only photos, or only moments of videos.", 8),
+    Option("moments", "Several moments per video (default: each video's best one)."),
 )}
+TYPES = ("image", "video")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class Filters:
     sort: str = "score"
     dedup: bool = False
     dedup_threshold: float = DEDUP_THRESHOLD
+    type: str | None = None
+    moments: bool = False
 
     def __post_init__(self) -> None:
         check(self)
@@ -95,19 +100,20 @@ class Filters:
     def selects(self) -> bool:
         """Whether these filters restrict which images are ranked at all."""
         return any((self.within is not None, self.after, self.before, self.camera, self.ext,
-                    self.near is not None))
+                    self.near is not None, self.type))
 
 
 def from_options(*, within: Path | str | None = None, after: str | None = None,
                  before: str | None = None, camera: str | None = None, ext: str | None = None,
                  near: str | None = None, km: float | None = None,
                  min_score: float | None = None, sort: str = "score", dedup: bool = False,
-                 dedup_threshold: float = DEDUP_THRESHOLD) -> Filters:
+                 dedup_threshold: float = DEDUP_THRESHOLD, type: str | None = None,
+                 moments: bool = False) -> Filters:
     """:class:`Filters` from the raw values of :data:`OPTIONS` (empty text: no filter)."""
     return Filters(within=within or None, after=after or None, before=before or None,
                    camera=camera or None, ext=tuple(ext.split(",")) if ext else (),
                    near=lat_lon(near), km=km, min_score=min_score, sort=sort, dedup=dedup,
-                   dedup_threshold=dedup_threshold)
+                   dedup_threshold=dedup_threshold, type=type or None, moments=moments)
 
 
 def bounded(name: str, value: object) -> None:
@@ -121,8 +127,11 @@ def bounded(name: str, value: object) -> None:
 def check(f: Filters) -> None:
     """Refuse contradictory, malformed or oversized filters with one clear line."""
     for name, value in (("in", f.within), ("after", f.after), ("before", f.before),
-                        ("camera", f.camera), ("ext", ",".join(f.ext)), ("sort", f.sort)):
+                        ("camera", f.camera), ("ext", ",".join(f.ext)), ("sort", f.sort),
+                        ("type", f.type)):
         bounded(name, value)
+    if f.type is not None and f.type not in TYPES:
+        raise UsageError(f"--type {f.type!r}: use image or video")
     if f.within is not None and "\0" in str(f.within):
         raise UsageError("in: a path has no NUL character")
     if (f.near is None) != (f.km is None):

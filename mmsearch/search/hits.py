@@ -27,6 +27,11 @@ class ImageHit:
     height: int | None = None
     size: int | None = None           # bytes
     ext: str | None = None
+    kind: str = "image"               # "image", or "video": a moment of a video at ``path``
+    time: float | None = None         # a video's moment: the best frame's time (seconds)
+    start: float | None = None        # ...and the span around it that matches as well
+    end: float | None = None
+    video_id: int | None = None
 
 
 class Hits(list):

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmsearch.errors import CorruptIndexError, EmptyIndexError, UsageError
-from mmsearch.locations import canonical, location
+from mmsearch.locations import canonical, location, video_of
+from mmsearch.search import moments
 from mmsearch.search.duplicates import dedup_ranked
 from mmsearch.search.filters import (Filters, bounding_box, extensions, period, within_km)
 from mmsearch.search.hits import HIT_METADATA, ImageHit, TextHit
@@ -66,16 +67,36 @@ def search_images(store: "Store", query: np.ndarray, k: int,
     if subset is not None and not subset.size:
         return [[] for _ in np.atleast_2d(query)]
     fetch = k if filters is None or not filters.dedup else min(DEDUP_FETCH * k, index.ntotal)
-    result = ranked_ids(store, index, query, fetch, subset)
+    videos = (filters is None or filters.type != "image") and store.read.video_count() > 0
+    while True:
+        wide = min(moments.FETCH * fetch, index.ntotal) if videos else fetch
+        found = _hits(store, query, ranked_ids(store, index, query, wide, subset), videos,
+                      filters is not None and filters.moments)
+        if not videos or wide >= index.ntotal or min(map(len, found), default=k) >= k:
+            break
+        fetch = wide  # a few videos filled the candidates: rank more of them
+    return [shape(store, hits, k, filters) for hits in found]
+
+
+def _hits(store: "Store", query: np.ndarray, result: "SearchResult", videos: bool,
+          several: bool) -> list[list[ImageHit]]:
+    """Hits per query row, with the moments of videos collapsed (:mod:`.moments`)."""
     records = store.image_records(int(i) for i in np.unique(result.ids) if i >= 0)
-    return [shape(store, [_hit(s, i, records[i]) for s, i in zip(row_s, row_i) if i in records],
-                  k, filters)
+    rows = [[_hit(s, i, records[i]) for s, i in zip(row_s, row_i) if i in records]
             for row_s, row_i in zip(result.scores, result.ids)]
+    if not videos:
+        return rows
+    return [moments.collapse(store, q, hits, several)
+            for q, hits in zip(np.atleast_2d(query), rows)]
 
 
 def _hit(score: float, image_id: int, record: dict) -> ImageHit:
     fields = {f: record.get(f) for f in HIT_METADATA}
-    return ImageHit(0, float(score), int(image_id), location(record["path"]), **fields)
+    if record.get("video_id") is None:
+        return ImageHit(0, float(score), int(image_id), location(record["path"]), **fields)
+    return ImageHit(0, float(score), int(image_id), location(video_of(record["path"]) or ""),
+                    **fields, kind="video", time=record["time_s"], start=record["start_s"],
+                    end=record["end_s"], video_id=record["video_id"])
 
 
 def selected_ids(store: "Store", filters: Filters) -> np.ndarray:
@@ -88,7 +109,7 @@ def selected_ids(store: "Store", filters: Filters) -> np.ndarray:
         within=within,
         taken_from=period(filters.after)[0] if filters.after else None,
         taken_until=period(filters.before)[1] if filters.before else None,
-        camera=filters.camera or None, exts=extensions(filters.ext),
+        camera=filters.camera or None, exts=extensions(filters.ext), kind=filters.type,
         bbox=bounding_box(*filters.near, filters.km) if filters.near and filters.km else None)
     ids, lat, lon = store.select_images(sel)
     if within is not None and not ids.size and not store.read.image_ids_under(within).size:

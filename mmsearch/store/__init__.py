@@ -17,12 +17,13 @@
 from __future__ import annotations
 
 from mmsearch.store.catalog import ImageFile, StoredImage
+from mmsearch.store.schema import VideoFile
 from mmsearch.store.lock import lock_holder
 from mmsearch.store.selection import ImageSelection, MetadataSummary, camera_name
 from mmsearch.store.storage import (STORAGES, InShards, VectorSource, storage_for_run,
                                     storage_summary)
 from mmsearch.store.store import RunIntent, Store
 
-__all__ = ["Store", "RunIntent", "ImageFile", "StoredImage", "ImageSelection", "MetadataSummary",
+__all__ = ["Store", "RunIntent", "ImageFile", "StoredImage", "VideoFile", "ImageSelection", "MetadataSummary",
            "camera_name", "lock_holder", "STORAGES", "InShards", "VectorSource",
            "storage_for_run", "storage_summary"]

@@ -31,7 +31,7 @@ from mmsearch.locations import sql_under
 from mmsearch.models.identity import ModelIdentity
 from mmsearch.store.schema import (METADATA_COLUMNS, MIGRATIONS, READABLE_UNMIGRATED, SCHEMA_VERSION,
                                    STORAGE, EmbeddingRow, ImageFile, ImageRow, MetaRow, StoredImage,
-                                   TextRow, damaged_blob, to_blob)
+                                   TextRow, VideoFile, VideoRow, damaged_blob, to_blob)
 from mmsearch.store.sqlite import (SQLITE_BUSY, SQLITE_LOCKED, ReadConn, WriteTxn, check_sqlite_file,
                                    chunks, frozen, make_engine, primary_code, typed_error)
 from mmsearch.store.storage import VectorSource, vector_source
@@ -147,16 +147,60 @@ class CatalogReader:
         return int(row[0]) if row and isinstance(row[0], str) and row[0].isdigit() else 0
 
     def images_under(self, roots: str | Iterable[str]) -> dict[str, StoredImage]:
-        """Every stored image whose path is one of ``roots`` or below one
-        (:func:`mmsearch.locations.sql_under`: one query per chunk of roots)."""
+        """Every stored image file (not a video's frame) whose path is one of ``roots`` or
+        below one (:func:`mmsearch.locations.sql_under`: one query per chunk of roots)."""
         out: dict[str, StoredImage] = {}
         with self._read() as conn:
             for condition in _under(roots):
                 rows = conn.execute(select(ImageRow.id, ImageRow.path, ImageRow.size,
                                            ImageRow.mtime_ns, ImageRow.content_hash)
+                                    .where(condition, ImageRow.video_id.is_(None)))
+                out.update({self.as_text(r.path): StoredImage(*r) for r in rows})
+        return out
+
+    def videos_under(self, roots: str | Iterable[str]) -> dict[str, StoredImage]:
+        """Every stored video file under ``roots``, as :meth:`images_under` (video ids)."""
+        out: dict[str, StoredImage] = {}
+        with self._read() as conn:
+            for condition in _under(roots, VideoRow.path):
+                rows = conn.execute(select(VideoRow.id, VideoRow.path, VideoRow.size,
+                                           VideoRow.mtime_ns, VideoRow.content_hash)
                                     .where(condition))
                 out.update({self.as_text(r.path): StoredImage(*r) for r in rows})
         return out
+
+    def frame_ids(self, video_ids: Iterable[int]) -> np.ndarray:
+        """The image ids of these videos' frames, sorted."""
+        ids: list[int] = []
+        with self._read() as conn:
+            for chunk in chunks([int(i) for i in video_ids], 900):
+                ids += conn.execute(select(ImageRow.id)
+                                    .where(ImageRow.video_id.in_(chunk))).scalars().all()
+        return np.asarray(sorted(ids), dtype=np.int64)
+
+    def videos_by_id(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """id -> the ``videos`` row (path, duration, codec...) of these videos."""
+        out: dict[int, dict[str, Any]] = {}
+        with self._read() as conn:
+            for chunk in chunks(sorted({int(i) for i in ids}), 900):
+                for r in conn.execute(select(VideoRow).where(VideoRow.id.in_(chunk))):
+                    row = r[0]
+                    out[row.id] = {c.key: getattr(row, c.key) for c in VideoRow.__table__.columns}
+        return out
+
+    def frames_of(self, video_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, start_s, end_s, time_s) of one video's frames, in time order."""
+        with self._read() as conn:
+            rows = conn.execute(select(ImageRow.id, ImageRow.start_s, ImageRow.end_s,
+                                       ImageRow.time_s).where(ImageRow.video_id == video_id)
+                                .order_by(ImageRow.time_s)).all()
+        cols = list(zip(*rows)) if rows else [(), (), (), ()]
+        return (np.asarray(cols[0], dtype=np.int64),
+                *(np.asarray(c, dtype=np.float64) for c in cols[1:]))
+
+    def video_count(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(select(func.count()).select_from(VideoRow)).scalar())
 
     def image_ids_under(self, roots: str | Iterable[str]) -> np.ndarray:
         """The ids of :meth:`images_under`, sorted."""
@@ -485,13 +529,25 @@ class Catalog(CatalogReader):
 
     def commit_images(self, new_vectors: dict[str, np.ndarray], files: list[ImageFile],
                       delete_ids: Iterable[int] = (), ids: Iterable[int] | None = None,
-                      locations: dict[str, tuple[int, int]] | None = None) -> np.ndarray:
+                      locations: dict[str, tuple[int, int]] | None = None,
+                      video: VideoFile | None = None,
+                      replaces_video: int | None = None) -> np.ndarray:
         """One transaction: store new embeddings (``locations``: content hash -> (shard, row)
         of vectors kept in npy shards), add rows for ``files`` under fresh ids
         (returned, in order; ``ids``: ids reserved before, see ``reserve_image_ids``),
-        delete the rows ``delete_ids``. A content already stored keeps its vector."""
+        delete the rows ``delete_ids``. A content already stored keeps its vector.
+        ``video``: ``files`` are its frames; its row is added (replacing the video row
+        ``replaces_video``) in the same transaction."""
         delete_ids = [int(i) for i in delete_ids]
         with self._write() as conn:
+            if video is not None:
+                video_id = self._last_id(conn, VideoRow, "videos_last_id") + 1
+                if replaces_video is not None:
+                    conn.execute(delete(VideoRow).where(VideoRow.id == replaces_video))
+                conn.execute(insert(VideoRow), [video.row(video_id)])
+                self._put_meta(conn, "videos_last_id", str(video_id))
+                files = [ImageFile(f.path, f.size, f.mtime_ns, f.content_hash,
+                                   {**f.meta, "video_id": video_id}) for f in files]
             last = self._last_id(conn, ImageRow, "images_last_id")
             ids = (np.arange(last + 1, last + 1 + len(files), dtype=np.int64) if ids is None
                    else np.asarray(list(ids), dtype=np.int64))
@@ -526,6 +582,24 @@ class Catalog(CatalogReader):
                                 mtime_ns=bindparam("new_mtime")))
                 conn.execute(stmt, [{"row_id": r.id, "new_path": r.path, "new_size": r.size,
                                      "new_mtime": r.mtime_ns} for r in rows])
+
+    def move_videos(self, rows: list[StoredImage]) -> None:
+        """Record path, size and mtime of videos whose content did not change (touched or
+        moved): a moved video's frames follow it (their paths are its own plus ``#t=``)."""
+        with self._write() as conn:
+            for r in rows:
+                old = conn.execute(select(VideoRow.path).where(VideoRow.id == r.id)).scalar()
+                conn.execute(update(VideoRow).where(VideoRow.id == r.id)
+                             .values(path=r.path, size=r.size, mtime_ns=r.mtime_ns))
+                if old is not None and old != r.path:
+                    conn.execute(update(ImageRow).where(ImageRow.video_id == r.id)
+                                 .values(path=r.path + func.substr(ImageRow.path, len(old) + 1)))
+
+    def delete_videos(self, ids: Iterable[int]) -> None:
+        """Delete these video rows (their frames are image rows, forgotten as images)."""
+        with self._write() as conn:
+            for chunk in chunks([int(i) for i in ids], 900):
+                conn.execute(delete(VideoRow).where(VideoRow.id.in_(chunk)))
 
     def set_metadata(self, rows: Iterable[tuple[int, dict[str, Any]]]) -> None:
         """Store (id, metadata) of existing image rows; every column is written (missing: NULL)."""
@@ -602,8 +676,8 @@ class Catalog(CatalogReader):
         return CatalogReader(self._engine, self.path, self._held)
 
 
-def _under(roots: str | Iterable[str]) -> list[Any]:
-    """Conditions on ``images.path``, one per chunk of ``roots`` (a root alone: one), whose
-    rows together are the images under them: index ranges, never a term per root in one
-    statement (SQLite refuses an expression 1,000 deep)."""
-    return sql_under(ImageRow.path, [roots] if isinstance(roots, str) else roots)
+def _under(roots: str | Iterable[str], column: Any = ImageRow.path) -> list[Any]:
+    """Conditions on ``column`` (``images.path``), one per chunk of ``roots`` (a root alone:
+    one), whose rows together are those under them: index ranges, never a term per root in
+    one statement (SQLite refuses an expression 1,000 deep)."""
+    return sql_under(column, [roots] if isinstance(roots, str) else roots)

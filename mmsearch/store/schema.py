@@ -12,7 +12,14 @@ rows carry the photo's metadata (date taken, camera, lens, GPS, size after
 orientation, extension; :data:`METADATA_COLUMNS`). v4: an index records its *storage*
 (meta ``storage``: ``catalog``, every index before v4, or ``shards``); in an index stored
 as ``shards`` an embedding row holds no vector (an empty blob) but where it lies, shard
-``k`` row ``r`` of an npy file (``shard``, ``shard_row``; see :mod:`.storage`).
+``k`` row ``r`` of an npy file (``shard``, ``shard_row``; see :mod:`.storage`). v5:
+videos. A ``videos`` row is a video file (its path, size, mtime, content hash and what
+the container says: duration, frame rate, size, codec, rotation, creation time); its
+sampled frames are ``images`` rows (an id and a vector in the same FAISS index as the
+photos) with ``video_id``, the span of the video they stand for (``start_s`` to
+``end_s``) and the time of the frame (``time_s``). A frame row's path is the video's with
+a media fragment, ``clip.mp4#t=12.000`` (paths stay unique), its content hash the video's
+with the same fragment, and its metadata the video's (taken, size, extension).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from sqlalchemy import Float, ForeignKey, Integer, LargeBinary, String, Text, in
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 STORAGE = "storage"  # meta: where image vectors are kept (storage.STORAGES)
 
 
@@ -69,8 +76,34 @@ class ImageRow(Base):
     height: Mapped[int | None] = mapped_column(Integer, nullable=True)
     orientation: Mapped[int | None] = mapped_column(Integer, nullable=True)
     ext: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # v5: a video's frame (NULL for a photo): which video, the span it stands for, its time
+    video_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    start_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    end_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    time_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class VideoRow(Base):
+    """v5: a video file; its frames are image rows (``ImageRow.video_id``)."""
+
+    __tablename__ = "videos"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    size: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(Text, index=True)
+    duration: Mapped[float] = mapped_column(Float)
+    fps: Mapped[float | None] = mapped_column(Float, nullable=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    codec: Mapped[str] = mapped_column(Text)
+    rotation: Mapped[int] = mapped_column(Integer)
+    taken: Mapped[str | None] = mapped_column(Text, nullable=True)
+    frames: Mapped[int] = mapped_column(Integer)
+
+
+FRAME_COLUMNS = ("video_id", "start_s", "end_s", "time_s")
+VIDEO_COLUMNS = tuple(c.key for c in VideoRow.__table__.columns if c.key != "id")
 FILE_COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash")
 # the photo metadata columns, in the table's order: what export, hits and filters read
 METADATA_COLUMNS = tuple(c.key for c in ImageRow.__table__.columns if c.key not in FILE_COLUMNS)
@@ -110,13 +143,20 @@ def _migrate_1_to_2(conn: Connection) -> None:
 def _migrate_2_to_3(conn: Connection) -> None:
     """Image rows gain the photo's metadata columns, empty until the next index run (or
     `check --repair`) reads them from the files' headers: nothing is embedded again."""
-    have = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(images)")}
-    for column in METADATA_COLUMNS:
-        if column not in have:  # a new file was made whole by create_all
-            kind = {"gps_lat": "FLOAT", "gps_lon": "FLOAT", "width": "INTEGER",
-                    "height": "INTEGER", "orientation": "INTEGER"}.get(column, "TEXT")
-            conn.exec_driver_sql(f"ALTER TABLE images ADD COLUMN {column} {kind}")
+    _add_columns(conn, "images", ("taken", "taken_offset", "taken_source", "camera_make",
+                                  "camera_model", "lens", "gps_lat", "gps_lon", "width",
+                                  "height", "orientation", "ext"))
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_images_taken ON images (taken)")
+
+
+def _add_columns(conn: Connection, table: str, columns: Iterable[str]) -> None:
+    """Add these columns of the ORM's ``table`` that the file lacks (a file made whole by
+    create_all has them), with the ORM's types."""
+    have = {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
+    for column in columns:
+        if column not in have:
+            kind = Base.metadata.tables[table].columns[column].type.compile(conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def _migrate_3_to_4(conn: Connection) -> None:
@@ -131,9 +171,18 @@ def _migrate_3_to_4(conn: Connection) -> None:
                                                                       value="catalog"))
 
 
+def _migrate_4_to_5(conn: Connection) -> None:
+    """Videos: the ``videos`` table, and image rows that can be a video's frames (every
+    row of an older index is a photo: the new columns stay NULL)."""
+    _add_columns(conn, "images", FRAME_COLUMNS)
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_images_video_id ON images (video_id)")
+    Base.metadata.create_all(conn, tables=[VideoRow.__table__])
+
+
 # version n -> n + 1; version 0 is an empty file.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2,
-                                                        2: _migrate_2_to_3, 3: _migrate_3_to_4}
+                                                        2: _migrate_2_to_3, 3: _migrate_3_to_4,
+                                                        4: _migrate_4_to_5}
 READABLE_UNMIGRATED = 1  # older schemas this code still reads as they are (a read-only file)
 
 
@@ -154,6 +203,24 @@ class ImageFile:
         meta = {k: v for k, v in self.meta.items() if k in METADATA_COLUMNS}
         return {"id": image_id, "path": self.path, "size": self.size, "mtime_ns": self.mtime_ns,
                 "content_hash": self.content_hash, **meta}
+
+
+@dataclass(frozen=True)
+class VideoFile:
+    """A video file as found on disk and probed: what a new ``videos`` row records.
+    ``info``: values of :data:`VIDEO_COLUMNS` beyond the file's (duration, fps, width,
+    height, codec, rotation, taken, frames)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def row(self, video_id: int) -> dict[str, Any]:
+        return {**{k: self.info.get(k) for k in VIDEO_COLUMNS}, "id": video_id,
+                "path": self.path, "size": self.size, "mtime_ns": self.mtime_ns,
+                "content_hash": self.content_hash}
 
 
 @dataclass(frozen=True)

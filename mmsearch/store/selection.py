@@ -35,6 +35,7 @@ class ImageSelection:
     camera: str | None = None              # substring of make or model, any case
     exts: tuple[str, ...] = ()             # lower-case extensions without the dot
     bbox: tuple[float, float, float, float] | None = None  # lat min, lat max, lon min, lon max
+    kind: str | None = None                # "image": photos only; "video": video frames only
 
     @property
     def is_everything(self) -> bool:
@@ -57,6 +58,9 @@ def _conditions(sel: ImageSelection) -> list[Any]:
         out.append(ImageRow.ext.in_(sel.exts))
     if sel.bbox is not None:
         out.append(_in_box(*sel.bbox))
+    if sel.kind is not None:
+        out.append(ImageRow.video_id.is_(None) if sel.kind == "image"
+                   else ImageRow.video_id.is_not(None))
     return out
 
 

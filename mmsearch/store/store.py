@@ -22,6 +22,7 @@ holding the write lock saves.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from mmsearch.locations import Roots
 from mmsearch.models.identity import ModelIdentity
 from mmsearch.store import integrity, selection
 from mmsearch.store.catalog import Catalog, CatalogReader, EmptyCatalogError, ImageFile, StoredImage
+from mmsearch.store.schema import VideoFile
 from mmsearch.store.lock import WriteLock, lock_holder
 from mmsearch.store.selection import ImageSelection, MetadataSummary
 from mmsearch.store.storage import STORAGES, VectorSource, VectorsOrLocations
@@ -306,7 +308,8 @@ class Store:
 
     def put_images(self, files: Sequence[ImageFile], vectors: VectorsOrLocations, *,
                    replaces: Sequence[int | None] = (), new_content: bool = True,
-                   ids: Sequence[int] | None = None) -> np.ndarray:
+                   ids: Sequence[int] | None = None, video: VideoFile | None = None,
+                   replaces_video: int | None = None) -> np.ndarray:
         """Add rows for ``files`` with their ``vectors``; returns their new ids.
 
         ``vectors`` as the index's storage records them (:meth:`VectorSource.record`):
@@ -317,16 +320,19 @@ class Store:
         None. ``new_content=False``: the vectors are already stored under these
         content hashes (a moved or copied file), only rows are added. ``ids``: ids
         given out before by :meth:`reserve_image_ids` (default: fresh ones). One catalog
-        transaction, then the loaded FAISS index.
+        transaction, then the loaded FAISS index. ``video``: ``files`` are the frames of
+        this video, whose row is added with them (replacing the video ``replaces_video``,
+        whose frames ``replaces`` names).
         """
         new, where, added = self.vector_source.record(files, vectors, new_content)
         old = np.asarray([i for i in replaces if i is not None], dtype=np.int64)
+        commit = functools.partial(self._writer().commit_images, new, list(files),
+                                   delete_ids=old, ids=ids, locations=where, video=video,
+                                   replaces_video=replaces_video)
         if self._skip_index():
-            return self._writer().commit_images(new, list(files), delete_ids=old, ids=ids,
-                                                locations=where)
+            return commit()
         self._loaded_before_write("images")
-        ids = self._writer().commit_images(new, list(files), delete_ids=old, ids=ids,
-                                           locations=where)
+        ids = commit()
         if self._drop_vectors("images", old) and len(files):
             self._files.get("images").add(ids, np.asarray(added, dtype=np.float32))
         return ids
@@ -391,10 +397,24 @@ class Store:
         self._writer().commit_images({}, [], delete_ids=ids)
         self._drop_vectors("images", np.asarray(ids, dtype=np.int64))
 
+    def move_videos(self, rows: Sequence[StoredImage]) -> None:
+        """Record where videos whose content did not change are now (``rows``: video ids,
+        new paths, sizes and mtimes); their frames keep their ids and vectors."""
+        self._writer().move_videos(list(rows))
+
+    def forget_videos(self, ids: Iterable[int]) -> None:
+        """Forget these videos: their frames (rows and FAISS entries), then their rows."""
+        ids = [int(i) for i in ids]
+        if ids:
+            self.forget_images(self.read.frame_ids(ids))
+            self._writer().delete_videos(ids)
+
     def forget_under(self, root: str) -> int:
-        """Forget every image at or under the canonical path ``root``; returns how many."""
+        """Forget every image and video at or under the canonical path ``root``; returns
+        how many image rows (photos and video frames) went."""
         ids = self.read.image_ids_under(root)
         self.forget_images(ids)
+        self._writer().delete_videos(r.id for r in self.read.videos_under(root).values())
         self.prune()
         self.flush()
         return int(ids.size)
