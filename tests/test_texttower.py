@@ -252,3 +252,49 @@ def test_a_safetensors_checkpoint_is_converted_without_torch(
     assert result["torch"] is False
     ref = open_clip_vectors(tiny_config, tmp_path / "w.safetensors")
     assert np.abs(np.asarray(result["v"]) - ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 31, 77])
+def test_blocked_matrices_multiply_like_the_plain_ones(rows: int) -> None:
+    """The tower file keeps each matrix as cache-sized blocks (an input split in parts
+    where it is wider than the model); their product is the plain ``x @ W + b``."""
+    from mmsearch.models.texttower import _blocked, _matmul
+
+    rng = np.random.default_rng(rows)
+    for (k, n), width in [((64, 192), 64), ((256, 64), 64), ((512, 2048), 512),
+                          ((2048, 512), 512), ((40, 24), 40), ((96, 40), 48)]:
+        w = rng.standard_normal((k, n), dtype=np.float32)
+        b = rng.standard_normal(n, dtype=np.float32)
+        x = rng.standard_normal((rows, k), dtype=np.float32)
+        blocks = _blocked(w, width)
+        assert blocks.ndim == 4 and blocks.flags.c_contiguous and blocks.size == w.size
+        got = _matmul(x, blocks, b)
+        assert got.shape == (rows, n) and got.dtype == np.float32
+        np.testing.assert_allclose(got, x @ w + b, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+def test_a_tower_file_of_the_previous_layout_is_written_again(
+        tmp_path: Path, tiny_config: Path) -> None:
+    """A file of format 1 (the matrices whole, ``[in, out]``) is a cache of another layout:
+    it is replaced, not read."""
+    from safetensors.numpy import save_file
+
+    from mmsearch.models import texttower, towerfile
+
+    ckpt, home = tmp_path / "w.pt", tmp_path / "home"
+    state = {k: v.numpy() for k, v in random_checkpoint(tiny_config, ckpt).items()
+             if not k.startswith("visual.") and v.is_floating_point()}
+    spec = texttower.text_spec("tinyclip-test", str(tiny_config))
+    path = towerfile.tower_path(home, ckpt, spec.to_json())
+    path.parent.mkdir(parents=True)
+    old = {k: np.ascontiguousarray(v.T if k.startswith("transformer.") and v.ndim == 2 else v)
+           for k, v in state.items()}
+    source = identify(str(tiny_config), str(ckpt)).fingerprint
+    meta = {"format": "mmsearch-text-tower-1", "spec": spec.to_json(), "source": source}
+    save_file(old, str(path), metadata=meta)
+    assert towerfile.header(path) is None  # not this format
+    got = texttower.load("tinyclip-test", str(tiny_config), ckpt, home).encode(TEXTS)
+    entries, meta = towerfile.header(path)
+    assert meta["format"] == towerfile.FORMAT
+    assert len(entries["transformer.resblocks.0.mlp.c_fc.weight"]["shape"]) == 4
+    assert np.abs(got - open_clip_vectors(tiny_config, ckpt)).max() < 1e-5

@@ -141,15 +141,63 @@ def _shapes_fit(w: dict[str, "np.ndarray"], spec: TextSpec) -> bool:
 
 
 def _packed(w: dict[str, "np.ndarray"], spec: TextSpec) -> dict[str, "np.ndarray"]:
-    """The tensors the tower uses, its layers' matrices transposed to ``[in, out]``."""
+    """The tensors the tower uses, its matrices as :func:`_blocked` blocks."""
     keep = ["token_embedding.weight", "positional_embedding", "ln_final.weight",
-            "ln_final.bias", "text_projection"]
+            "ln_final.bias"]
     keep += [f"transformer.resblocks.{i}.{n}" for i in range(spec.layers) for n in _BLOCK_KEYS]
-    return {k: (w[k].T if k.startswith("transformer.") and w[k].ndim == 2 else w[k]) for k in keep}
+    out = {k: (_blocked(w[k].T, spec.width) if w[k].ndim == 2 and k.startswith("transformer.")
+               else w[k]) for k in keep}
+    out["text_projection"] = _blocked(w["text_projection"], spec.width)  # already [in, out]
+    return out
+
+
+# A matrix is kept as blocks of about this many floats (128 KiB): small enough that the
+# product of a few tokens with one block stays in the core's cache and takes BLAS's unpacked
+# small-matrix kernels; one whole-matrix product first copies ("packs") the whole matrix,
+# which costs a short query ~3x its time (OpenBLAS, 2-16 tokens). A single row is never
+# multiplied alone: that is BLAS's matrix-vector product, which OpenBLAS splits over its
+# threads even for one block, and waits for both cores (badly when other work holds one).
+_BLOCK_FLOATS = 1 << 15
+
+
+def _blocked(m: "np.ndarray", width: int) -> "np.ndarray":
+    """An ``[in, out]`` matrix as contiguous ``[in/kb, out/c, kb, c]`` blocks (kb divides the
+    width, c x kb about _BLOCK_FLOATS); :func:`_matmul` multiplies with it."""
+    import math
+
+    import numpy as np
+
+    rows, cols = m.shape
+    kb = math.gcd(rows, width)
+    c = math.gcd(cols, max(1, _BLOCK_FLOATS // kb))
+    return np.ascontiguousarray(m.reshape(rows // kb, kb, cols // c, c).transpose(0, 2, 1, 3),
+                                dtype=np.float32)
+
+
+def _matmul(x: "np.ndarray", blocks: "np.ndarray",
+            bias: "np.ndarray | None" = None) -> "np.ndarray":
+    """``x @ W + bias`` for ``W`` stored as :func:`_blocked` blocks: one numpy call, one BLAS
+    product per block, written straight into the ``(rows, out)`` result."""
+    import numpy as np
+
+    kn, cn, kb, c = blocks.shape
+    r = len(x)
+    if r == 1:  # as two rows: see _BLOCK_FLOATS
+        return _matmul(np.concatenate([x, x]), blocks, bias)[:1]
+    out = np.empty((r, cn * c), np.float32)
+    view = out.reshape(r, cn, c).transpose(1, 0, 2)  # (cn, r, c): block j's columns
+    xb = x.reshape(r, kn, kb).transpose(1, 0, 2)[:, None]  # (kn, 1, r, kb)
+    if kn == 1:
+        np.matmul(xb[0], blocks[0], out=view)
+    else:  # the input split in kn parts: their partial products summed
+        np.add.reduce(np.matmul(xb, blocks), axis=0, out=view)
+    if bias is not None:
+        out += bias
+    return out
 
 
 class TextTower:
-    """CLIP's text encoder as numpy float32 operations over a dict of ``[in, out]`` weights."""
+    """CLIP's text encoder as numpy float32 operations over a dict of blocked weights."""
 
     def __init__(self, spec: TextSpec, weights: dict[str, "np.ndarray"],
                  tokenizer: "ClipTokenizer") -> None:
@@ -168,50 +216,99 @@ class TextTower:
         b = len(tokens)
         x = w["token_embedding.weight"][tokens[:, :n]] + w["positional_embedding"][:n]
         x = x.reshape(b * n, spec.width)  # rows = tokens; attention reshapes per head
-        mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), 1)
-        for i in range(spec.layers):
-            x = self._block(x, b, n, mask, f"transformer.resblocks.{i}.")
+        for i in range(spec.layers):  # the last layer goes on with the end tokens' rows alone
+            x = self._block(x, b, n, last if i == spec.layers - 1 else None,
+                            f"transformer.resblocks.{i}.")
         x = _layer_norm(x, w["ln_final.weight"], w["ln_final.bias"])
-        x = x.reshape(b, n, spec.width)[np.arange(b), last] @ w["text_projection"]
+        x = _matmul(x, w["text_projection"])
         norm = np.linalg.norm(x, axis=-1, keepdims=True)
         return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
 
-    def _block(self, x: "np.ndarray", b: int, n: int, mask: "np.ndarray", p: str) -> "np.ndarray":
+    def _block(self, x: "np.ndarray", b: int, n: int, last: "np.ndarray | None",
+               p: str) -> "np.ndarray":
+        """One residual block over ``x`` (b*n rows); with ``last``, the output keeps only the
+        rows of those positions (one per text): nothing after the final layer reads the rest."""
         import numpy as np
 
-        w, width, heads = self._w, self.spec.width, self.spec.heads
+        w = self._w
         y = _layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"])
-        qkv = y @ w[p + "attn.in_proj_weight"] + w[p + "attn.in_proj_bias"]
-        q, k, v = qkv.reshape(b, n, 3, heads, width // heads).transpose(2, 0, 3, 1, 4)
-        s = q @ k.transpose(0, 1, 3, 2) * np.float32((width // heads) ** -0.5) + mask
-        s = np.exp(s - s.max(axis=-1, keepdims=True))
-        a = (s / s.sum(axis=-1, keepdims=True)) @ v  # (b, heads, n, head width)
-        a = a.transpose(0, 2, 1, 3).reshape(b * n, width)
-        x = x + (a @ w[p + "attn.out_proj.weight"] + w[p + "attn.out_proj.bias"])
+        qkv = _matmul(y, w[p + "attn.in_proj_weight"], w[p + "attn.in_proj_bias"])
+        a = _attention(qkv, b, n, self.spec.heads, last)
+        if last is not None:
+            x = x.reshape(b, n, -1)[np.arange(b), last]
+        x += _matmul(a, w[p + "attn.out_proj.weight"], w[p + "attn.out_proj.bias"])
         y = _layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"])
-        y = y @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"]
-        # QuickGELU y * sigmoid(1.702 y), the sigmoid as tanh (no overflow for large -y)
-        y = y * (0.5 + 0.5 * np.tanh(0.851 * y)) if self.spec.quick_gelu else _gelu(y)
-        return x + (y @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"])
+        y = _matmul(y, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])
+        y = _quick_gelu(y) if self.spec.quick_gelu else _gelu(y)
+        x += _matmul(y, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+        return x
+
+
+def _attention(qkv: "np.ndarray", b: int, n: int, heads: int,
+               last: "np.ndarray | None") -> "np.ndarray":
+    """Causal multi-head attention of ``qkv`` (b*n rows of q|k|v): (b*n, width) rows, or with
+    ``last`` (b,) only the row at position ``last[i]`` of each text: (b, width)."""
+    import numpy as np
+
+    width = qkv.shape[1] // 3
+    q, k, v = qkv.reshape(b, n, 3, heads, width // heads).transpose(2, 0, 3, 1, 4)
+    mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), 1)
+    if last is not None:  # (b, heads, 1, head width) queries, each with its mask row
+        q, mask = q[np.arange(b), :, last][:, :, None], mask[last][:, None, None]
+    s = q @ k.transpose(0, 1, 3, 2)
+    s *= np.float32((width // heads) ** -0.5)
+    s += mask
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return (s @ v).transpose(0, 2, 1, 3).reshape(-1, width)  # (b, rows, heads, head width)
 
 
 def _layer_norm(x: "np.ndarray", weight: "np.ndarray", bias: "np.ndarray") -> "np.ndarray":
-    mean = x.mean(axis=-1, keepdims=True)
-    centred = x - mean
-    var = (centred * centred).mean(axis=-1, keepdims=True)
-    return centred / (var + 1e-5) ** 0.5 * weight + bias
+    centred = x - x.mean(axis=-1, keepdims=True)
+    scale = (centred * centred).mean(axis=-1, keepdims=True)
+    scale += 1e-5
+    centred *= scale ** -0.5
+    centred *= weight
+    centred += bias
+    return centred
+
+
+def _quick_gelu(y: "np.ndarray") -> "np.ndarray":
+    """QuickGELU y * sigmoid(1.702 y) in place, the sigmoid as tanh (no overflow for large -y)."""
+    import numpy as np
+
+    s = np.tanh(y * np.float32(0.851))
+    s *= 0.5
+    s += 0.5
+    y *= s
+    return y
 
 
 def _gelu(x: "np.ndarray") -> "np.ndarray":
-    """Exact (erf) GELU, torch's default; erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7)."""
+    """Exact (erf) GELU in place, torch's default; erf by Abramowitz & Stegun 7.1.26
+    (|error| < 1.5e-7), in float32 with few temporaries."""
     import numpy as np
 
-    z = np.abs(x) * np.float32(0.5 ** 0.5)
-    t = 1 / (1 + np.float32(0.3275911) * z)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
-                                                                          + t * 1.061405429))))
-    erf = np.copysign(1 - poly.astype(np.float32) * np.exp(-z * z), x)
-    return 0.5 * x * (1 + erf)
+    z = np.abs(x)
+    z *= np.float32(0.5 ** 0.5)
+    t = z * np.float32(0.3275911)
+    t += 1
+    np.reciprocal(t, out=t)
+    poly = t * np.float32(1.061405429)
+    for a in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly += np.float32(a)
+        poly *= t
+    np.square(z, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    poly *= z               # 1 - erf(|x|)
+    np.subtract(1, poly, out=poly)
+    np.copysign(poly, x, out=poly)  # erf(x / sqrt 2)
+    poly += 1
+    poly *= 0.5
+    x *= poly
+    return x
 
 
 def load(arch: str, config_path: str | None, weights_path: str | Path,

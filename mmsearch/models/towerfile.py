@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 FOLDER = Path(".models") / "text"  # under the home; not an index name (those start alnum)
-FORMAT = "mmsearch-text-tower-1"
+FORMAT = "mmsearch-text-tower-2"  # 2: the layers' matrices as texttower._blocked blocks
 
 
 def tower_path(home: Path, weights: Path, spec: str) -> Path:
