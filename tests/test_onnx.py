@@ -1,5 +1,6 @@
-"""The image tower through ONNX Runtime: fp32 equal to torch, int8 recorded in the index's
-identity (never mixed with fp32 vectors), a failed export falls back to torch."""
+"""The image tower through ONNX Runtime -- open_clip's ModifiedResNet (the tiny test model)
+and ViT, Chinese-CLIP's ViT: fp32 equal to torch, int8 recorded in the index's identity
+(never mixed with fp32 vectors), a failed export falls back to torch."""
 
 from __future__ import annotations
 
@@ -26,9 +27,14 @@ def embed(emb, photos: list[Path]) -> np.ndarray:
 
 def test_onnx_fp32_equals_torch_and_is_exported_once(
         tmp_path: Path, tiny_model: tuple[Path, Path], flickr_images: list[Path]) -> None:
+    """The tiny test model's image tower is a ModifiedResNet (RN50's family, shrunk)."""
+    from open_clip.modified_resnet import ModifiedResNet
+
     ident = identify(*map(str, tiny_model))
     photos = flickr_images[:24]
-    ref = embed(load_embedder(ident, "cpu", runtime="torch"), photos)
+    torch_embedder = load_embedder(ident, "cpu", runtime="torch")
+    assert isinstance(torch_embedder.torch_model.visual, ModifiedResNet)
+    ref = embed(torch_embedder, photos)
     first = load_embedder(ident, "cpu", runtime="onnx", home=tmp_path)
     assert first.runtime.runtime == "onnx" and first.runtime.export_seconds is not None
     fp32 = embed(first, photos)
@@ -116,3 +122,52 @@ def test_execution_providers_follow_the_device() -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(UsageError, match="no CUDAExecutionProvider"):
             resolve_runtime("onnx", "cuda", "fp32")
+
+
+def write_tiny_chinese_clip(folder: Path) -> Path:
+    """A random tiny Chinese-CLIP in Hugging Face layout, its tokenizer as OFA-Sys ship it:
+    ``vocab.txt`` only (no ``tokenizer.json``)."""
+    from test_chineseclip import SIZE, _tiny_model, _write_tokenizer
+    from transformers import BertTokenizer, ChineseCLIPImageProcessorPil
+
+    _write_tokenizer(folder)
+    _tiny_model(len(BertTokenizer.from_pretrained(str(folder)))).save_pretrained(str(folder))
+    processor = ChineseCLIPImageProcessorPil(size={"shortest_edge": SIZE},
+                                             crop_size={"height": SIZE, "width": SIZE})
+    processor.save_pretrained(str(folder))
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def zh_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_chinese_clip(tmp_path_factory.mktemp("zh") / "tiny-chinese-clip")
+
+
+def test_chinese_clip_vision_tower_exports_and_equals_torch(
+        tmp_path: Path, zh_dir: Path, flickr_images: list[Path]) -> None:
+    ident = identify("chinese", str(zh_dir))
+    photos = flickr_images[:8]
+    ref = embed(load_embedder(ident, "cpu", runtime="torch"), photos)
+    emb = load_embedder(ident, "cpu", runtime="onnx", home=tmp_path)
+    assert emb.runtime.runtime == "onnx", emb.runtime.note
+    assert emb.runtime.export_seconds is not None
+    fp32 = embed(emb, photos)
+    assert fp32.dtype == np.float32 and (fp32 * ref).sum(1).min() >= 0.9999
+    int8 = load_embedder(ident, "cpu", runtime="onnx-int8", home=tmp_path)
+    assert int8.image_precision == "int8" and emb.image_precision == "fp32"
+    assert 0.9 < (embed(int8, photos) * fp32).sum(1).min() < 0.99999
+
+
+def test_chinese_clip_falls_back_to_torch_with_one_line(
+        tmp_path: Path, zh_dir: Path, flickr_images: list[Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / ".models").mkdir()
+    (tmp_path / FOLDER).write_text("not a folder")  # the export cannot be written
+    ident = identify("chinese", str(zh_dir))
+    emb = load_embedder(ident, "cpu", runtime="onnx", home=tmp_path)
+    assert emb.runtime.runtime == "torch"
+    notes = [r.getMessage() for r in caplog.records if r.name == "mmsearch.models"]
+    assert len(notes) == 1 and "\n" not in notes[0] and "using torch" in notes[0]
+    ref = load_embedder(ident, "cpu", runtime="torch")
+    np.testing.assert_array_equal(embed(emb, flickr_images[:4]), embed(ref, flickr_images[:4]))

@@ -19,18 +19,18 @@ if TYPE_CHECKING:  # pragma: no cover
 def load_embedder(identity: ModelIdentity, device: str = "auto", *, runtime: str = "auto",
                   home: Path | None = None) -> "Embedder":
     """The model for ``identity`` with both towers (images and texts); ``runtime`` runs the
-    image tower (:mod:`.onnxtower`: auto, torch, onnx, onnx-int8; open_clip models only)."""
+    image tower (:mod:`.onnxtower`: auto, torch, onnx, onnx-int8)."""
     check_supported(identity)
     if identity.backend == CHINESE_CLIP:
-        import logging
-
         from mmsearch.models.chineseclip import load_chinese_clip
         from mmsearch.models.device import resolve_device
+        from mmsearch.models.onnxtower import load_runtime
+        from mmsearch.settings import default_home
 
-        if runtime not in ("auto", "torch"):
-            logging.getLogger("mmsearch.models").warning(
-                f"--runtime {runtime}: not available for Chinese-CLIP; using torch")
-        return load_chinese_clip(identity, resolve_device(device))  # type: ignore[return-value]
+        embedder = load_chinese_clip(identity, resolve_device(device))
+        embedder.runtime = load_runtime(runtime, identity, embedder.image_tower, embedder.image_size,
+                                        home or default_home(), embedder.device)
+        return embedder  # type: ignore[return-value]
     from mmsearch.models import openclip
 
     return openclip.load_embedder(identity, device, runtime=runtime, home=home)

@@ -57,6 +57,20 @@ class ChineseClipEmbedder(TextEncoder):
         limits = (TEXT_LENGTH, int(model.config.text_config.max_position_embeddings),
                   int(getattr(tokenizer, "model_max_length", TEXT_LENGTH) or TEXT_LENGTH))
         self.max_text_length: int = min(limits)
+        self.runtime: Any = None  # models.onnxtower.ImageRuntime; None: torch
+
+    @property
+    def image_precision(self) -> str:
+        """``int8`` when the int8 ONNX tower embeds the images, else ``fp32``."""
+        from mmsearch.models.onnxtower import precision
+
+        return precision(self.runtime.runtime if self.runtime is not None else "torch")
+
+    @property
+    def image_tower(self) -> Any:
+        """The vision tower and its projection as an ``nn.Module`` with ``encode_image``
+        (what :mod:`.onnxtower` exports)."""
+        return _image_tower(self._model)
 
     @property
     def embed_dim(self) -> int:
@@ -103,8 +117,12 @@ class ChineseClipEmbedder(TextEncoder):
         import torch
 
         with torch.inference_mode(), self._autocast():
-            out = self._model.get_image_features(pixel_values=batch.to(self.device, non_blocking=True))
-            feats = torch.nn.functional.normalize(_features(out).float(), dim=-1)
+            if self.runtime is not None and self.runtime.run is not None:  # ONNX Runtime
+                feats = torch.from_numpy(self.runtime.run(batch))
+            else:
+                pixels = batch.to(self.device, non_blocking=True)
+                feats = _features(self._model.get_image_features(pixel_values=pixels))
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy()
 
     def _encode_uncached(self, texts: list[str]) -> "np.ndarray":
@@ -117,6 +135,20 @@ class ChineseClipEmbedder(TextEncoder):
             feats = _features(self._model.get_text_features(**tokens))
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy()
+
+
+def _image_tower(model: Any) -> Any:
+    import torch
+
+    class ImageTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+            return _features(self.model.get_image_features(pixel_values=pixels))
+
+    return ImageTower()
 
 
 def _features(out: Any) -> "torch.Tensor":

@@ -1,6 +1,8 @@
 """The image tower through ONNX Runtime: fp32, or dynamically quantised to int8.
 
-``--runtime`` picks who runs the image tower when photos are embedded:
+``--runtime`` picks who runs the image tower when photos are embedded (open_clip's
+ResNets and ViTs, Chinese-CLIP's ViT: anything with ``encode_image``; the tests hold
+each kind equal to torch):
 
 * ``torch``: open_clip's model (the reference every test compares with);
 * ``onnx``: the tower exported with ``torch.onnx.export`` and run by ONNX Runtime with
@@ -110,6 +112,24 @@ def onnx_path(home: Path, identity: "ModelIdentity", size: int, runtime: str) ->
     return home / FOLDER / f"{digest}-{precision(runtime)}.onnx"
 
 
+def load_runtime(runtime: str, identity: "ModelIdentity", model: Any, size: int, home: Path,
+                 device: str) -> ImageRuntime:
+    """The :class:`ImageRuntime` ``runtime`` resolves to for ``model`` (anything with
+    ``encode_image``: open_clip's model, Chinese-CLIP's vision tower); its note (a fallback
+    to torch) and a first export's time are logged once, as one line each."""
+    import logging
+
+    asked = resolve_runtime(runtime, device, identity.image_precision)
+    chosen = image_runtime(asked, identity, model, size, home, device)
+    log = logging.getLogger("mmsearch.models")
+    if chosen.note:
+        log.warning(chosen.note)
+    elif chosen.export_seconds is not None:
+        log.warning(f"--runtime {asked}: exported the image tower in {chosen.export_seconds:.1f}s "
+                    "(once per model)")
+    return chosen
+
+
 def image_runtime(runtime: str, identity: "ModelIdentity", model: Any, size: int,
                   home: Path, device: str = "cpu") -> ImageRuntime:
     """The image tower for ``runtime``: exported and loaded once, or torch with a note."""
@@ -199,4 +219,5 @@ def _runner(session: Any) -> Callable[["torch.Tensor"], "np.ndarray"]:
     return run
 
 
-__all__ = ["ImageRuntime", "RUNTIMES", "image_runtime", "onnx_path", "precision", "resolve_runtime"]
+__all__ = ["ImageRuntime", "RUNTIMES", "image_runtime", "load_runtime", "onnx_path", "precision",
+           "providers", "resolve_runtime"]

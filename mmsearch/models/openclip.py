@@ -273,21 +273,12 @@ def load_embedder(identity: ModelIdentity, device: str = "auto", *,
 
 
 def _image_runtime(embedder: Embedder, runtime: str, home: Path | None) -> Any:
-    """The :class:`~.onnxtower.ImageRuntime` ``runtime`` resolves to; its note (a fallback to
-    torch) and a first export's time are logged once, as one line each."""
-    from mmsearch.models import onnxtower
+    """The :class:`~.onnxtower.ImageRuntime` ``runtime`` resolves to (its notes logged)."""
+    from mmsearch.models.onnxtower import load_runtime
     from mmsearch.settings import default_home
 
-    asked = onnxtower.resolve_runtime(runtime, embedder.device, embedder.identity.image_precision)
-    chosen = onnxtower.image_runtime(asked, embedder.identity, embedder.torch_model,
-                                     embedder.image_size, home or default_home(), embedder.device)
-    log = logging.getLogger("mmsearch.models")
-    if chosen.note:
-        log.warning(chosen.note)
-    elif chosen.export_seconds is not None:
-        log.warning(f"--runtime {asked}: exported the image tower in {chosen.export_seconds:.1f}s "
-                    "(once per model)")
-    return chosen
+    return load_runtime(runtime, embedder.identity, embedder.torch_model, embedder.image_size,
+                        home or default_home(), embedder.device)
 
 
 def open_clip_name(identity: ModelIdentity) -> str:
