@@ -88,6 +88,26 @@ def test_approximate_indexes_find_most_exact_neighbours(kind: str) -> None:
     assert overlap >= 0.8, overlap
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_one_query_finds_what_it_finds_in_a_batch_and_leaves_the_thread_count(kind: str) -> None:
+    """A single query runs on one FAISS thread (see vectors._omp_threads): the same
+    neighbours and scores as within a batch, and the caller's setting afterwards."""
+    vecs, q = unit(3000, 32, 10), unit(6, 32, 11)
+    index = VectorIndex.create(32, kind, expected=3000, train=vecs)
+    index.add(np.arange(3000, dtype=np.int64), vecs)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)
+    try:
+        batch = index.search(q, 10)
+        for i, row in enumerate(q):
+            one = index.search(row, 10)
+            np.testing.assert_array_equal(one.ids[0], batch.ids[i])
+            np.testing.assert_allclose(one.scores[0], batch.scores[i], atol=1e-6)
+        assert faiss.omp_get_max_threads() == 3
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def test_factory_strings_and_bad_types() -> None:
     assert factory_string("auto", 1000, 512) == "Flat"
     assert factory_string("auto", 1_000_000, 512) == "HNSW32,Flat"
