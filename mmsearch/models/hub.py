@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from mmsearch.errors import ModelError
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+CLIP_CACHE = "~/.cache/clip"  # where open_clip keeps what it downloads from a URL
 _TRUE = {"1", "true", "yes", "on"}
 _HUB_LOGGERS = ("huggingface_hub", "huggingface_hub.utils")
 _QUIET_MODULES = r"(huggingface_hub|open_clip)(\.|$)"
@@ -118,11 +119,15 @@ def cached_weights(arch: str, tag: str) -> str | None:
     URL downloads in open_clip's ``~/.cache/clip/<basename>``. The SHA256 that
     open_clip checks for some URL downloads is not verified here.
     """
-    source = weights_source(arch, tag)
+    return cached_file(weights_source(arch, tag))
+
+
+def cached_file(source: WeightsSource) -> str | None:
+    """The local file of ``source`` if already cached, else None; no network, no open_clip."""
     if source.file:
         return source.file if os.path.isfile(source.file) else None
     if source.url:
-        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(source.url))
+        path = os.path.join(os.path.expanduser(CLIP_CACHE), os.path.basename(source.url))
         return path if os.path.isfile(path) else None
     from huggingface_hub import try_to_load_from_cache
 
