@@ -16,6 +16,7 @@ from mmsearch.cli.common import (OneLineErrors, BatchSizeOpt, DecoderOpt, Device
                                  open_engine, print_json)
 from mmsearch.cli.eval import eval_command
 from mmsearch.cli.interrupt import stop_on_sigint
+from mmsearch.cli.models import models_command
 from mmsearch.cli.query import query_command
 from mmsearch.cli.serve import serve_command
 from mmsearch.cli.train import distill_command, finetune_command
@@ -244,6 +245,7 @@ app.command("serve")(serve_command)
 app.command("eval")(eval_command)
 app.command("finetune")(finetune_command)
 app.command("distill")(distill_command)
+app.command("models")(models_command)
 
 
 def main() -> None:
