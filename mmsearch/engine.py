@@ -71,6 +71,8 @@ class IndexInfo:
     repairs: list[str]
     metadata: MetadataSummary
     storage: str = "catalog"
+    videos: int = 0       # video files; their frames are vectors beside the photos
+    frames: int = 0
 
 
 class Engine:
@@ -381,13 +383,15 @@ class Engine:
 
     def info(self) -> IndexInfo:
         store, read = self.store, self.store.read
+        frames = read.frame_count()
         return IndexInfo(
             name=self.settings.index, location=store.root, model=store.model, dim=store.dim,
-            images=read.image_count(), distinct_images=read.embedding_count(),
+            images=read.image_count() - frames, distinct_images=read.distinct_photo_count(),
             texts=read.text_count(), image_index=store.image_index,
             files={name: size for name, _, size in store.files()},
             schema_version=store.schema_version, repairs=list(store.repairs),
-            metadata=store.metadata_summary(), storage=store.storage)
+            metadata=store.metadata_summary(), storage=store.storage,
+            videos=read.video_count(), frames=frames)
 
 
 def as_query(text: "str | Query | None", image: "ImageQuery | None") -> Query:

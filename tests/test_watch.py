@@ -145,18 +145,22 @@ def test_a_move_and_a_renamed_folder_keep_their_ids_and_embed_nothing(live: Live
     before = live.paths()
     moved_from, moved_to = root / "a" / "green_circle_0.png", root / "b" / "moved.png"
     old_vector = vector(live.reader, moved_from)
+    batches = live.watcher.state.batches
     os.rename(moved_from, moved_to)
     wait_for(lambda: str(moved_to) in live.paths() and str(moved_from) not in live.paths())
+    wait_for(lambda: live.watcher.state.batches > batches, why="the batch's end")
     assert live.watcher.state.last["embedded"] == 0
     assert live.watcher.state.last["moved"] == 1
     assert live.paths()[str(moved_to)] == before[str(moved_from)]  # the same id
     np.testing.assert_array_equal(vector(live.reader, moved_to), old_vector)
     assert live.reader.search(image=moved_to, k=1)[0].id == before[str(moved_from)]
 
+    batches = live.watcher.state.batches
     os.rename(root / "b", root / "renamed")
     renamed = {str(root / "renamed" / n) for n in ("red_circle_0.png", "blue_square_0.png",
                                                      "moved.png")}
     wait_for(lambda: renamed <= set(live.paths()), why="the renamed folder's photos")
+    wait_for(lambda: live.watcher.state.batches > batches, why="the batch's end")
     paths = live.paths()
     assert len(paths) == len(before) == 12
     assert not any("/b/" in p for p in paths)

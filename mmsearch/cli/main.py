@@ -143,6 +143,8 @@ def info(index: IndexOpt = None, home: HomeOpt = None, as_json: JsonOpt = False)
     typer.echo(f"index      {data.name}\nlocation   {data.location}")
     typer.echo(f"model      {data.model.describe() if data.model else '-'} (dim {data.dim})")
     typer.echo(f"images     {data.images} ({data.distinct_images} distinct)\ntexts      {data.texts}")
+    if data.videos:
+        typer.echo(f"videos     {data.videos} ({data.frames} moments)")
     typer.echo(f"vectors    {data.image_index} (schema v{data.schema_version})")
     storage = storage_summary(data.storage)
     if storage:

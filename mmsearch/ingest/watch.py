@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from mmsearch.errors import IndexLockedError, MMSearchError, UsageError
-from mmsearch.ingest.discover import supported_extensions
+from mmsearch.ingest.discover import VIDEO_EXTENSIONS, supported_extensions
 from mmsearch.locations import Roots, is_url, under
 from mmsearch.progress import Progress
 
@@ -206,7 +206,7 @@ class Watcher:
         self._next_rescan = time.monotonic() + (rescan_every or RESCAN_EVERY_S)
         self._retry_at = 0.0
         self._postponed = 0
-        self._exts = supported_extensions()
+        self._exts = supported_extensions() | VIDEO_EXTENSIONS
         self.state = WatchState(roots=len(self.roots))
         for root in skipped:
             say(f"watch: {root} is not watched (URLs and single files are indexed, not watched)")

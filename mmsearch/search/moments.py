@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MARGIN = 0.02   # neighbouring frames scoring within this of the best one join its moment
 FETCH = 8       # an index with videos ranks this many candidates per hit asked for
+REACH = 32      # frames read on each side of a hit's frame to find its moment's span
 
 
 def collapse(store: "Store", query: np.ndarray, hits: list[ImageHit],
@@ -42,19 +43,28 @@ def collapse(store: "Store", query: np.ndarray, hits: list[ImageHit],
     return out
 
 
-def span(store: "Store", query: np.ndarray, hit: ImageHit) -> tuple[float, float]:
+def span(store: "Store", query: np.ndarray, hit: ImageHit,
+         reach: int = REACH) -> tuple[float, float]:
     """(start, end) in seconds of the moment around ``hit``'s frame: its neighbours in time
-    whose scores are within :data:`MARGIN` of its own join it."""
-    ids, starts, ends, _ = store.read.frames_of(int(hit.video_id))
+    whose scores are within :data:`MARGIN` of its own join it. ``reach`` frames on each
+    side are read; a moment that runs into the edge of what was read reads twice as many."""
+    ids, starts, ends, _ = store.read.frames_of(int(hit.video_id), (float(hit.time or 0), reach))
     have, vectors = store.image_vectors(ids)
-    if not len(have):
+    if not len(have) or hit.id not in have:
         return float(hit.start or 0.0), float(hit.end or 0.0)
     scores = vectors[np.searchsorted(have, ids)] @ np.asarray(query, dtype=np.float32).ravel()
-    i = int(np.flatnonzero(ids == hit.id)[0]) if (ids == hit.id).any() else int(scores.argmax())
-    floor = scores[i] - MARGIN
+    i = int(np.flatnonzero(ids == hit.id)[0])
+    lo, hi = _grow(scores, i, scores[i] - MARGIN)
+    before, after = i, len(ids) - i  # frames read before the hit's, and from it on
+    if (lo == 0 and before == reach) or (hi == len(ids) - 1 and after == reach):
+        return span(store, query, hit, 4 * reach)
+    return float(starts[lo]), float(ends[hi])
+
+
+def _grow(scores: np.ndarray, i: int, floor: float) -> tuple[int, int]:
     lo, hi = i, i
     while lo > 0 and scores[lo - 1] >= floor:
         lo -= 1
-    while hi < len(ids) - 1 and scores[hi + 1] >= floor:
+    while hi < len(scores) - 1 and scores[hi + 1] >= floor:
         hi += 1
-    return float(starts[lo]), float(ends[hi])
+    return lo, hi

@@ -184,16 +184,25 @@ class CatalogReader:
         with self._read() as conn:
             for chunk in chunks(sorted({int(i) for i in ids}), 900):
                 for r in conn.execute(select(VideoRow).where(VideoRow.id.in_(chunk))):
-                    row = r[0]
-                    out[row.id] = {c.key: getattr(row, c.key) for c in VideoRow.__table__.columns}
+                    row = {c.key: getattr(r, c.key) for c in VideoRow.__table__.columns}
+                    out[row["id"]] = {**row, "path": self.as_text(row["path"])}
         return out
 
-    def frames_of(self, video_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, start_s, end_s, time_s) of one video's frames, in time order."""
+    def frames_of(self, video_id: int, near: tuple[float, int] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, start_s, end_s, time_s) of one video's frames, in time order: all, or
+        ``near=(seconds, n)``: the n before that time and the n from it on."""
+        query = select(ImageRow.id, ImageRow.start_s, ImageRow.end_s,
+                       ImageRow.time_s).where(ImageRow.video_id == video_id)
         with self._read() as conn:
-            rows = conn.execute(select(ImageRow.id, ImageRow.start_s, ImageRow.end_s,
-                                       ImageRow.time_s).where(ImageRow.video_id == video_id)
-                                .order_by(ImageRow.time_s)).all()
+            if near is None:
+                rows = conn.execute(query.order_by(ImageRow.time_s)).all()
+            else:
+                at, n = near
+                rows = conn.execute(query.where(ImageRow.time_s < at)
+                                    .order_by(ImageRow.time_s.desc()).limit(n)).all()[::-1]
+                rows += conn.execute(query.where(ImageRow.time_s >= at)
+                                     .order_by(ImageRow.time_s).limit(n)).all()
         cols = list(zip(*rows)) if rows else [(), (), (), ()]
         return (np.asarray(cols[0], dtype=np.int64),
                 *(np.asarray(c, dtype=np.float64) for c in cols[1:]))
@@ -201,6 +210,18 @@ class CatalogReader:
     def video_count(self) -> int:
         with self._read() as conn:
             return int(conn.execute(select(func.count()).select_from(VideoRow)).scalar())
+
+    def distinct_photo_count(self) -> int:
+        """How many distinct contents the photos (not the frames) have."""
+        with self._read() as conn:
+            return int(conn.execute(select(func.count(func.distinct(ImageRow.content_hash)))
+                                    .where(ImageRow.video_id.is_(None))).scalar())
+
+    def frame_count(self) -> int:
+        """How many image rows are videos' frames."""
+        with self._read() as conn:
+            return int(conn.execute(select(func.count()).select_from(ImageRow)
+                                    .where(ImageRow.video_id.is_not(None))).scalar())
 
     def image_ids_under(self, roots: str | Iterable[str]) -> np.ndarray:
         """The ids of :meth:`images_under`, sorted."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmsearch.errors import CorruptIndexError
-from mmsearch.locations import is_url
+from mmsearch.locations import is_url, video_of
 from mmsearch.store import selection
 from mmsearch.store.catalog import Catalog
 from mmsearch.store.lock import lock_holder
@@ -48,7 +48,8 @@ def check(catalog: Catalog, files: VectorFiles, source: VectorSource, root: Path
     dangling = catalog.dangling_images()
     if dangling:
         problems.append(f"{len(dangling)} images have no stored vector")
-    gone = sum(1 for _, p in catalog.all_image_paths() if _gone(p))
+    gone = sum(1 for _, p in catalog.all_image_paths() if video_of(p) is None and _gone(p))
+    gone += sum(1 for r in catalog.videos_under("/").values() if _gone(r.path))
     if gone:
         problems.append(f"{gone} indexed files no longer exist on disk")
     unread = len(selection.missing_metadata(catalog))
