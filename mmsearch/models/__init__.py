@@ -3,10 +3,12 @@
 ``identity``   ModelIdentity (backend, architecture, weights, text tower), resolving
                --model/--pretrained, fingerprints, defaults
 ``device``     the compute device, resolved once (and the GPU FAISS may use)
-``openclip``   the open_clip backend: Embedder, load_embedder, load_text_encoder
+``openclip``   the open_clip backend: Embedder, load_embedder, its text towers for queries
 ``texttower``  CLIP's text tower in numpy, for text queries without torch or open_clip
 ``towerfile``  a text tower's weights file under the home (safetensors, memory-mapped)
 ``cliptokenizer`` CLIP's BPE tokenizer without torch
+``onnxtext``   Hugging Face text towers (multilingual, Chinese-CLIP) through ONNX Runtime
+``hftext``     what a backend hands over to export its Hugging Face text tower
 ``hub``        where a pretrained tag's weights come from; offline detection
 ``backends``   the one dispatch on the backend: open_clip or chinese_clip
 ``chineseclip`` OFA-Sys Chinese-CLIP through transformers

@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
 
+    from mmsearch.models.hftext import HFText
+
 BACKEND = "chinese_clip"
 TEXT_LENGTH = 52  # Chinese-CLIP's context length (its BERT allows 512 positions)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -149,6 +151,22 @@ def _image_tower(model: Any) -> Any:
             return _features(self.model.get_image_features(pixel_values=pixels))
 
     return ImageTower()
+
+
+def hf_text(identity: ModelIdentity) -> "HFText":
+    """The text tower of ``identity`` as :mod:`.onnxtext` exports it: BERT, the first
+    token's state, the projection (loads the model with torch, on the CPU)."""
+    from mmsearch.models.hftext import HFText
+
+    embedder = load_chinese_clip(identity, "cpu")
+    model = embedder._model
+
+    def forward(input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":
+        out = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return _features(out)
+
+    return HFText(model, forward, embedder._tokenizer, embedder.max_text_length,
+                  embedder.encode_texts)
 
 
 def _features(out: Any) -> "torch.Tensor":
@@ -290,4 +308,4 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-__all__ = ["BACKEND", "ChineseClipEmbedder", "load_chinese_clip", "model_dir"]
+__all__ = ["BACKEND", "ChineseClipEmbedder", "hf_text", "load_chinese_clip", "model_dir"]

@@ -1,9 +1,10 @@
 """The open_clip backend: load a :class:`ModelIdentity` into encoders.
 
 This is the only module that imports open_clip. :func:`load_embedder` builds an
-:class:`Embedder` (images in, vectors out; texts in, vectors out);
-:func:`load_text_encoder` the cheapest thing that embeds text queries the same
-way. Vectors are float32 and L2-normalised.
+:class:`Embedder` (images in, vectors out; texts in, vectors out); for text queries
+:func:`lean_text_encoder` the numpy text tower and :func:`hf_text` a Hugging Face text
+tower to export (:mod:`.backends` decides which a query uses). Vectors are float32 and
+L2-normalised.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
     from PIL import Image
+
+    from mmsearch.models.hftext import HFText
 
 TEXT_CACHE = 1024  # texts whose vectors an encoder keeps for repeated queries
 
@@ -290,21 +293,6 @@ def open_clip_name(identity: ModelIdentity) -> str:
     return identity.arch
 
 
-def load_text_encoder(identity: ModelIdentity, device: str = "auto", *,
-                      weights_path: str | None = None, home: Path | None = None) -> TextEncoder:
-    """What text queries need, loaded the cheapest way that gives the same vectors.
-
-    On the CPU, for a plain CLIP text tower whose weights are a file (a local
-    checkpoint, or ``weights_path``: where a tag's download was cached), that is
-    :mod:`mmsearch.models.texttower` -- numpy over the model's text-tower file under
-    ``home`` (default: MMSEARCH_HOME), neither torch nor open_clip imported once that
-    file exists. Otherwise it is open_clip's model with the text tower alone.
-    """
-    check_supported(identity)
-    lean = lean_text_encoder(identity, device, weights_path=weights_path, home=home)
-    return lean if lean is not None else load_embedder(identity, device, image_tower=False)
-
-
 def lean_text_encoder(identity: ModelIdentity, device: str = "auto", *,
                       weights_path: str | None = None,
                       home: Path | None = None) -> TextEncoder | None:
@@ -327,6 +315,56 @@ def lean_text_encoder(identity: ModelIdentity, device: str = "auto", *,
         if tower is not None:
             return _PlainTextEncoder(identity, tower)
     return None
+
+
+def has_hf_text_tower(identity: ModelIdentity) -> bool:
+    """Whether ``identity``'s config gives it a Hugging Face text tower (the multilingual
+    preset's XLM-RoBERTa, say) with weights to export; read without importing open_clip."""
+    import importlib.util
+    import json
+
+    if identity.text_pretrained or identity.fingerprint.startswith("dir:"):
+        path = Path(identity.text_pretrained or identity.pretrained) / "open_clip_config.json"
+    elif identity.config_path:
+        path = Path(identity.config_path)
+    else:
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        package = Path(list(spec.submodule_search_locations)[0])
+        path = package / "model_configs" / f"{identity.arch}.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        text = cfg.get("model_cfg", cfg)["text_cfg"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(text.get("hf_model_name")) and identity.pretrained != NO_WEIGHTS
+
+
+def hf_text(identity: ModelIdentity) -> "HFText":
+    """``identity``'s Hugging Face text tower as :mod:`.onnxtext` exports it: the
+    transformer, open_clip's pooler and projection, its tokenizer's cleaning (loads the
+    model with torch, on the CPU)."""
+    from open_clip.hf_model import HFTextEncoder
+    from open_clip.tokenizer import HFTokenizer, _clean_lower, _clean_whitespace
+
+    from mmsearch.models.hftext import HFText, NotExportable
+
+    embedder = load_embedder(identity, "cpu", image_tower=False)
+    tower, tok = getattr(embedder.torch_model, "text", None), embedder._tokenizer
+    if not isinstance(tower, HFTextEncoder) or not isinstance(tok, HFTokenizer):
+        raise NotExportable("not a Hugging Face text tower with its tokenizer")
+    clean = {_clean_whitespace: "whitespace", _clean_lower: "lower"}.get(tok.clean_fn)
+    if tok.tokenizer_mode or tok.strip_sep_token or clean is None:
+        raise NotExportable("its tokenizer's mode, cleaning or [SEP] stripping is not one "
+                            "the export repeats")
+
+    def forward(input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":
+        out = tower.transformer(input_ids=input_ids, attention_mask=attention_mask)
+        return tower.proj(tower.pooler(out, attention_mask))
+
+    return HFText(tower, forward, tok.tokenizer, int(tok.context_length), embedder.encode_texts,
+                  clean, int(tower.config.pad_token_id))
 
 
 def _create(identity: ModelIdentity, pretrained: str | None, device: str) -> tuple[Any, Callable]:
@@ -423,4 +461,5 @@ def _quiet_open_clip() -> Iterator[None]:
 
 quiet_open_clip = _quiet_open_clip  # for the trainers, which build models themselves
 
-__all__ = ["Embedder", "TextEncoder", "load_embedder", "load_text_encoder", "encode_text_trimmed"]
+__all__ = ["Embedder", "TextEncoder", "encode_text_trimmed", "has_hf_text_tower", "hf_text",
+           "lean_text_encoder", "load_embedder"]
