@@ -249,3 +249,23 @@ def test_a_long_videos_moment_span_against_a_plain_reference(tmp_path: Path) -> 
             hi += 1
         assert span(store, query, hit) == (float(lo), float(hi + 1)), i
     store.close()
+
+
+def test_a_video_is_a_folder_of_its_moments(engine: Engine, library) -> None:
+    """--in a video, remove a video, export and duplicates see its moments."""
+    root, _ = library
+    engine.index([root])
+    holiday = root / "clips" / "holiday.mp4"
+    hits = engine.search("a red circle", k=50, filters=Filters(within=holiday, moments=True))
+    assert hits and {h.path for h in hits} == {holiday}
+    assert {h.kind for h in engine.search("a circle", k=50,
+                                          filters=Filters(ext=("mkv",)))} == {"video"}
+    groups = engine.duplicates(threshold=0.9)  # a photo and the frame that shows the same
+    assert any({"#t=" in str(p) for p in g.paths} == {True, False} for g in groups)
+    n = engine.store.read.frame_count()
+    gone = engine.remove(holiday)
+    assert gone > 0 and engine.store.read.frame_count() == n - gone
+    assert engine.store.read.video_count() == 2
+    assert holiday not in {h.path for h in engine.search("a red circle", k=50,
+                                                         filters=Filters(type="video"))}
+    assert engine.check() == ([], [])
