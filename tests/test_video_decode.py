@@ -91,7 +91,7 @@ def test_samples_once_a_second_and_each_shot_start(tmp_path: Path, fmt: str) -> 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("fps", [0.25, 2.5, 8.0])
 def test_other_rates_and_strategies(tmp_path: Path, fps: float, strategy: str) -> None:
-    path, spans = _make(tmp_path, gop=12)  # a keyframe every half second: the seeking path runs
+    path, spans = _make(tmp_path, gop=FPS)  # a keyframe a second: at 0.25/s the default seeks
     result = video.sample(path, fps=fps, strategy=STRATEGIES[strategy])
     _check_samples(result, spans, fps)
     _check_pictures(result, spans)

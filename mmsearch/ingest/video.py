@@ -20,27 +20,30 @@ Choices, in short:
   the stream's start, never frame numbers, so variable frame rates are right.
 * Sampling: the frame nearest to each k/fps (k = 0, 1, ...) among the frames
   decoded; the first frame is always taken.  Frames are decoded in order, except
-  that with `Strategy.seek` the decoder jumps (``container.seek``) to the last
-  keyframe before the next sample time whenever that keyframe lies more than
-  `SEEK_MIN_FRAMES` frames ahead (keyframe times from the container's index;
-  without an index everything is decoded).  With `Strategy.skip_nonref` and at
-  least `NONREF_MIN_RATIO` frames per sample, frames no other frame refers to are
-  not decoded at all (``skip_frame = "NONREF"``), which moves a sample by at most
-  one frame.  `benchmarks/bench_video.py` measured these; the default is the fastest.
+  that with `Strategy.seek` the decoder jumps (``container.seek``) to the next
+  keyframe whenever it lies more than `SEEK_MIN_FRAMES` frames ahead and not past
+  the next sample time: every keyframe is decoded, and the frames from the last
+  keyframe before a sample time up to it, nothing else (keyframe times come from
+  the container's index; without one, everything is decoded).  With
+  `Strategy.skip_nonref` and at least `NONREF_MIN_RATIO` frames per sample,
+  frames no other frame refers to are not decoded at all (``skip_frame =
+  "NONREF"``), which moves a sample by at most about one frame.
+  `benchmarks/bench_video.py` measures these; the default is the fastest.
 * Shots: every decoded frame is shrunk to a `THUMB` x `THUMB` RGB thumbnail by
   the decoder's scaler; a frame whose mean absolute difference from the previous
   decoded one exceeds both `CUT_MIN` (0-255 scale) and `CUT_RATIO` times the
-  recent average difference (`CUT_MIN` before there is one) starts a shot and is taken (``Frame.shot``).  Only
-  frames decoded anyway are compared: after a seek, the cut is placed at the
-  first frame decoded after it (so within one seek's distance).  The first frame
-  of the video starts the first shot.
+  recent average difference (`CUT_MIN` before there is one) starts a shot and is
+  taken (``Frame.shot``).  Only frames decoded anyway are compared: when decoding
+  jumps, a cut is found at the first keyframe after it (encoders put a keyframe
+  at most cuts: x264's ``scenecut``), else at the next frame decoded.  The first
+  frame of the video starts the first shot.
 * Pictures: scaled by FFmpeg's scaler straight to at most ``max_side`` pixels on
   the long side of the displayed picture (sample aspect ratio applied, never
   enlarged), then turned as the display matrix says (like EXIF orientation).
-* Damage: a packet that fails to decode, a frame the decoder flags corrupt, a
-  read error, or data the demuxer skipped (a jump in both file position and
-  time between packets) opens a loss that the next good frame closes:
-  ``"corrupt data near 0:42; 3.0 s lost"``.  A file that ends before its
+* Damage: a packet that fails to decode, a frame the decoder flags corrupt or a
+  read error opens a loss that the next good frame after it closes
+  (``"corrupt data near 0:42; 3.0 s lost"``); data the demuxer skipped (a jump in
+  both file position and time between two packets) is a loss of its own.  A file that ends before its
   declared duration: ``"cut short at 0:02 of 0:06; 4.0 s lost"``.  No good frame
   at all: `DecodeError`.
 * Memory: decoder threads are capped so that frames in flight stay within
@@ -235,6 +238,42 @@ def sample(path: Path | str, fps: float = DEFAULT_FPS, max_side: int = 512,
     with Sampling(path, fps, max_side, stop, strategy=strategy) as sampling:
         frames = list(sampling)
         return Sampled(sampling.info, frames, sampling.problems, sampling.stopped)
+
+
+def frame_at(path: Path | str, seconds: float, max_side: int = 512) -> Frame:
+    """The frame shown at ``seconds``: the last one starting at or before it (the first
+    frame before the start, the last one past the end), decoded cheaply: a jump to the
+    keyframe at or before ``seconds``, then decoding on to it.  `DecodeError` for a bad file."""
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds)):
+        raise UsageError(f"a time in seconds, got {seconds!r}")
+    av = _av()
+    container = _open(av, path)
+    try:
+        with _translated():
+            stream = _video_stream(container)
+            _configure(stream, DEFAULT_FPS, Strategy(skip_nonref=False))
+            reader = _Reader(container, stream, av.FFmpegError)
+            if seconds > 0:
+                reader.seek(seconds)
+            time, frame = _shown_at(reader, seconds)
+            picture = _Picture(_info(container, stream, frame), stream, max_side, DEFAULT_STRATEGY)
+            return Frame(time, picture.image(frame), shot=False)
+    finally:
+        container.close()
+
+
+def _shown_at(reader: _Reader, seconds: float) -> tuple[float, Any]:
+    """The last good frame of ``reader`` starting at or before ``seconds`` (half a
+    millisecond early counts: times in URLs are rounded to milliseconds)."""
+    shown = None
+    for time, frame in reader.frames():
+        if shown is not None and time > seconds + 5e-4:
+            break
+        shown = (time, frame)
+    if shown is None:
+        kind = reader.damage.first_kind
+        raise DecodeError("no frame decodes" + (f" ({kind})" if kind else ""))
+    return shown
 
 
 class Sampling:
@@ -691,7 +730,11 @@ def _fit(width: float, height: float, max_side: int) -> tuple[int, int]:
 
 
 class _SeekPlan:
-    """Keyframe times from the container's index, and where to jump next."""
+    """Keyframe times from the container's index, and where to jump next.
+
+    Index times are decode times (MP4 with B-frames: a little before the keyframe is
+    shown), while seeking goes by presentation time; so a jump aims half-way between a
+    keyframe and the next one, and lands on the keyframe.  Jumps only ever go forward."""
 
     def __init__(self, reader: _Reader, rate: float | None):
         try:
@@ -701,13 +744,18 @@ class _SeekPlan:
             keys = []
         self.keys = keys
         self.min_gap = SEEK_MIN_FRAMES / rate if rate else 0.5
+        self._last = -math.inf
 
     def next_jump(self, position: float, target: float) -> float | None:
-        """The first keyframe more than `SEEK_MIN_FRAMES` past ``position`` if it is not past
-        ``target`` (so every keyframe is visited, and the last one before the target is
-        decoded on from), else None: decode on."""
-        i = bisect_right(self.keys, position + self.min_gap)
-        return self.keys[i] if i < len(self.keys) and self.keys[i] <= target + 1e-6 else None
+        """Where to seek to land on the next keyframe after ``position``, when it is more than
+        `SEEK_MIN_FRAMES` ahead and not past ``target``; None: decode on.  So every keyframe
+        is decoded, and the frames from the last one before a target up to it."""
+        i = bisect_right(self.keys, max(position, self._last))
+        if i >= len(self.keys) or self.keys[i] > target + 1e-6 or self.keys[i] - position <= self.min_gap:
+            return None
+        after = self.keys[i + 1] if i + 1 < len(self.keys) else self.keys[i] + self.min_gap
+        self._last = self.keys[i]
+        return min(target, (self.keys[i] + after) / 2)
 
 
 # -- words ------------------------------------------------------------------------
