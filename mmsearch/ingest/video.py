@@ -710,8 +710,8 @@ class _Picture:
     def image(self, frame) -> Image.Image:
         width, height = _fit(frame.width * self._sar, frame.height, self.max_side)
         if self.in_decoder:
-            image = self._scaler.reformat(frame, width, height, format="rgb24",
-                                          interpolation="AREA").to_image()
+            image = self._scaler.reformat(frame, width, height, format="rgb24", interpolation="AREA",
+                                          src_color_range=frame.color_range or None).to_image()
         else:
             image = frame.to_image()
             if image.size != (width, height):
