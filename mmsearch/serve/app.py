@@ -23,14 +23,16 @@ from fastapi.staticfiles import StaticFiles
 from mmsearch import __version__
 from mmsearch.errors import (CorruptIndexError, DecodeError, IndexNotFoundError, MMSearchError,
                              ModelError, UsageError)
+from mmsearch.ingest import video as video_decoder
 from mmsearch.ingest.remote import read_url
+from mmsearch.locations import video_of
 from mmsearch.search.filters import OPTIONS, Filters, from_options
 from mmsearch.search.query import Query as SearchQuery
 from mmsearch.search.query import image_id as read_id
 from mmsearch.serve.security import (COOKIE, OPEN_PATHS, Access, offered_token, servable,
                                      without_token)
 from mmsearch.serve.service import SearchService
-from mmsearch.serve.thumbs import thumbnail
+from mmsearch.serve.thumbs import frame_thumbnail, thumbnail
 from mmsearch.serve.upload import FRAMING, OPENAPI, Uploads, too_big
 
 STATIC = Path(__file__).parent / "static"
@@ -128,10 +130,12 @@ def filters(
     ext: Optional[str] = _option("ext"), near: Optional[str] = _option("near"),
     km: Optional[float] = _option("km"), min_score: Optional[float] = _option("min_score"),
     sort: str = _option("sort", "score"), dedup: bool = _option("dedup", False),
+    type_: Optional[str] = _option("type"), moments: bool = _option("moments", False),
 ) -> Filters:
     """The filters of a request (the CLI's query options)."""
     return from_options(within=in_, after=after, before=before, camera=camera, ext=ext,
-                        near=near, km=km, min_score=min_score, sort=sort, dedup=dedup)
+                        near=near, km=km, min_score=min_score, sort=sort, dedup=dedup,
+                        type=type_, moments=moments)
 
 
 def _image_id(raw: str, service: SearchService) -> tuple[int, dict[str, Any]]:
@@ -144,6 +148,34 @@ def _image_id(raw: str, service: SearchService) -> tuple[int, dict[str, Any]]:
     if record is None:
         raise HTTPException(404, "no such image")
     return number, record
+
+
+def _file(record: dict[str, Any], service: SearchService) -> Path | str:
+    """The file an id serves (a photo; for a moment, its video) while it is servable; 404
+    otherwise."""
+    video = video_of(record["path"]) if record.get("video_id") is not None else None
+    path = servable(video or record["path"], service.roots)
+    if path is None:
+        raise HTTPException(404, "no such image")
+    return path
+
+
+def _thumbnail(service: SearchService, path: Path | str, record: dict[str, Any],
+               t: float | None) -> Path:
+    """The cached thumbnail of an id: its photo's, or its video's frame at the moment's time
+    (``t``: at that time instead, held within the video)."""
+    if record.get("video_id") is None:
+        return thumbnail(service.thumbs, path, record["content_hash"])
+    video = service.video(record["video_id"])
+    if video is None or not isinstance(path, Path):
+        raise HTTPException(404, "no such image")
+    if not video_decoder.available():
+        raise HTTPException(503, video_decoder.INSTALL)
+    if t is None:
+        seconds = float(record["time_s"] or 0.0)
+    else:
+        seconds = max(0.0, min(t, video["duration"]) if video["duration"] else t)
+    return frame_thumbnail(service.thumbs, path, video["content_hash"], seconds)
 
 
 def _api_routes(app: FastAPI, service: SearchService, max_upload: int) -> None:
@@ -199,24 +231,24 @@ def _file_routes(app: FastAPI, service: SearchService) -> None:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/thumb/{image_id}")
-    def thumb(image_id: str) -> FileResponse:
+    def thumb(image_id: str, t: Optional[float] = Query(
+            None, allow_inf_nan=False,
+            description="A moment of a video: its frame at this time (seconds) instead.")
+              ) -> FileResponse:
         _, record = _image_id(image_id, service)
-        path = servable(record["path"], service.roots)
-        if path is None:
-            raise HTTPException(404, "no such image")
+        path = _file(record, service)
+        what = "photo" if record.get("video_id") is None else "video"
         try:
-            cached = thumbnail(service.thumbs, path, record["content_hash"])
+            cached = _thumbnail(service, path, record, t)
         except (DecodeError, OSError, UsageError):
-            raise HTTPException(404, "this photo cannot be read any more") from None
+            raise HTTPException(404, f"this {what} cannot be read any more") from None
         return FileResponse(cached, media_type="image/webp",
                             headers={"Cache-Control": "private, max-age=31536000, immutable"})
 
     @app.get("/original/{image_id}")
     def original(image_id: str) -> Response:
         _, record = _image_id(image_id, service)
-        path = servable(record["path"], service.roots)
-        if path is None:
-            raise HTTPException(404, "no such image")
+        path = _file(record, service)
         headers = {"Cache-Control": "private, max-age=3600"}
         if isinstance(path, str):  # a URL: read through fsspec
             try:

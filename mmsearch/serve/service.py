@@ -115,6 +115,11 @@ class SearchService:
         the catalog alone (SQLite, safe from any thread), so files are served meanwhile."""
         return self.engine.store.image_records([image_id]).get(image_id)
 
+    def video(self, video_id: int) -> dict[str, Any] | None:
+        """The ``videos`` row of a video (path, content hash, duration...), or None: a read
+        of the catalog alone, like :meth:`record`."""
+        return self.engine.store.read.videos_by_id([video_id]).get(video_id)
+
     @property
     def roots(self) -> list[str] | None:
         return self.engine.store.roots
@@ -122,7 +127,8 @@ class SearchService:
     def info(self) -> dict[str, Any]:
         info = self._run(self._info)
         meta = info.metadata
-        return {"name": info.name, "images": info.images, "texts": info.texts,
+        return {"name": info.name, "images": info.images, "videos": info.videos,
+                "texts": info.texts,
                 "model": info.model.describe() if info.model else None,
                 "index_type": info.image_index, "first_taken": meta.first_taken,
                 "last_taken": meta.last_taken, "cameras": meta.cameras,

@@ -4,7 +4,9 @@ A thumbnail is the photo EXIF-rotated, converted to RGB and shrunk to at most
 :data:`SIZE` pixels on its long side, as WebP. Files are keyed by the photo's
 content hash and the size (``thumbs/ab/abcdef...-320.webp``), so a moved photo
 keeps its thumbnail and a changed one gets a new one; each is written to a
-temporary file and renamed into place.
+temporary file and renamed into place. A moment of a video has the frame shown at
+its time, keyed by the video's content hash, the time in milliseconds and the size
+(``thumbs/cd/cdef...-t12000-320.webp``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
+
+from PIL import Image
 
 from mmsearch.ingest.decode import decode_bytes, load_image
 from mmsearch.ingest.remote import read_url
@@ -24,13 +29,31 @@ QUALITY = 80
 def thumbnail(cache: Path, source: Path | str, content_hash: str, size: int = SIZE) -> Path:
     """The cached thumbnail of ``source``, a file or a URL (made now if missing). Raises
     DecodeError, OSError."""
-    target = cache / content_hash[:2] / f"{content_hash}-{size}.webp"
+    def make() -> Image.Image:
+        if isinstance(source, str) and is_url(source):
+            return decode_bytes(read_url(source), draft_size=size)
+        return load_image(source, draft_size=size)
+
+    return _cached(cache, f"{content_hash}-{size}", size, make)
+
+
+def frame_thumbnail(cache: Path, video: Path, video_hash: str, seconds: float,
+                    size: int = SIZE) -> Path:
+    """The cached thumbnail of the frame of ``video`` shown at ``seconds`` (rounded to the
+    millisecond; made now if missing). Raises DecodeError, OSError."""
+    from mmsearch.ingest.video import frame_at
+
+    ms = max(0, round(seconds * 1000))
+    return _cached(cache, f"{video_hash}-t{ms}-{size}", size,
+                   lambda: frame_at(video, ms / 1000, max_side=size).image)
+
+
+def _cached(cache: Path, key: str, size: int, make: Callable[[], Image.Image]) -> Path:
+    """``cache/<key[:2]>/<key>.webp``, written from ``make()`` when missing."""
+    target = cache / key[:2] / f"{key}.webp"
     if target.is_file():
         return target
-    if isinstance(source, str) and is_url(source):
-        image = decode_bytes(read_url(source), draft_size=size)
-    else:
-        image = load_image(source, draft_size=size)
+    image = make()
     image.thumbnail((size, size))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
