@@ -1,5 +1,6 @@
 // The mmsearch page: search box, filters, a grid with infinite scroll, search by photo,
-// "similar", a viewer. Plain JS over the JSON API; the search lives in the URL.
+// "similar", a viewer (a video's moment plays from its start). Plain JS over the JSON API;
+// the search lives in the URL.
 "use strict";
 
 (() => {
@@ -7,14 +8,17 @@
   const el = {
     form: $("#search"), q: $("#q"), file: $("#file"), pick: $("#pick"),
     in: $("#in"), after: $("#after"), before: $("#before"), camera: $("#camera"),
+    type: $("#type"), typeField: $("#type-field"),
     sort: $("#sort"), dedup: $("#dedup"), cameras: $("#cameras"),
     status: $("#status"), intro: $("#intro"), empty: $("#empty"), results: $("#results"),
     more: $("#more"), info: $("#info"), watch: $("#watch"), drop: $("#drop"),
-    viewer: $("#viewer"), vImg: $("#v-img"), vName: $("#v-name"), vMeta: $("#v-meta"),
+    viewer: $("#viewer"), vImg: $("#v-img"), vVideo: $("#v-video"), vName: $("#v-name"),
+    vMeta: $("#v-meta"),
     vTexts: $("#v-texts"), vTextsBox: $("#v-texts-box"), vSimilar: $("#v-similar"),
     vOriginal: $("#v-original"), vClose: $("#v-close"), vPrev: $("#v-prev"), vNext: $("#v-next"),
   };
   const FILTERS = ["in", "after", "before", "camera"];
+  const TYPES = ["image", "video"];
   const DEFAULT_K = 50;
   const MAX_K = 500;
 
@@ -31,13 +35,16 @@
 
   function emptyState() {
     return { mode: null, q: "", similar: null, k: DEFAULT_K,
-             filters: { in: "", after: "", before: "", camera: "", sort: "score", dedup: false } };
+             filters: { in: "", after: "", before: "", camera: "", type: "", sort: "score",
+                        dedup: false } };
   }
 
   function stateFromUrl() {
     const p = new URLSearchParams(location.search);
     const s = emptyState();
     for (const name of FILTERS) s.filters[name] = (p.get(name) || "").trim();
+    const type = p.get("type");
+    if (TYPES.includes(type)) s.filters.type = type;
     const sort = p.get("sort");
     if (sort === "date" || sort === "date-asc") s.filters.sort = sort;
     s.filters.dedup = ["1", "true", "yes", "on"].includes((p.get("dedup") || "").toLowerCase());
@@ -56,6 +63,7 @@
 
   function filterParams(s, p) {
     for (const name of FILTERS) if (s.filters[name]) p.set(name, s.filters[name]);
+    if (s.filters.type) p.set("type", s.filters.type);
     if (s.filters.sort !== "score") p.set("sort", s.filters.sort);
     if (s.filters.dedup) p.set("dedup", "1");
     return p;
@@ -75,6 +83,7 @@
   function fillForm(s) {
     el.q.value = s.mode === "text" ? s.q : "";
     for (const name of FILTERS) el[name].value = s.filters[name];
+    el.type.value = s.filters.type;
     el.sort.value = s.filters.sort;
     el.dedup.checked = s.filters.dedup;
   }
@@ -82,6 +91,7 @@
   function formFilters() {
     const f = {};
     for (const name of FILTERS) f[name] = el[name].value.trim();
+    f.type = el.type.value;
     f.sort = el.sort.value;
     f.dedup = el.dedup.checked;
     return f;
@@ -201,11 +211,12 @@
   function showCount(r, data) {
     const what = { text: `for “${state.q}”`, similar: `like photo #${state.similar}`,
                    image: `like ${uploaded ? uploaded.name || "your photo" : "your photo"}` }[state.mode];
+    const word = hits.some((h) => h.kind === "video") ? "result" : "photo";
     let text;
     if (r.shown === 0) text = "";
     else if (typeof data.total === "number" && data.total > r.shown && !r.done)
-      text = `${plural(r.shown, "photo")} ${what} · best of ${data.total.toLocaleString()}`;
-    else text = `${plural(r.shown, "photo")} ${what}`;
+      text = `${plural(r.shown, word)} ${what} · best of ${data.total.toLocaleString()}`;
+    else text = `${plural(r.shown, word)} ${what}`;
     if (data.note) text = text ? `${text} — ${data.note}` : data.note;
     setStatus(text);
   }
@@ -232,19 +243,43 @@
   function scoreTitle(hit) {
     const parts = [Number(hit.score).toFixed(4)];
     if (hit.taken) parts.push(String(hit.taken).slice(0, 10));
+    if (hit.kind === "video") parts.push(moment(hit));
     return parts.join(" · ");
+  }
+
+  // A video's moment: where it starts (its best frame's time when it has no span).
+  const startOf = (hit) => Number(hit.start ?? hit.time ?? 0);
+
+  function clock(seconds) {  // 0:07, 12:03, 1:02:03
+    const whole = Math.max(0, Math.floor(Number(seconds) || 0));
+    const h = Math.floor(whole / 3600), m = Math.floor((whole % 3600) / 60), s = whole % 60;
+    const ss = String(s).padStart(2, "0");
+    return h ? `${h}:${String(m).padStart(2, "0")}:${ss}` : `${m}:${ss}`;
+  }
+
+  function moment(hit) {  // "0:12–0:19"
+    const start = startOf(hit), end = Number(hit.end ?? start);
+    return end > start ? `${clock(start)}–${clock(end)}` : clock(start);
+  }
+
+  function videoBadge(hit) {
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.textContent = `▶ ${moment(hit)}`;
+    return badge;
   }
 
   function tile(hit, index) {
     const name = fileName(hit.path);
+    const isVideo = hit.kind === "video";
     const li = document.createElement("li");
-    li.className = "hit";
+    li.className = isVideo ? "hit video" : "hit";
     li.dataset.id = String(hit.id);
 
     const open = document.createElement("button");
     open.type = "button";
     open.className = "thumb";
-    open.setAttribute("aria-label", `Open ${name}`);
+    open.setAttribute("aria-label", isVideo ? `Play ${name} at ${moment(hit)}` : `Open ${name}`);
     open.addEventListener("click", () => openViewer(index));
 
     const img = document.createElement("img");
@@ -257,6 +292,7 @@
     img.height = 320;
     img.addEventListener("error", () => li.classList.add("broken"), { once: true });
     open.append(img);
+    if (isVideo) open.append(videoBadge(hit));
 
     const caption = document.createElement("span");
     caption.className = "caption";
@@ -290,10 +326,9 @@
     if (!hit) return;
     current = index;
     const name = fileName(hit.path);
-    el.vImg.src = hit.original;
-    el.vImg.alt = name;
+    showMedia(hit, name);
     el.vName.textContent = name;
-    el.vOriginal.href = hit.original;
+    el.vOriginal.href = hit.kind === "video" ? `${hit.original}#t=${startOf(hit)}` : hit.original;
     el.vMeta.replaceChildren(...metaRows(hit));
     el.vPrev.disabled = index <= 0;
     el.vNext.disabled = index >= hits.length - 1;
@@ -302,6 +337,38 @@
     loadTexts(hit.id);
     if (!el.viewer.open) el.viewer.showModal();
     el.vClose.focus();
+  }
+
+  // The photo in the <img>, or the video in the <video>, playing from the moment's start.
+  function showMedia(hit, name) {
+    const isVideo = hit.kind === "video";
+    el.vImg.hidden = isVideo;
+    el.vVideo.hidden = !isVideo;
+    if (!isVideo) {
+      stopVideo();
+      el.vImg.src = hit.original;
+      el.vImg.alt = name;
+      return;
+    }
+    el.vImg.removeAttribute("src");
+    const start = startOf(hit);
+    el.vVideo.setAttribute("aria-label", `${name} from ${clock(start)}`);
+    el.vVideo.dataset.start = String(start);
+    el.vVideo.src = `${hit.original}#t=${start}`;
+  }
+
+  el.vVideo.addEventListener("loadedmetadata", () => {
+    const start = Number(el.vVideo.dataset.start) || 0;
+    if (Math.abs(el.vVideo.currentTime - start) > 0.25) el.vVideo.currentTime = start;
+    el.vVideo.play().catch(() => {});  // a browser may refuse to start on its own
+  });
+
+  function stopVideo() {
+    el.vVideo.pause();
+    if (el.vVideo.hasAttribute("src")) {
+      el.vVideo.removeAttribute("src");
+      el.vVideo.load();  // drop the connection and the buffered video
+    }
   }
 
   function metaRows(hit) {
@@ -331,6 +398,10 @@
       a.rel = "noopener noreferrer";
       a.textContent = `${hit.gps_lat.toFixed(5)}, ${hit.gps_lon.toFixed(5)}`;
       add("Place", a);
+    }
+    if (hit.kind === "video") {
+      const best = typeof hit.time === "number" ? ` (best at ${clock(hit.time)})` : "";
+      add("Moment", moment(hit) + best);
     }
     add("Score", Number(hit.score).toFixed(4));
     const path = document.createElement("code");
@@ -386,6 +457,7 @@
   el.viewer.addEventListener("close", () => {
     const li = hits[current] && el.results.querySelector(`.hit[data-id="${hits[current].id}"] .thumb`);
     el.vImg.removeAttribute("src");
+    stopVideo();
     current = -1;
     if (li) li.focus({ preventScroll: false });
   });
@@ -464,7 +536,7 @@
     if (q && s.mode !== "similar" && s.mode !== "image") Object.assign(s, { mode: "text", q });
     go(s);
   };
-  for (const name of [...FILTERS, "sort", "dedup"]) el[name].addEventListener("change", onFilter);
+  for (const name of [...FILTERS, "type", "sort", "dedup"]) el[name].addEventListener("change", onFilter);
 
   function typing(target) {
     if (!target || !(target instanceof Element)) return false;
@@ -496,6 +568,7 @@
       if (!response.ok) { el.info.textContent = detailOf(data, response); retryInfo(); return; }
       info = data;
       const parts = [plural(data.images || 0, "photo")];
+      if (data.videos) parts.push(plural(data.videos, "video"));
       if (data.texts) parts.push(plural(data.texts, "text"));
       if (data.first_taken && data.last_taken) {
         const a = String(data.first_taken).slice(0, 4), b = String(data.last_taken).slice(0, 4);
@@ -506,6 +579,7 @@
       el.info.textContent = parts.join(" · ");
       showWatch(data.watch);
       describeFilters(data.filters || {});
+      el.typeField.hidden = !(data.videos || state.filters.type);
       const cameras = Object.keys(data.cameras || {}).filter((c) => c.trim());
       el.cameras.replaceChildren(...cameras.map((c) => {
         const o = document.createElement("option");
@@ -556,6 +630,7 @@
       if (f.max_chars) el[name].maxLength = f.max_chars;
       if (!el[name].title) el[name].title = f.help;
     }
+    if (filters.type && !el.type.title) el.type.title = filters.type.help;
   }
 
   // -- start -----------------------------------------------------------------
