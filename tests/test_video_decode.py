@@ -183,6 +183,13 @@ def test_large_frames_are_scaled_in_the_decoder(tmp_path: Path) -> None:
     assert int(peak_mib) < 700
 
 
+def test_frames_above_the_pixel_limit_are_refused(tmp_path: Path, monkeypatch) -> None:
+    path, _ = _make(tmp_path, scenes=SCENES[:1])
+    monkeypatch.setattr(video, "MAX_PIXELS", 160 * 120 - 1)  # as if this were beyond 8K
+    with pytest.raises(DecodeError, match="too large: 160x120"):
+        video.probe(path)
+
+
 def test_importing_the_module_does_not_import_pyav() -> None:
     code = "import sys, mmsearch.ingest.video; print('av' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

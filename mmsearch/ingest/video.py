@@ -47,7 +47,8 @@ Choices, in short:
   declared duration: ``"cut short at 0:02 of 0:06; 4.0 s lost"``.  No good frame
   at all: `DecodeError`.
 * Memory: decoder threads are capped so that frames in flight stay within
-  `DECODE_MEMORY` (an 8K frame is 50 MB), and no full-size picture is ever made.
+  `DECODE_MEMORY` (an 8K frame is 50 MB), no full-size picture is ever made, and
+  frames above `MAX_PIXELS` (beyond 8K) are refused.
 """
 
 from __future__ import annotations
@@ -71,9 +72,11 @@ from PIL import Image
 
 from mmsearch.errors import DecodeError, UsageError
 from mmsearch.ingest.decode import _os_reason, open_regular  # one wording for OS errors
+from mmsearch.ingest.discover import VIDEO_EXTENSIONS, is_video  # what a video file is: one place
 
-VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp"})
-"""Extensions `is_video` accepts, compared lower-cased."""
+__all__ = ["DEFAULT_FPS", "DEFAULT_STRATEGY", "INSTALL", "VIDEO_EXTENSIONS", "Frame", "Sampled",
+           "Sampling", "Span", "Strategy", "VideoInfo", "available", "collapse", "is_video", "probe",
+           "sample", "video_hash"]
 
 DEFAULT_FPS = 1.0
 """Frames sampled per second of video."""
@@ -91,6 +94,7 @@ CUT_MEMORY = 0.8  # weight of the past in the running average of differences
 SEEK_MIN_FRAMES = 12
 NONREF_MIN_RATIO = 4.0
 DECODE_MEMORY = 512 << 20
+MAX_PIXELS = 8192 * 4608  # above 8K (DCI and UHD) a video is refused: its frames alone need GBs
 MAX_READ_ERRORS = 32  # consecutive demuxing errors before the rest of a file is given up
 TAIL_SLACK = 1.0      # seconds a file may end before its declared duration without a problem
 
@@ -157,11 +161,6 @@ def available() -> bool:
     except Exception:  # a broken install is as good as none
         return False
     return True
-
-
-def is_video(path: Path | str) -> bool:
-    """Whether ``path``'s extension (any case) is one of `VIDEO_EXTENSIONS`."""
-    return os.path.splitext(os.fspath(path))[1].lower() in VIDEO_EXTENSIONS
 
 
 def video_hash(path: Path | str) -> str:
@@ -407,8 +406,11 @@ def _video_stream(container):
 
 
 def _configure(stream, fps: float, strategy: Strategy) -> None:
-    """Decoder threads (capped by `DECODE_MEMORY`) and, where harmless, skipping non-reference frames."""
+    """Decoder threads (capped by `DECODE_MEMORY`) and, where harmless, skipping non-reference
+    frames; `DecodeError` for a frame size above `MAX_PIXELS` (as the header says)."""
     ctx = stream.codec_context
+    if ctx.width * ctx.height > MAX_PIXELS:
+        raise DecodeError(f"too large: {ctx.width}x{ctx.height} exceeds {MAX_PIXELS} pixels")
     depth = 2 if "10" in (ctx.pix_fmt or "") or "12" in (ctx.pix_fmt or "") else 1
     frame_bytes = max(1, ctx.width * ctx.height) * 3 // 2 * depth
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
