@@ -1,8 +1,8 @@
 """The standard retrieval benchmark splits and their published sizes.
 
 :data:`KNOWN_DATASETS` holds, per benchmark (COCO 5k, Flickr30K 1k, Flickr8k
-1k test), the split, image count, caption count and captions per image that
-papers report.  :func:`resolve_known` finds one by name or alias, and
+1k test, MSR-VTT 1k-A test), the split, image (or video) count, caption count and
+captions per image that papers report.  :func:`resolve_known` finds one by name or alias, and
 :func:`check_expected` compares a loaded :class:`RetrievalDataset` with it, so
 a run can say whether its figures are comparable with published ones.  Nothing
 here reads files.
@@ -28,6 +28,7 @@ class KnownDataset:
     n_images: int
     n_captions: int
     captions_per_image: int
+    item: str = "image"  # what a caption describes: "image" or "video"
 
 
 KNOWN_DATASETS: dict[str, KnownDataset] = {
@@ -55,10 +56,20 @@ KNOWN_DATASETS: dict[str, KnownDataset] = {
         n_captions=5000,
         captions_per_image=5,
     ),
+    "msrvtt": KnownDataset(
+        name="msrvtt",
+        description="MSR-VTT 1k-A (JSFusion) test split",
+        split="test",
+        n_images=1000,
+        n_captions=1000,
+        captions_per_image=1,
+        item="video",
+    ),
 }
 
 #: Other spellings accepted by :func:`check_expected`.
-_ALIASES = {"mscoco": "coco", "mscoco_captions": "coco", "coco5k": "coco", "f30k": "flickr30k"}
+_ALIASES = {"mscoco": "coco", "mscoco_captions": "coco", "coco5k": "coco", "f30k": "flickr30k",
+            "msr-vtt": "msrvtt", "msrvtt-1ka": "msrvtt", "msrvtt1ka": "msrvtt"}
 
 
 def resolve_known(dataset_name: str) -> KnownDataset:
@@ -94,15 +105,15 @@ def check_expected(ds: RetrievalDataset, dataset_name: str) -> list[str]:
     if ds.split != known.split:
         warnings.append(f"{label} is the {known.split!r} split, but {ds.split!r} was loaded")
     if ds.n_images != known.n_images:
-        warnings.append(f"{label} has {known.n_images} images, loaded {ds.n_images}")
+        warnings.append(f"{label} has {known.n_images} {known.item}s, loaded {ds.n_images}")
     if ds.n_captions != known.n_captions:
         warnings.append(f"{label} has {known.n_captions} captions, loaded {ds.n_captions}")
     per_image = np.bincount(ds.caption_image, minlength=ds.n_images)
     off = int(np.count_nonzero(per_image != known.captions_per_image))
     if off:
         warnings.append(
-            f"{label} has {known.captions_per_image} captions per image, "
-            f"{off} loaded images have another count (min {int(per_image.min())}, "
+            f"{label} has {known.captions_per_image} captions per {known.item}, "
+            f"{off} loaded {known.item}s have another count (min {int(per_image.min())}, "
             f"max {int(per_image.max())})"
         )
     return warnings
