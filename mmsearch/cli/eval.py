@@ -1,4 +1,4 @@
-"""`mmsearch eval`: retrieval recall of the engine on a Karpathy-format benchmark."""
+"""`mmsearch eval`: retrieval recall of the engine on an image-text or video-text benchmark."""
 
 from __future__ import annotations
 
@@ -26,13 +26,15 @@ def eval_command(
     data: Annotated[Optional[Path], typer.Option(
         "--data", help="A Karpathy JSON, a Chinese-CLIP folder ({split}_texts.jsonl with "
         "images in --images or {split}_imgs.tsv) or an XTD10 folder (test_image_names.txt + "
-        "test_1kcaptions_LANG.txt).")] = None,
+        "test_1kcaptions_LANG.txt), or videos: an MSR-VTT folder (MSRVTT_JSFUSION_test.csv), a "
+        ".csv or a .json array of video_id,caption rows.")] = None,
     images: Annotated[Optional[Path], typer.Option(
-        "--images", help="Folder the image names are relative to.")] = None,
+        "--images", "--videos", help="Folder the image names are relative to (for videos: "
+        "the folder of <video_id>.<ext> files).")] = None,
     language: Annotated[str, typer.Option(help="XTD10 captions language: zh, ja, ko, de...")] = "zh",
     dataset: Annotated[Optional[str], typer.Option(
-        "--dataset", "-d", help="coco, flickr30k, flickr8k (sizes checked against the standard "
-        "split) or any name (default: the JSON's 'dataset' value).")] = None,
+        "--dataset", "-d", help="coco, flickr30k, flickr8k, msrvtt (sizes checked against the "
+        "standard split) or any name (default: the JSON's 'dataset' value).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate: test, val, train...")] = "test",
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
@@ -55,7 +57,8 @@ def eval_command(
     Images go through the same ingest pipeline as `mmsearch index` (but JPEGs are
     decoded in full unless --draft), into an index named after the dataset, model
     and decoding under --home; a second run reuses it, so --index-type can be
-    compared without embedding again.
+    compared without embedding again. Videos are indexed as `mmsearch index` does
+    and each is the mean of its frames (text->video, video->text, and median rank).
     """
     from mmsearch.errors import UsageError
     from mmsearch.eval.datasets import load_dataset, pos_tag_warning
@@ -97,32 +100,48 @@ def _expected_size_warnings(data: "RetrievalDataset", name: str | None) -> list[
 
 def format_table(r: "EvalResult") -> str:
     """The human-readable report of one evaluation."""
-    ks = list(r.t2i)
-    head = "".join(f"{'R@' + str(k):>8}" for k in ks)
+    media = r.media
+    frames = f" ({r.n_frames} frames)" if r.n_frames is not None else ""
+    decoding = (f"{r.video_fps:g} frame/s plus each shot's first, as mmsearch index samples"
+                if media == "video" else
+                "reduced-DCT draft (--draft)" if r.draft else "full JPEG decoding")
     lines = [
-        f"dataset     {r.dataset} / {r.split}: {r.n_images} images, {r.n_captions} captions",
+        f"dataset     {r.dataset} / {r.split}: {r.n_images} {media}s{frames}, "
+        f"{r.n_captions} captions",
         f"model       {r.model['description']} on {r.device}",
-        f"decoding    {'reduced-DCT draft (--draft)' if r.draft else 'full JPEG decoding'}",
+        f"decoding    {decoding}",
         f"index       {r.index_type}  ({r.index_name})",
         "",
-        f"{'':<14}{head}",
-        f"{'text->image':<14}" + "".join(f"{r.t2i[k]:8.2f}" for k in ks),
-        f"{'image->text':<14}" + "".join(f"{r.i2t[k]:8.2f}" for k in ks),
+        *_recall_rows(r),
         f"rsum {r.rsum:.2f}   mean recall {r.mean_recall:.2f}",
     ]
     if r.approx_overlap is not None:
         lines.append(f"approximate vs exact top-10 (recall@10): {r.approx_overlap:.4f}")
     lines.append("")
+    unit = "frames" if media == "video" else "images"
     if r.embedded:
-        lines.append(f"embedding   {r.embedded} images in {r.embed_seconds:.1f} s "
-                     f"({r.images_per_second:.1f} images/s)")
+        lines.append(f"embedding   {r.embedded} {unit} in {r.embed_seconds:.1f} s "
+                     f"({r.images_per_second:.1f} {unit}/s)")
     else:
-        lines.append(f"embedding   none: all {r.n_images} images cached "
+        lines.append(f"embedding   none: all {r.n_images} {media}s cached "
                      f"(checked in {r.embed_seconds:.1f} s)")
     lines.append(f"captions    {r.texts_embedded} embedded in {r.text_seconds:.1f} s; "
                  f"search {r.search_seconds:.2f} s; wall time {r.eval_seconds:.1f} s")
     lines += [f"note        {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+def _recall_rows(r: "EvalResult") -> list[str]:
+    """The table of recalls, one row per direction; median and mean rank where measured."""
+    ks = list(r.t2i)
+    ranks = r.t2i_ranks is not None and r.i2t_ranks is not None
+    head = "".join(f"{'R@' + str(k):>8}" for k in ks) + ("     MdR     MnR" if ranks else "")
+    rows = [f"{'':<14}{head}"]
+    for label, recalls, measured in ((f"text->{r.media}", r.t2i, r.t2i_ranks),
+                                     (f"{r.media}->text", r.i2t, r.i2t_ranks)):
+        tail = f"{measured['MdR']:8.1f}{measured['MnR']:8.1f}" if ranks else ""
+        rows.append(f"{label:<14}" + "".join(f"{recalls[k]:8.2f}" for k in ks) + tail)
+    return rows
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """Evaluation: Recall@K of the engine itself on Karpathy-format benchmarks (``mmsearch eval``).
 
-``datasets``  Karpathy JSON, Chinese-CLIP and XTD10 sets read as RetrievalDataset; the standard sizes
+``datasets``  Karpathy, Chinese-CLIP, XTD10 and MSR-VTT sets as RetrievalDataset; the standard sizes
 ``metrics``   Recall@K, rsum, overlap of approximate with exact search (pure numpy)
 ``evaluate``  the images through the engine's ingest, the captions through its text path, then rank
+``video``     videos: each the span-weighted mean of its stored frames; exact ranks, median rank
 """
 
 #: Whether ``mmsearch eval`` decodes JPEGs with Pillow's reduced-DCT draft (``--draft``) before

@@ -19,6 +19,12 @@ free. The cached image index is always exact (``Flat``); an approximate
 (:attr:`EvalResult.approx_overlap`). As in the engine, ``index_type`` applies to
 the image index; the text index is always exact.
 
+A :class:`~mmsearch.eval.datasets.VideoRetrievalDataset` (MSR-VTT...) goes the same way
+into its own index: its videos through the engine's video ingest (the same decoding and
+frame sampling as ``mmsearch index``), its captions through ``add_texts``; each video's
+vector is then the mean of its stored frames and captions and videos are ranked exactly
+(:mod:`mmsearch.eval.video`: text -> video and video -> text Recall@K, median and mean rank).
+
 JPEGs are decoded in full by default (:data:`mmsearch.eval.DRAFT`), so the pixels are
 the ones open_clip's own preprocess sees; ``draft=True`` lets libjpeg decode big photos
 at a reduced DCT scale first, as ``mmsearch index`` does (faster, scores move slightly).
@@ -84,6 +90,11 @@ class EvalResult:
     search_seconds: float
     eval_seconds: float               # wall time of the whole evaluate() call
     approx_overlap: float | None = None  # recall@10 of approximate vs exact top-10 (0-1)
+    media: str = "image"              # "video": images are videos, t2i is text -> video...
+    n_frames: int | None = None       # videos: the stored frames mean-pooled
+    video_fps: float | None = None    # videos: frames sampled per second (plus each shot's first)
+    t2i_ranks: dict[str, float] | None = None  # videos: {"MdR": median, "MnR": mean rank}
+    i2t_ranks: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -99,9 +110,12 @@ class EvalResult:
         return data
 
 
-def eval_index_name(dataset: str, split: str, identity: ModelIdentity, draft: bool) -> str:
-    """``eval-<dataset>-<split>-<arch>-<hash>``: one reusable index per data and model."""
-    key = json.dumps([identity.arch, identity.fingerprint, draft])
+def eval_index_name(dataset: str, split: str, identity: ModelIdentity, draft: bool,
+                    video_fps: float | None = None) -> str:
+    """``eval-<dataset>-<split>-<arch>-<hash>``: one reusable index per data and model (and,
+    for videos, frame rate)."""
+    key = json.dumps([identity.arch, identity.fingerprint, draft,
+                      *([] if video_fps is None else [video_fps])])
     digest = hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
     parts = [_UNSAFE.sub("-", p).strip("-.") or "x"
              for p in (dataset[:16], split[:10], identity.arch[:20])]
@@ -119,6 +133,9 @@ def evaluate(dataset: "RetrievalDataset", *, settings: "Settings", index_type: s
     "hnsw", "ivf", "ivfpq", "auto" or a FAISS factory string) is the image index
     that is searched. ``draft``: decode JPEGs at a reduced DCT scale (never below
     the model's input) instead of in full; see :data:`mmsearch.eval.DRAFT`.
+    A :class:`~mmsearch.eval.datasets.VideoRetrievalDataset` is evaluated by mean-pooled
+    frames (:mod:`mmsearch.eval.video`), sampled at ``settings.video_fps``; ``index_type``
+    and ``draft`` do not apply to it.
 
     Raises:
         DatasetError: some images could not be indexed (the message says why),
@@ -128,10 +145,13 @@ def evaluate(dataset: "RetrievalDataset", *, settings: "Settings", index_type: s
         plus whatever opening the engine or the model raises.
     """
     from mmsearch.engine import Engine
+    from mmsearch.eval.datasets import VideoRetrievalDataset
 
     start = time.perf_counter()
     cut_offs = _check_ks(ks)
     progress = progress or no_progress
+    if isinstance(dataset, VideoRetrievalDataset):
+        return _evaluate_videos(dataset, settings, index_type, cut_offs, progress)
     identity = identify(settings.model, settings.pretrained)
     name = eval_index_name(dataset.name, dataset.split, identity, draft)
     eval_settings = settings.with_(index=name, index_type="flat", draft=draft)
@@ -179,14 +199,20 @@ def _index_images(engine: "Engine", dataset: "RetrievalDataset",
     paths = _catalog_paths(dataset)
     report = engine.index(paths, progress=progress)
     by_path = {path: image_id for image_id, path in engine.store.read.all_image_paths()}
+    return _ids_in_order(paths, by_path, report, dataset, "images"), report
+
+
+def _ids_in_order(paths: list[str], by_path: dict[str, int], report: Any,
+                  dataset: "RetrievalDataset", what: str) -> np.ndarray:
+    """The catalog ids of ``paths`` in order; an error naming the first one not indexed."""
     missing = [i for i, p in enumerate(paths) if p not in by_path]
     if missing:
         reasons = {s.path: s.reason for s in report.skipped}
         first = paths[missing[0]]
         why = reasons.get(first, "not picked up by the indexer (file name extension?)")
-        raise DatasetError(f"{len(missing)} of {len(paths)} images could not be indexed; "
+        raise DatasetError(f"{len(missing)} of {len(paths)} {what} could not be indexed; "
                            f"first: {dataset.image_paths[missing[0]]}: {why}")
-    return np.asarray([by_path[p] for p in paths], dtype=np.int64), report
+    return np.asarray([by_path[p] for p in paths], dtype=np.int64)
 
 
 def _catalog_paths(dataset: "RetrievalDataset") -> list[str]:
@@ -243,6 +269,92 @@ def _index_captions(engine: "Engine", dataset: "RetrievalDataset",
             raise DatasetError(f"caption {i} is stored as {text!r}, not {caption!r}")
         ids[i] = text_id
     return ids, embedded
+
+
+# -- videos ---------------------------------------------------------------------
+def _evaluate_videos(dataset: "RetrievalDataset", settings: "Settings", index_type: str,
+                     cut_offs: tuple[int, ...], progress: Progress) -> EvalResult:
+    """:func:`evaluate` of a video dataset: index the videos, mean-pool their frames, rank."""
+    from mmsearch.engine import Engine
+    from mmsearch.eval.video import rank_summary
+
+    start = time.perf_counter()
+    identity = identify(settings.model, settings.pretrained)
+    name = eval_index_name(dataset.name, dataset.split, identity, False, settings.video_fps)
+    eval_settings = settings.with_(index=name, index_type="flat")
+    with Engine(eval_settings, create=True) as engine:
+        video_ids, report = _index_videos(engine, dataset, progress)
+        text_start = time.perf_counter()
+        text_ids, texts_embedded = _index_captions(engine, dataset, progress)
+        text_seconds = time.perf_counter() - text_start
+        search_start = time.perf_counter()
+        ranks, n_frames = _video_ranks(engine, dataset, video_ids, text_ids)
+        search_seconds = time.perf_counter() - search_start
+        model = {**asdict(engine.identity), "description": engine.identity.describe()}
+        device = engine.device
+    (t2v, t2v_ranks), (v2t, v2t_ranks) = (rank_summary(r, cut_offs) for r in ranks)
+    return EvalResult(
+        dataset=dataset.name, split=dataset.split, t2i=t2v, i2t=v2t,
+        rsum=metrics.rsum(t2v, v2t, cut_offs), mean_recall=metrics.mean_recall(t2v, v2t, cut_offs),
+        n_images=dataset.n_images, n_captions=dataset.n_captions, model=model,
+        index_type="exact, mean-pooled frames", index_name=name,
+        index_dir=str(eval_settings.index_dir.absolute()), device=device, draft=False,
+        embedded=report.embedded, embed_seconds=report.seconds,
+        images_per_second=report.images_per_second, text_seconds=text_seconds,
+        texts_embedded=texts_embedded, search_seconds=search_seconds,
+        eval_seconds=time.perf_counter() - start, media="video", n_frames=n_frames,
+        video_fps=settings.video_fps,
+        t2i_ranks=t2v_ranks, i2t_ranks=v2t_ranks,
+        notes=_video_notes(identity, index_type, report, dataset.n_images))
+
+
+def _index_videos(engine: "Engine", dataset: "RetrievalDataset",
+                  progress: Progress) -> tuple[np.ndarray, Any]:
+    """Ingest the split's video files; their catalog video ids in dataset order, and the report."""
+    paths = _catalog_paths(dataset)
+    report = engine.index(paths, progress=progress)
+    if report.videos_without_decoder:
+        from mmsearch.ingest.video import INSTALL
+
+        raise DatasetError(f"{report.videos_without_decoder} of {len(paths)} videos could not "
+                           f"be indexed: {INSTALL}")
+    stored = engine.store.read.videos_under(paths)
+    by_path = {path: row.id for path, row in stored.items()}
+    return _ids_in_order(paths, by_path, report, dataset, "videos"), report
+
+
+def _video_ranks(engine: "Engine", dataset: "RetrievalDataset", video_ids: np.ndarray,
+                 text_ids: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+    """((text -> video ranks), (video -> text ranks)), and how many frames were pooled."""
+    from mmsearch.eval.video import first_hit_ranks, pooled_vectors
+
+    store = engine.store
+    dim = store.dim or 0
+    pooled, n_frames = pooled_vectors(
+        store, video_ids, lambda ids: _stored(store.read.image_vectors, dim, ids))
+    texts = _stored(store.read.text_vectors, dim, text_ids)
+    videos = np.arange(dataset.n_images)
+    return ((first_hit_ranks(texts, pooled, dataset.caption_image, videos),
+             first_hit_ranks(pooled, texts, videos, dataset.caption_image)), n_frames)
+
+
+def _video_notes(identity: ModelIdentity, index_type: str, report: Any,
+                 n_videos: int) -> list[str]:
+    notes = ["each video is the time-weighted mean of its stored frames (a span of alike "
+             "frames counts for its length), L2-normalised; ranked exactly"]
+    if index_type.lower() not in ("flat", "auto"):
+        notes.append(f"--index-type {index_type} does not apply to videos: their mean-pooled "
+                     "vectors are ranked exactly")
+    if identity.pretrained == NO_WEIGHTS:
+        notes.append(f"random weights (--pretrained none): recall is at chance level "
+                     f"(text->video R@K about 100*K/{n_videos} %); only the timings mean something")
+    if report.embedded == 0:
+        notes.append("every video was already in the cached index: this run embedded no frames")
+    if report.warnings:
+        first = report.warnings[0]
+        notes.append(f"{len(report.warnings)} problems decoding videos (what decoded is "
+                     f"pooled); first: {first.path}: {first.reason}")
+    return notes
 
 
 # -- searching ------------------------------------------------------------------
