@@ -66,3 +66,44 @@ def assert_recalls_match(sim: np.ndarray, owners: np.ndarray, t2i: dict, i2t: di
                 assert low - 1e-9 <= got[k] <= high + 1e-9, k
                 undecided += 1
     return undecided
+
+
+# --------------------------------------------------------------------------- #
+# Videos: mean-pooled frames
+# --------------------------------------------------------------------------- #
+
+
+def stored_video_frames(settings: Settings, index_name: str, dataset: RetrievalDataset
+                        ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """(caption vectors, per video (its stored frame vectors, each frame's span in seconds))
+    as the engine stored them in ``index_name``, in dataset order."""
+    from mmsearch.engine import Engine
+
+    with Engine(settings.with_(index=index_name)) as engine:
+        read, dim = engine.store.read, engine.store.dim
+        rows = read.videos_under([str(p.resolve()) for p in dataset.image_paths])
+        frames = []
+        for path in dataset.image_paths:
+            ids, start, end, _ = read.frames_of(rows[str(path.resolve())].id)
+            got_ids, got = read.image_vectors(dim, ids)
+            frames.append((got[np.searchsorted(got_ids, ids)], end - start))
+        keys = {key: i for i, (key, _) in read.texts_by_id(
+            int(i) for i in read.all_text_ids()).items()}
+        order = [keys[str(c)] for c in range(dataset.n_captions)]
+        got_ids, got = read.text_vectors(dim, order)
+    return got[np.searchsorted(got_ids, order)], frames
+
+
+def video_ranks(texts: np.ndarray, frames: list[tuple[np.ndarray, np.ndarray]],
+                owners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(text -> video ranks, video -> text ranks), 1-based, the plain way: each video the
+    span-weighted mean of its frames, normalised; every query's items sorted by score
+    (stable: ties to the lower index); the position of the first relevant one."""
+    pooled = np.stack([np.average(v.astype(np.float64), axis=0, weights=w) for v, w in frames])
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    sim = texts.astype(np.float64) @ pooled.T
+    t2v = np.array([1 + np.flatnonzero(np.argsort(-row, kind="stable") == owners[c])[0]
+                    for c, row in enumerate(sim)])
+    v2t = np.array([1 + np.flatnonzero(owners[np.argsort(-sim[:, v], kind="stable")] == v)[0]
+                    for v in range(len(frames))])
+    return t2v, v2t
