@@ -340,3 +340,31 @@ def test_a_large_subset_is_searched_through_a_bitmap(index_type: str) -> None:
         rows = np.searchsorted(ids, subset)
         want = subset[np.argsort(-(queries @ data[rows].T), axis=1, kind="stable")[:, :10]]
         np.testing.assert_array_equal(got.ids, want)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "IVF32,Flat"])
+def test_exclude_leaves_out_the_nearest_and_finds_k_past_them(index_type: str) -> None:
+    """``exclude`` (how a search with videos ranks past the frames it has already kept):
+    never returns an excluded id, still finds k when the excluded crowd the query's
+    neighbourhood, and equals numpy over the rest for exact search; removed ids stay out."""
+    rng = np.random.default_rng(6)
+    crowd = unit(1, 16, 7) + rng.normal(0, 0.02, (3000, 16)).astype(np.float32)  # one video
+    data = np.concatenate([crowd / np.linalg.norm(crowd, axis=1, keepdims=True),
+                           unit(9000, 16, 8)])
+    ids = np.arange(1, len(data) + 1, dtype=np.int64)
+    index = VectorIndex.create(16, index_type, expected=len(ids), train=data)
+    index.add(ids, data)
+    index.remove(ids[-10:])
+    query = data[:1]
+    exclude = ids[:3000]
+    got = index.search(query, 10, exclude=exclude)
+    assert (got.ids >= 0).all() and not np.isin(got.ids, exclude).any()
+    assert not np.isin(got.ids, ids[-10:]).any()
+    rest = np.arange(3000, len(ids) - 10)
+    _, want = brute(data[rest], ids[rest], query, 10)
+    if index_type == "flat":
+        np.testing.assert_array_equal(got.ids, want)
+    else:
+        assert len(set(got.ids[0]) & set(want[0])) >= 7
+    sub = index.search(query, 5, subset=ids[2990:3100], exclude=exclude)
+    assert set(sub.ids[0]) <= set(ids[3000:3100])

@@ -68,26 +68,38 @@ def search_images(store: "Store", query: np.ndarray, k: int,
         return [[] for _ in np.atleast_2d(query)]
     fetch = k if filters is None or not filters.dedup else min(DEDUP_FETCH * k, index.ntotal)
     videos = (filters is None or filters.type != "image") and store.read.video_count() > 0
-    while True:
-        wide = min(moments.FETCH * fetch, index.ntotal) if videos else fetch
-        found = _hits(store, query, ranked_ids(store, index, query, wide, subset), videos,
-                      filters is not None and filters.moments)
-        if not videos or wide >= index.ntotal or min(map(len, found), default=k) >= k:
-            break
-        fetch = wide  # a few videos filled the candidates: rank more of them
-    return [shape(store, hits, k, filters) for hits in found]
-
-
-def _hits(store: "Store", query: np.ndarray, result: "SearchResult", videos: bool,
-          several: bool) -> list[list[ImageHit]]:
-    """Hits per query row, with the moments of videos collapsed (:mod:`.moments`)."""
-    records = store.image_records(int(i) for i in np.unique(result.ids) if i >= 0)
-    rows = [[_hit(s, i, records[i]) for s, i in zip(row_s, row_i) if i in records]
-            for row_s, row_i in zip(result.scores, result.ids)]
     if not videos:
-        return rows
-    return [moments.collapse(store, q, hits, several)
-            for q, hits in zip(np.atleast_2d(query), rows)]
+        result = ranked_ids(store, index, query, fetch, subset)
+        records = store.image_records(int(i) for i in np.unique(result.ids) if i >= 0)
+        return [shape(store, _hits(records, row_s, row_i), k, filters)
+                for row_s, row_i in zip(result.scores, result.ids)]
+    several = filters is not None and filters.moments
+    return [shape(store, _video_hits(store, index, q, fetch, subset, several), k, filters)
+            for q in np.atleast_2d(query)]
+
+
+def _hits(records: dict[int, dict], scores: np.ndarray, ids: np.ndarray) -> list[ImageHit]:
+    return [_hit(s, i, records[i]) for s, i in zip(scores, ids) if i in records]
+
+
+def _video_hits(store: "Store", index: "VectorIndex", query: np.ndarray, fetch: int,
+                subset: np.ndarray | None, several: bool) -> list[ImageHit]:
+    """The best ``fetch`` hits for one query in an index with videos, each video's moments
+    collapsed (:mod:`.moments`). A video's frames crowd the nearest candidates, so a round
+    that ends with fewer than ``fetch`` hits ranks more, past the candidates already seen
+    and the frames of what was kept."""
+    kept = moments.Collapse(store, query, several)
+    seen = np.empty(0, dtype=np.int64)
+    wide = min(moments.FETCH * fetch, index.ntotal)
+    for _ in range(moments.ROUNDS):
+        result = ranked_ids(store, index, query, wide, subset, exclude=seen)
+        ids = result.ids[0][result.ids[0] >= 0]
+        records = store.image_records(int(i) for i in ids)
+        kept.add(_hits(records, result.scores[0], result.ids[0]))
+        if len(kept.hits) >= fetch or len(ids) < wide:
+            break
+        seen = np.union1d(np.union1d(seen, ids), kept.covered())
+    return kept.hits
 
 
 def _hit(score: float, image_id: int, record: dict) -> ImageHit:
@@ -118,12 +130,15 @@ def selected_ids(store: "Store", filters: Filters) -> np.ndarray:
 
 
 def ranked_ids(store: "Store", index: "VectorIndex", query: np.ndarray, k: int,
-               subset: np.ndarray | None) -> "SearchResult":
-    """Top-``k`` ids among ``subset`` (None: all). A small subset is ranked exactly from the
-    catalog's vectors; a large one by FAISS restricted to it (an ``IDSelector``, with the
-    search effort raised in proportion), so a selective filter still returns its ``k``."""
+               subset: np.ndarray | None, exclude: np.ndarray | None = None) -> "SearchResult":
+    """Top-``k`` ids among ``subset`` (None: all), but for those in ``exclude``. A small
+    subset is ranked exactly from the catalog's vectors; a large one by FAISS restricted to
+    it (an ``IDSelector``, with the search effort raised in proportion), so a selective
+    filter still returns its ``k``."""
+    if subset is not None and exclude is not None and exclude.size:
+        subset, exclude = np.setdiff1d(subset, exclude), None
     if subset is None or subset.size > max(BRUTE_FORCE_MAX, index.ntotal // BRUTE_FORCE_SHARE):
-        return top_images(store, index, query, k, subset)
+        return top_images(store, index, query, k, subset, exclude)
     return exact_top(store, index, np.atleast_2d(query).astype(np.float32), k, subset)
 
 
@@ -166,12 +181,16 @@ def shape(store: "Store", hits: list[ImageHit], k: int,
 
 
 def top_images(store: "Store", index: "VectorIndex", query: np.ndarray, k: int,
-               subset: np.ndarray | None = None) -> "SearchResult":
-    """Top-``k`` image ids per query row from ``index``; an index of compressed codes
-    is asked for a wider pool, re-scored exactly by :func:`rerank`."""
+               subset: np.ndarray | None = None,
+               exclude: np.ndarray | None = None) -> "SearchResult":
+    """Top-``k`` image ids per query row from ``index`` (among ``subset``, but for
+    ``exclude``); an index of compressed codes is asked for a wider pool, re-scored exactly
+    by :func:`rerank`."""
+    exclude = exclude if exclude is not None and exclude.size else None
     if not index.is_compressed:
-        return index.search(query, k, subset=subset)
-    pool = index.search(query, max(RERANK_POOL, RERANK_FACTOR * k), subset=subset)
+        return index.search(query, k, subset=subset, exclude=exclude)
+    pool = index.search(query, max(RERANK_POOL, RERANK_FACTOR * k), subset=subset,
+                        exclude=exclude)
     return rerank(store, query, pool, k)
 
 

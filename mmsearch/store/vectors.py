@@ -532,19 +532,23 @@ class VectorIndex:
 
     # -- search ------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, *, subset: np.ndarray | None = None,
-               effort: int | None = None) -> SearchResult:
-        """Top-``k`` by inner product; ``subset`` restricts to those ids.
+               effort: int | None = None, exclude: np.ndarray | None = None) -> SearchResult:
+        """Top-``k`` by inner product; ``subset`` restricts to those ids, ``exclude`` (with
+        no ``subset``) leaves those out.
 
         ``effort`` is nprobe (IVF) or efSearch (HNSW); by default :func:`default_effort`,
-        raised in proportion when ``subset`` keeps only a fraction of the index so
-        that a restricted search still finds its ``k``.
+        raised in proportion when ``subset`` keeps only a fraction of the index, and by
+        what ``exclude`` may hide around the query, so that the search still finds its ``k``.
         """
+        if subset is not None and exclude is not None and len(exclude):
+            subset = np.setdiff1d(subset, exclude)
+            exclude = None
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = min(k, self.ntotal)
         if k <= 0:
             empty = np.zeros((len(queries), 0))
             return SearchResult(empty.astype(np.float32), empty.astype(np.int64))
-        params, keep = self._params(subset, effort, k)
+        params, keep = self._params(subset, effort, k, exclude)
         if params is None and self._gpu_index() is not None:
             scores, ids = self._gpu_search(queries, k)
         else:
@@ -553,24 +557,32 @@ class VectorIndex:
         del keep
         return SearchResult(np.where(ids < 0, -np.inf, scores).astype(np.float32), ids)
 
-    def _params(self, subset: np.ndarray | None, effort: int | None, k: int) -> tuple[Any, list]:
+    def _params(self, subset: np.ndarray | None, effort: int | None, k: int,
+                exclude: np.ndarray | None = None) -> tuple[Any, list]:
         """FAISS search parameters and the Python objects they point to (kept alive by the caller)."""
         faiss = _faiss()
         outer = faiss.downcast_index(self._index.index) if self._has_id_map else self._index
         inner = _base(self._index)
         keep: list = []
         sel = None
+        hidden = 0 if subset is not None or exclude is None else len(exclude)
         if subset is not None:
             sel, held = _selector(subset)
             keep += [held, sel]
         elif self._dead:  # removed vectors have id -1 in the id map: keep ids >= 0
             sel = faiss.IDSelectorRange(0, np.iinfo(np.int64).max)
             keep.append(sel)
+        if hidden:
+            out, held = _selector(exclude)
+            neg = faiss.IDSelectorNot(out)
+            sel = neg if sel is None else faiss.IDSelectorAnd(sel, neg)
+            keep += [held, out, neg, sel]
         scale = 1.0 if subset is None else self.ntotal / max(len(subset), 1)
         params = None
         if isinstance(inner, faiss.IndexIVF):
             nprobe = effort or default_effort(inner)
-            nprobe = int(min(inner.nlist, math.ceil(nprobe * scale)))
+            per_list = max(self.ntotal / max(inner.nlist, 1), 1.0)  # what a list holds
+            nprobe = int(min(inner.nlist, math.ceil(nprobe * scale + hidden / per_list)))
             params = faiss.SearchParametersIVF()
             params.nprobe = nprobe
             quantizer = faiss.downcast_index(inner.quantizer)
@@ -581,7 +593,8 @@ class VectorIndex:
                 keep.append(qp)
         elif isinstance(inner, faiss.IndexHNSW):
             params = faiss.SearchParametersHNSW()
-            params.efSearch = int(min(1 << 16, max(k, math.ceil((effort or default_effort(inner)) * scale))))
+            params.efSearch = int(min(1 << 16, max(k, math.ceil((effort or default_effort(inner))
+                                                                * scale) + hidden)))
         if params is not None and sel is not None:
             params.sel = sel
         if isinstance(outer, faiss.IndexRefine):
