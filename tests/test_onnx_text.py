@@ -110,8 +110,8 @@ def test_the_exported_text_tower_equals_torch(
     lean = lean_text_encoder(ident, "cpu", home=tmp_path)
     assert isinstance(lean, OnnxTextEncoder)
     (exported,) = (tmp_path / FOLDER).iterdir()
-    assert sorted(p.name for p in exported.iterdir()) == ["mmsearch.json", "model.onnx",
-                                                          "tokenizer.json"]
+    assert sorted(p.name for p in exported.iterdir()) == ["mmsearch.json", "model.data",
+                                                          "model.onnx", "tokenizer.json"]
     notes = _notes(caplog)
     assert len(notes) == 1 and "exported the text tower" in notes[0] and "\n" not in notes[0]
     ours = lean.encode_texts(TEXTS)

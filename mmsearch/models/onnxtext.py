@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FOLDER = ONNX_FOLDER / "text"
 FORMAT = "mmsearch-onnx-text-1"
-MODEL, TOKENIZER, META = "model.onnx", "tokenizer.json", "mmsearch.json"
+MODEL, WEIGHTS, TOKENIZER, META = "model.onnx", "model.data", "tokenizer.json", "mmsearch.json"
 CLEANINGS = ("none", "whitespace", "lower")  # open_clip's HFTokenizer cleanings we repeat
 VERSIONS = ("torch", "transformers", "onnxruntime", "open_clip_torch")  # in a failure's record
 CHECK_TEXTS = ("a red circle", "一个红色的圆", "  Ein  Hund &amp; eine Katze ", "x",
@@ -161,6 +161,7 @@ def export(text: HFText, path: Path) -> None:
                 "mask_pad_id": text.mask_pad_id}
         (tmp / META).write_text(json.dumps(meta), encoding="utf-8")
         _trace(text, OnnxTokenizer(tmp), tmp / MODEL)
+        _weights_beside(tmp / MODEL)
         _check(text, tmp)
         with contextlib.suppress(FileExistsError, OSError):  # another process was first
             os.rename(tmp, path)
@@ -205,6 +206,19 @@ def _trace(text: HFText, tokenizer: "OnnxTokenizer", path: Path) -> None:
                           dynamic_axes={"input_ids": axes, "attention_mask": axes,
                                         "embedding": {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
+
+
+def _weights_beside(path: Path) -> None:
+    """The weights moved out of the graph's protobuf into ``model.data`` beside it: ONNX
+    Runtime opens the session about twice as fast (a second less for a BERT base). Without
+    the ``onnx`` package the file stays whole (slower to open, the same vectors)."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=WEIGHTS, size_threshold=1024)
 
 
 def _check(text: HFText, tmp: Path) -> None:
