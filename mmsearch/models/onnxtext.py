@@ -145,8 +145,9 @@ def _record_failure(path: Path, note: str) -> None:
 
 
 def export(text: HFText, path: Path) -> None:
-    """``text`` as ``model.onnx``, ``tokenizer.json`` and ``mmsearch.json`` in the folder
-    ``path``, written under a temporary name and renamed into place once checked."""
+    """``text`` as ``model.onnx`` (its weights in ``model.data``), ``tokenizer.json`` and
+    ``mmsearch.json`` in the folder ``path``, written under a temporary name and renamed
+    into place once checked against the torch path."""
     if text.clean not in CLEANINGS:
         raise NotExportable(f"unknown text cleaning {text.clean!r}")
     fast = getattr(text.tokenizer, "backend_tokenizer", None)
