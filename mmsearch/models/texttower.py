@@ -216,26 +216,28 @@ class TextTower:
         b = len(tokens)
         x = w["token_embedding.weight"][tokens[:, :n]] + w["positional_embedding"][:n]
         x = x.reshape(b * n, spec.width)  # rows = tokens; attention reshapes per head
+        mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), 1)
         for i in range(spec.layers):  # the last layer goes on with the end tokens' rows alone
-            x = self._block(x, b, n, last if i == spec.layers - 1 else None,
+            x = self._block(x, b, mask, last if i == spec.layers - 1 else None,
                             f"transformer.resblocks.{i}.")
         x = _layer_norm(x, w["ln_final.weight"], w["ln_final.bias"])
         x = _matmul(x, w["text_projection"])
         norm = np.linalg.norm(x, axis=-1, keepdims=True)
         return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
 
-    def _block(self, x: "np.ndarray", b: int, n: int, last: "np.ndarray | None",
+    def _block(self, x: "np.ndarray", b: int, mask: "np.ndarray", last: "np.ndarray | None",
                p: str) -> "np.ndarray":
-        """One residual block over ``x`` (b*n rows); with ``last``, the output keeps only the
-        rows of those positions (one per text): nothing after the final layer reads the rest."""
+        """One residual block over ``x`` (b*n rows, ``mask`` (n, n) causal); with ``last``, the
+        output keeps only the rows of those positions (one per text): nothing after the final
+        layer reads the rest."""
         import numpy as np
 
         w = self._w
         y = _layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"])
         qkv = _matmul(y, w[p + "attn.in_proj_weight"], w[p + "attn.in_proj_bias"])
-        a = _attention(qkv, b, n, self.spec.heads, last)
+        a = _attention(qkv, b, self.spec.heads, mask, last)
         if last is not None:
-            x = x.reshape(b, n, -1)[np.arange(b), last]
+            x = x.reshape(b, len(mask), -1)[np.arange(b), last]
         x += _matmul(a, w[p + "attn.out_proj.weight"], w[p + "attn.out_proj.bias"])
         y = _layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"])
         y = _matmul(y, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])
@@ -244,15 +246,14 @@ class TextTower:
         return x
 
 
-def _attention(qkv: "np.ndarray", b: int, n: int, heads: int,
+def _attention(qkv: "np.ndarray", b: int, heads: int, mask: "np.ndarray",
                last: "np.ndarray | None") -> "np.ndarray":
-    """Causal multi-head attention of ``qkv`` (b*n rows of q|k|v): (b*n, width) rows, or with
-    ``last`` (b,) only the row at position ``last[i]`` of each text: (b, width)."""
+    """Multi-head attention of ``qkv`` (b*n rows of q|k|v) under ``mask`` (n, n): (b*n, width)
+    rows, or with ``last`` (b,) only the row at position ``last[i]`` of each text: (b, width)."""
     import numpy as np
 
     width = qkv.shape[1] // 3
-    q, k, v = qkv.reshape(b, n, 3, heads, width // heads).transpose(2, 0, 3, 1, 4)
-    mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), 1)
+    q, k, v = qkv.reshape(b, len(mask), 3, heads, width // heads).transpose(2, 0, 3, 1, 4)
     if last is not None:  # (b, heads, 1, head width) queries, each with its mask row
         q, mask = q[np.arange(b), :, last][:, :, None], mask[last][:, None, None]
     s = q @ k.transpose(0, 1, 3, 2)
@@ -286,28 +287,25 @@ def _quick_gelu(y: "np.ndarray") -> "np.ndarray":
 
 
 def _gelu(x: "np.ndarray") -> "np.ndarray":
-    """Exact (erf) GELU in place, torch's default; erf by Abramowitz & Stegun 7.1.26
-    (|error| < 1.5e-7), in float32 with few temporaries."""
+    """Exact (erf) GELU in place, torch's default: max(x, 0) - |x| (1 - erf(|x| / sqrt 2)) / 2,
+    that erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), in float32."""
     import numpy as np
 
-    z = np.abs(x)
-    z *= np.float32(0.5 ** 0.5)
-    t = z * np.float32(0.3275911)
+    a = np.abs(x)
+    t = a * np.float32(0.3275911 * 0.5 ** 0.5)
     t += 1
     np.reciprocal(t, out=t)
-    poly = t * np.float32(1.061405429)
-    for a in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
-        poly += np.float32(a)
-        poly *= t
-    np.square(z, out=z)
-    np.negative(z, out=z)
-    np.exp(z, out=z)
-    poly *= z               # 1 - erf(|x|)
-    np.subtract(1, poly, out=poly)
-    np.copysign(poly, x, out=poly)  # erf(x / sqrt 2)
-    poly += 1
-    poly *= 0.5
-    x *= poly
+    h = t * np.float32(0.5 * 1.061405429)  # the polynomial's coefficients halved
+    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        h += np.float32(0.5 * c)
+        h *= t
+    np.square(a, out=t)
+    t *= np.float32(-0.5)
+    np.exp(t, out=t)  # exp(-x^2 / 2)
+    h *= t
+    h *= a            # |x| (1 - erf(|x| / sqrt 2)) / 2
+    np.maximum(x, 0, out=x)
+    x -= h
     return x
 
 
