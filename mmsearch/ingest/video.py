@@ -35,8 +35,11 @@ Choices, in short:
   recent average difference (`CUT_MIN` before there is one) starts a shot and is
   taken (``Frame.shot``).  Only frames decoded anyway are compared: when decoding
   jumps, a cut is found at the first keyframe after it (encoders put a keyframe
-  at most cuts: x264's ``scenecut``), else at the next frame decoded.  The first
-  frame of the video starts the first shot.
+  at most cuts: x264's ``scenecut``), else at the next frame decoded.  Across a
+  jump, pixels differ anyway (a second of camera motion), so there a cut is a
+  change of colours: the L1 distance of the two thumbnails' 64-bin colour
+  histograms above `CUT_COLOURS` (a cut between two shots of alike colours is
+  missed there).  The first frame of the video starts the first shot.
 * Pictures: scaled by FFmpeg's scaler straight to at most ``max_side`` pixels on
   the long side of the displayed picture (sample aspect ratio applied, never
   enlarged), then turned as the display matrix says (like EXIF orientation).
@@ -90,6 +93,7 @@ THUMB = 16
 CUT_MIN = 8.0
 CUT_RATIO = 4.0
 CUT_MEMORY = 0.8  # weight of the past in the running average of differences
+CUT_COLOURS = 0.7  # colour-histogram distance (L1, 0-2) that makes a cut across a jump
 
 SEEK_MIN_FRAMES = 12
 NONREF_MIN_RATIO = 4.0
@@ -683,15 +687,22 @@ class _Picker:
     def _cut(self, frame) -> bool:
         """Whether ``frame`` starts a shot (the first frame does)."""
         thumb, previous = self.picture.thumb(frame), self._thumb
-        self._thumb = thumb
+        self._thumb, jumped, self._jumped = thumb, self._jumped, False
         if previous is None:
             return True
+        if jumped:  # a second of motion changes the pixels, not the colours
+            return float(np.abs(_histogram(thumb) - _histogram(previous)).sum()) > CUT_COLOURS
         diff, average = float(np.abs(thumb - previous).mean()), self._average
         cut = diff > max(CUT_MIN, CUT_RATIO * (CUT_MIN if average is None else average))
-        if not (cut or self._jumped):
+        if not cut:
             self._average = diff if average is None else CUT_MEMORY * average + (1 - CUT_MEMORY) * diff
-        self._jumped = False
         return cut
+
+
+def _histogram(thumb: np.ndarray) -> np.ndarray:
+    """A thumbnail's colours: 4 levels a channel, 64 bins, summing to 1."""
+    levels = thumb.reshape(-1, 3) // 64
+    return np.bincount(levels @ np.array([16, 4, 1]), minlength=64) / len(levels)
 
 
 class _Picture:
