@@ -93,7 +93,7 @@ THUMB = 16
 CUT_MIN = 8.0
 CUT_RATIO = 4.0
 CUT_MEMORY = 0.8  # weight of the past in the running average of differences
-CUT_COLOURS = 0.7  # colour-histogram distance (L1, 0-2) that makes a cut across a jump
+CUT_COLOURS = 0.62  # colour-histogram distance (L1, 0-2) that makes a cut across a jump
 
 SEEK_MIN_FRAMES = 12
 NONREF_MIN_RATIO = 4.0
