@@ -259,15 +259,19 @@ def _attention(qkv: "np.ndarray", b: int, heads: int, mask: "np.ndarray",
     s = q @ k.transpose(0, 1, 3, 2)
     s *= np.float32((width // heads) ** -0.5)
     s += mask
-    s -= s.max(axis=-1, keepdims=True)
-    np.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True)
+    s -= np.maximum.reduce(s, axis=-1, keepdims=True)  # the ufuncs: ndarray.max/sum/mean add
+    np.exp(s, out=s)                                    # Python-level overhead per call
+    s /= np.add.reduce(s, axis=-1, keepdims=True)
     return (s @ v).transpose(0, 2, 1, 3).reshape(-1, width)  # (b, rows, heads, head width)
 
 
 def _layer_norm(x: "np.ndarray", weight: "np.ndarray", bias: "np.ndarray") -> "np.ndarray":
-    centred = x - x.mean(axis=-1, keepdims=True)
-    scale = (centred * centred).mean(axis=-1, keepdims=True)
+    import numpy as np
+
+    inv_n = np.float32(1 / x.shape[-1])
+    centred = x - np.add.reduce(x, axis=-1, keepdims=True) * inv_n
+    scale = np.add.reduce(centred * centred, axis=-1, keepdims=True)
+    scale *= inv_n
     scale += 1e-5
     centred *= scale ** -0.5
     centred *= weight
