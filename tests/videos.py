@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -63,13 +64,13 @@ def _jitter(base: np.ndarray, i: int) -> np.ndarray:
     return np.roll(base, (dy, dx), axis=(0, 1))
 
 
-def _vfr_durations(scene: int, count_hint: int, rng: random.Random) -> list[int]:
+def _vfr_durations(scene: int, fps: int, rng: random.Random) -> Iterator[int]:
     """Millisecond frame durations of a ``vfr=True`` scene: even scenes run at about twice
     the nominal rate, odd ones at about two thirds of it, each frame +-20 % at random, so
     times counted from frame numbers would be far off."""
-    base = 1000 / count_hint
-    factor = 0.5 if scene % 2 == 0 else 1.5
-    return [max(1, round(base * factor * rng.uniform(0.8, 1.2))) for _ in range(10_000)]
+    base = 1000 / fps * (0.5 if scene % 2 == 0 else 1.5)
+    while True:
+        yield max(1, round(base * rng.uniform(0.8, 1.2)))
 
 
 def _frame_ticks(scenes: list[Scene], fps: int, vfr: bool) -> list[list[int]]:
