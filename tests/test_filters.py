@@ -235,7 +235,7 @@ def test_an_older_index_is_back_filled_without_loading_a_model(
     root = home / "old"
     with closing(sqlite3.connect(root / "catalog.sqlite")) as db, db:  # as schema v2 left it
         db.execute("DROP INDEX ix_images_taken")
-        db.execute("DROP INDEX ix_images_video_id")
+        db.execute("DROP INDEX ix_images_video_time")
         db.execute("DROP TABLE videos")
         for column in METADATA_COLUMNS:
             db.execute(f"ALTER TABLE images DROP COLUMN {column}")

@@ -34,7 +34,6 @@ from mmsearch.settings import VIDEO_FPS
 from mmsearch.store import ImageFile, StoredImage, VideoFile
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mmsearch.ingest.video import Sampled
     from mmsearch.models.openclip import Embedder
     from mmsearch.store import Store
 
@@ -115,45 +114,70 @@ class _VideoRun:
             self._embed(f, h, old)
 
     def _embed(self, f: Found, h: str, old: StoredImage | None) -> None:
-        from mmsearch.ingest.video import sample
-
         try:
-            sampled = sample(f.path, fps=self.options.fps, max_side=self.options.max_side,
-                             stop=self.stop)
+            sampled = self._sample(f.path)
         except DecodeError as exc:
             self.report.skipped.append(Skipped(str(f.path), str(exc)))
             return
-        if stopped(self.stop):
+        if sampled.stopped:
             self.report.interrupted = True
             return
-        vectors = self._vectors([fr.image for fr in sampled.frames])
-        video, frames, kept = _rows(f, h, sampled, vectors)
+        video, frames, kept = _rows(f, h, sampled)
         replaces = [int(i) for i in self.store.read.frame_ids([old.id])] if old else []
         self.store.put_images(frames, kept, replaces=replaces, video=video,
                               replaces_video=old.id if old else None)
         self.report.count_put([old.id if old else None], embedded=False)
-        self.report.embedded += len(sampled.frames)
+        self.report.embedded += len(sampled.times)
         self.report.frames += len(frames)
         self.report.warnings += [Skipped(str(f.path), p) for p in sampled.problems]
+
+    def _sample(self, path: Path | str) -> "Embedded":
+        """Decode and embed the sampled frames a batch at a time (an hour of frames as
+        pictures would take GBs; as vectors, a few MB)."""
+        from mmsearch.ingest.video import Sampling
+
+        times: list[float] = []
+        vectors: list[np.ndarray] = []
+        with Sampling(path, self.options.fps, self.options.max_side, self.stop) as video:
+            batch: list[Any] = []
+            for frame in video:
+                times.append(frame.time)
+                batch.append(frame.image)
+                if len(batch) == self.batch_size:
+                    vectors.append(self._vectors(batch))
+                    batch = []
+            if batch:
+                vectors.append(self._vectors(batch))
+        if not times:
+            raise DecodeError("no frame could be decoded")
+        return Embedded(video.info, times, np.concatenate(vectors), video.problems,
+                        video.stopped)
 
     def _vectors(self, images: Sequence[Any]) -> np.ndarray:
         if callable(self.embedder):  # loaded only when a video needs it
             self.embedder = self.embedder()
         emb = self.embedder
-        out = [emb.encode_images(emb.collate([emb.prepare(im) for im in
-                                              images[i:i + self.batch_size]]))
-               for i in range(0, len(images), self.batch_size)]
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return emb.encode_images(emb.collate([emb.prepare(im) for im in images])).astype(
+            np.float32, copy=False)
 
 
-def _rows(f: Found, h: str, sampled: "Sampled",
-          vectors: np.ndarray) -> tuple[VideoFile, list[ImageFile], np.ndarray]:
+@dataclass
+class Embedded:
+    """A video's sampled frames, embedded: what the catalog needs of it."""
+
+    info: Any                # mmsearch.ingest.video.VideoInfo
+    times: list[float]
+    vectors: np.ndarray
+    problems: list[str]
+    stopped: bool
+
+
+def _rows(f: Found, h: str, sampled: Embedded) -> tuple[VideoFile, list[ImageFile], np.ndarray]:
     """The video's row, its frames' rows (one per span of alike frames) and their vectors."""
     from mmsearch.ingest.video import collapse
 
-    info = sampled.info
-    times = [fr.time for fr in sampled.frames]
-    spans = collapse(times, vectors, info.duration, threshold=MERGE_ABOVE)
+    info, vectors = sampled.info, sampled.vectors
+    spans = collapse(sampled.times, vectors, info.duration, threshold=MERGE_ABOVE)
     path, ext = str(f.path), Path(f.path).suffix.lower().lstrip(".")
     taken, offset, source = video_taken(info.taken, f.mtime_ns)
     meta = {"taken": taken, "taken_offset": offset, "taken_source": source,

@@ -47,14 +47,13 @@ class Collapse:
                 continue
             start, end, frames = span(self.store, self.query, hit)
             spans.append((start, end))
-            self._covered.append(frames if self.several else
-                                 self.store.read.frame_ids([hit.video_id]))
+            self._covered.append(frames)
             self.hits.append(replace(hit, start=start, end=end))
 
     def covered(self) -> np.ndarray:
         """The frames of the videos kept (``several``: of the moments kept)."""
-        return np.unique(np.concatenate(self._covered)) if self._covered else \
-            np.empty(0, dtype=np.int64)
+        parts = self._covered if self.several else [self.store.read.frame_ids(self._spans)]
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 
 def collapse(store: "Store", query: np.ndarray, hits: list[ImageHit],

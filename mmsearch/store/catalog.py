@@ -171,12 +171,13 @@ class CatalogReader:
 
     def frame_ids(self, video_ids: Iterable[int]) -> np.ndarray:
         """The image ids of these videos' frames, sorted."""
-        ids: list[int] = []
-        with self._read() as conn:
+        ids: list[tuple[int]] = []
+        with self._read() as conn:  # (plain SQL: a video has thousands of frames)
             for chunk in chunks([int(i) for i in video_ids], 900):
-                ids += conn.execute(select(ImageRow.id)
-                                    .where(ImageRow.video_id.in_(chunk))).scalars().all()
-        return np.asarray(sorted(ids), dtype=np.int64)
+                ids += conn.exec_driver_sql(
+                    f"SELECT id FROM images WHERE video_id IN ({','.join('?' * len(chunk))})",
+                    tuple(chunk)).fetchall()
+        return np.sort(np.asarray([i for i, in ids], dtype=np.int64))
 
     def videos_by_id(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
         """id -> the ``videos`` row (path, duration, codec...) of these videos."""

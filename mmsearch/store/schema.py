@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from sqlalchemy import Float, ForeignKey, Integer, LargeBinary, String, Text, insert, select, update
+from sqlalchemy import Float, ForeignKey, Index, Integer, LargeBinary, String, Text, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -77,10 +77,13 @@ class ImageRow(Base):
     orientation: Mapped[int | None] = mapped_column(Integer, nullable=True)
     ext: Mapped[str | None] = mapped_column(Text, nullable=True)
     # v5: a video's frame (NULL for a photo): which video, the span it stands for, its time
-    video_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    video_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     start_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     end_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     time_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    # a video's frames in time order: a moment's neighbours are an index range
+    __table_args__ = (Index("ix_images_video_time", "video_id", "time_s"),)
 
 
 class VideoRow(Base):
@@ -175,7 +178,8 @@ def _migrate_4_to_5(conn: Connection) -> None:
     """Videos: the ``videos`` table, and image rows that can be a video's frames (every
     row of an older index is a photo: the new columns stay NULL)."""
     _add_columns(conn, "images", FRAME_COLUMNS)
-    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_images_video_id ON images (video_id)")
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_images_video_time "
+                         "ON images (video_id, time_s)")
     Base.metadata.create_all(conn, tables=[VideoRow.__table__])
 
 

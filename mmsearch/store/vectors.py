@@ -593,6 +593,8 @@ class VectorIndex:
                 keep.append(qp)
         elif isinstance(inner, faiss.IndexHNSW):
             params = faiss.SearchParametersHNSW()
+            # (+ what ``exclude`` hides: a walk that meets only excluded nodes near the
+            # query needs that much room to get past them; see test_vectors)
             params.efSearch = int(min(1 << 16, max(k, math.ceil((effort or default_effort(inner))
                                                                 * scale) + hidden)))
         if params is not None and sel is not None:
