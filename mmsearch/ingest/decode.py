@@ -97,7 +97,7 @@ def content_hash(path: Path | str) -> str:
             while n := fh.readinto(buf):
                 digest.update(view[:n])
         except OSError as exc:
-            raise DecodeError(_os_reason(exc)) from exc
+            raise DecodeError(os_reason(exc)) from exc
     return digest.hexdigest()
 
 
@@ -150,7 +150,7 @@ def read_bytes(path: Path | str) -> bytearray:
             del data[fh.readinto(data):]  # (in place: a file that shrank meanwhile)
             data += fh.read()             # (a file that grew: the rest too)
         except OSError as exc:
-            raise DecodeError(_os_reason(exc)) from exc
+            raise DecodeError(os_reason(exc)) from exc
     if not data:
         raise DecodeError("empty file")
     return data
@@ -175,12 +175,12 @@ def open_regular(path: Path | str) -> io.BufferedReader:
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        raise DecodeError(_os_reason(exc)) from exc
+        raise DecodeError(os_reason(exc)) from exc
     try:
         mode = os.fstat(fd).st_mode
     except OSError as exc:
         os.close(fd)
-        raise DecodeError(_os_reason(exc)) from exc
+        raise DecodeError(os_reason(exc)) from exc
     if not stat.S_ISREG(mode):
         os.close(fd)
         kind = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
@@ -188,7 +188,7 @@ def open_regular(path: Path | str) -> io.BufferedReader:
     return os.fdopen(fd, "rb")
 
 
-def _os_reason(exc: OSError) -> str:
+def os_reason(exc: OSError) -> str:
     """A short reason for an OSError raised while opening or reading a file."""
     if isinstance(exc, FileNotFoundError):
         return "vanished: no such file"
@@ -206,7 +206,7 @@ def _decode(
     try:
         empty = os.fstat(fh.fileno()).st_size == 0
     except OSError as exc:
-        raise DecodeError(_os_reason(exc)) from exc
+        raise DecodeError(os_reason(exc)) from exc
     if empty:
         raise DecodeError("empty file")
     return _decode_opened(fh, formats, draft_size, max_pixels)

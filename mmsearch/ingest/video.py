@@ -74,7 +74,7 @@ import numpy as np
 from PIL import Image
 
 from mmsearch.errors import DecodeError, UsageError
-from mmsearch.ingest.decode import _os_reason, open_regular  # one wording for OS errors
+from mmsearch.ingest.decode import os_reason, open_regular  # one wording for OS errors
 from mmsearch.ingest.discover import VIDEO_EXTENSIONS, is_video  # what a video file is: one place
 
 __all__ = ["DEFAULT_FPS", "DEFAULT_STRATEGY", "INSTALL", "VIDEO_EXTENSIONS", "Frame", "Sampled",
@@ -182,7 +182,7 @@ def video_hash(path: Path | str) -> str:
                 fh.seek(size - HASH_EDGE)
             tail = fh.read(HASH_EDGE)
         except OSError as exc:
-            raise DecodeError(_os_reason(exc)) from exc
+            raise DecodeError(os_reason(exc)) from exc
     digest = hashlib.blake2b(b"video\0", digest_size=16)
     digest.update(size.to_bytes(8, "little"))
     digest.update(head)
@@ -376,7 +376,7 @@ def _demuxer(path: Path | str) -> str:
         try:
             head = fh.read(12)
         except OSError as exc:
-            raise DecodeError(_os_reason(exc)) from exc
+            raise DecodeError(os_reason(exc)) from exc
     if not head:
         raise DecodeError("empty file")
     if head[4:8] in _MOV_ATOMS:
@@ -394,7 +394,7 @@ def _open(av, path: Path | str):
         return av.open(os.fspath(path), format=fmt, metadata_errors="replace")
     except Exception as exc:
         if isinstance(exc, OSError) and not isinstance(exc, av.FFmpegError):
-            raise DecodeError(_os_reason(exc)) from exc
+            raise DecodeError(os_reason(exc)) from exc
         raise DecodeError(f"not a video ({_ffmpeg_reason(exc)})") from exc
 
 
