@@ -141,7 +141,7 @@ def plain(store, index, q: np.ndarray) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=100_000)
-    ap.add_argument("--videos", type=int, default=250)
+    ap.add_argument("--videos", type=int, default=2450)
     ap.add_argument("--frames", type=int, default=3600)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--home", type=Path, default=ROOT / "indexes")
