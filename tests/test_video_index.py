@@ -269,3 +269,20 @@ def test_a_video_is_a_folder_of_its_moments(engine: Engine, library) -> None:
     assert holiday not in {h.path for h in engine.search("a red circle", k=50,
                                                          filters=Filters(type="video"))}
     assert engine.check() == ([], [])
+
+
+def test_export_carries_the_moments_with_their_times(engine: Engine, library,
+                                                     tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from mmsearch.export import export_index
+
+    root, times = library
+    engine.index([root / "clips"])
+    export_index(engine.store, tmp_path / "out")
+    table = pq.read_table(tmp_path / "out" / "metadata" / "metadata_0.parquet").to_pylist()
+    frames = [r for r in table if r["image_path"].startswith(str(root / "clips" / "holiday.mp4"))]
+    assert frames and all(r["video_id"] is not None for r in frames)
+    for r in frames:
+        assert r["image_path"].endswith(f"#t={r['time_s']:.3f}")
+        assert r["start_s"] <= r["time_s"] < r["end_s"] <= times["holiday.mp4"][-1][1] + 1e-6
