@@ -24,10 +24,13 @@ caption so every query is really encoded) and search (``search_images``, what
 image queries embed Flickr8k photos from disk. The baseline in the same run is
 the untrimmed full-context ``encode_text`` (77 tokens) plus exact Flat search
 over the same vectors. Cold numbers run ``mmsearch query`` as a new process,
-plus a child that times each stage of the same path. ``--baseline-rev REV`` runs the
-cold CLI of that revision too (its ``mmsearch`` package from ``git archive``, first on
-``PYTHONPATH``), alternating run for run with the working tree's over the same index:
-the torch path this tree replaced, measured under the same load.
+plus a child that times each stage of the same path. ``--baseline-rev REV`` also runs that
+revision (its ``mmsearch`` package from ``git archive``, first on ``PYTHONPATH``; this
+tree's own package is first for its runs): its warm text queries (encode + search of the
+same captions and 3-word queries, each revision in its own process, alternating round by
+round, its text-tower file in a home of its own) with the p50 against the 10 ms target and
+how far its hits are from this tree's, and its cold CLI, alternating run for run over the
+same index: the path this tree replaced, measured under the same load.
 """
 
 from __future__ import annotations
@@ -107,6 +110,11 @@ def captions(n: int) -> list[str]:
     return [out[i] for i in rng.permutation(len(out))[:n]]
 
 
+def short_queries(caps: list[str]) -> list[str]:
+    """The distinct first three words of the captions: 3-word queries (~5 tokens)."""
+    return list(dict.fromkeys(" ".join(c.split()[:3]) for c in caps))
+
+
 def images(n: int) -> list[Path]:
     return sorted((FLICKR / "images").glob("*.jpg"))[:n]
 
@@ -156,6 +164,7 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
     from mmsearch.engine import Engine
     from mmsearch.models.openclip import load_embedder  # image_tower=False: the text tower alone
     from mmsearch.search import search_images
+    from mmsearch.store.vectors import default_effort
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
@@ -169,6 +178,7 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
         index = store.vectors("images")
         out["faiss_open_s"] = round(time.perf_counter() - t, 3)
         out["index"] = index.description
+        out["ef_search"] = default_effort(index._index)
         engine.search("warm up", k=K)
         engine.search("warm up twice", k=K)
         emb = engine.text_embedder
@@ -187,7 +197,7 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
             engine.search(c, k=K)  # the same caption again: cached encoding
             cached.append(time.perf_counter() - t0)
         short_total, short_enc = [], []
-        for c in dict.fromkeys(" ".join(c.split()[:3]) for c in caps):  # 3-word queries (~5 tokens)
+        for c in short_queries(caps):
             emb._text_cache.clear()
             t0 = time.perf_counter()
             v = engine.embed_texts([c])
@@ -243,23 +253,127 @@ def warm(home: Path, n: int, caps: list[str], imgs: list[Path], threads: int) ->
 
 
 def weight_floor(emb) -> dict | None:
-    """p50 of one pass of a single token through every matrix of the text tower's layers:
-    what reading the weights from memory costs, a floor for any fp32 text encoding."""
+    """p50 of one token through every matrix of the text tower's layers, multiplied as the
+    tower multiplies (its blocks, one row): what reading the weights from memory costs on one
+    core, a floor for any fp32 text encoding."""
     weights = getattr(getattr(emb, "_tower", None), "_w", None)
     if weights is None:
         return None
-    mats = [w for k, w in weights.items() if k.startswith("transformer.") and w.ndim == 2]
-    x = {w.shape[0]: np.random.default_rng(0).random((1, w.shape[0]), dtype=np.float32)
-         for w in mats}  # the numpy tower's matrices are [in, out]
+    from mmsearch.models.texttower import _matmul
+
+    mats = [w for k, w in weights.items() if k.startswith("transformer.") and w.ndim == 4]
+    rng = np.random.default_rng(0)
+    x = {w.shape[0] * w.shape[2]: rng.random((1, w.shape[0] * w.shape[2]), dtype=np.float32)
+         for w in mats}  # blocks (in parts, out blocks, part, block columns)
     times = []
     for _ in range(30):
         t = time.perf_counter()
         for w in mats:
-            x[w.shape[0]] @ w
+            _matmul(x[w.shape[0] * w.shape[2]], w)
         times.append(time.perf_counter() - t)
     out = stats(times[5:])
     out["megabytes"] = round(sum(w.nbytes for w in mats) / 1e6, 1)
     return out
+
+
+# -- warm, this tree against another revision -------------------------------------------
+WARM = r"""
+import json, sys, time
+from mmsearch.engine import Engine
+from mmsearch.search import search_images
+name, home, path = sys.argv[1], sys.argv[2], sys.argv[3]
+out = {}
+with Engine.open(name, home=home, create=False) as engine:
+    engine.search("warm up", k=10)
+    engine.search("warm up twice", k=10)
+    emb = engine.text_embedder
+    for kind, texts in json.loads(open(path).read()).items():
+        rows = out.setdefault(kind, [])
+        for text in texts:
+            emb._text_cache.clear()
+            t0 = time.perf_counter()
+            v = engine.embed_texts([text])
+            t1 = time.perf_counter()
+            hits = search_images(engine.store, v, 10)[0]
+            t2 = time.perf_counter()
+            rows.append([t1 - t0, t2 - t1, [h.id for h in hits], [h.score for h in hits]])
+print(json.dumps(out))
+"""
+
+
+# Child processes start here: ``python -c`` puts its working directory first on sys.path,
+# where the project's own package would shadow a baseline revision's on PYTHONPATH.
+CHILD_CWD = os.path.abspath(os.sep)
+
+
+def revisions(home: Path, n: int, baseline: Path | None) -> dict[str, tuple[dict, Path]]:
+    """(environment, home) of this tree's processes, and of the baseline revision's
+    (``baseline``: a folder holding its package): each package first on the path, the
+    baseline in a home of its own holding a link to the same index (its text-tower file may
+    be of another format: sharing one, each revision would rewrite it before its queries)."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "0"}
+    out = {"this": ({**env, "PYTHONPATH": str(ROOT)}, home)}
+    if baseline is not None:
+        base_home = home / ".bench_baseline_home"  # not an index name: the store ignores it
+        base_home.mkdir(exist_ok=True)
+        link = base_home / f"bench_query_{label(n)}"
+        if not link.exists():
+            link.symlink_to(home / link.name)
+        out["baseline"] = ({**env, "PYTHONPATH": str(baseline)}, base_home)
+    return out
+
+
+def warm_ab(home: Path, n: int, queries: dict[str, list[str]], rounds: int,
+            baseline: Path) -> dict:
+    """Warm text queries (encode + search, every text encoded) of this tree and of the
+    revision whose package is in ``baseline``, each in its own process, alternating round by
+    round after one untimed run each: both see the same load, and neither's BLAS or OpenMP
+    threads linger in the other's process. The baseline keeps its own text-tower file (in
+    its own home, holding a link to the same index)."""
+    import tempfile
+
+    name = f"bench_query_{label(n)}"
+    variants = revisions(home, n, baseline)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(queries, f)
+    runs: dict = {k: [] for k in variants}
+    loads = []
+    try:
+        for r in range(rounds + 1):
+            loads.append(round(os.getloadavg()[0], 2))
+            for k, (env, h) in variants.items():
+                p = subprocess.run([sys.executable, "-c", WARM, name, str(h), f.name],
+                                   capture_output=True, text=True, env=env, cwd=CHILD_CWD)
+                if p.returncode != 0:
+                    raise SystemExit(p.stderr)
+                if r:  # the first round writes the tower files and warms the page cache
+                    runs[k].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            progress(f"warm A/B round {r}/{rounds} at {n:,}")
+    finally:
+        os.unlink(f.name)
+    return {"n": n, "rounds": rounds, "load_avg_1m_per_round": loads,
+            **{k: ab_stats(v) for k, v in runs.items()}, "agreement": ab_agreement(runs)}
+
+
+def ab_stats(runs: list[dict]) -> dict:
+    out = {}
+    for kind in runs[0]:
+        rows = [row for run in runs for row in run[kind]]
+        out[kind] = {"total": stats([r[0] + r[1] for r in rows]),
+                     "encode": stats([r[0] for r in rows]), "search": stats([r[1] for r in rows])}
+    return out
+
+
+def ab_agreement(runs: dict) -> dict:
+    """How far this tree's hits are from the baseline's for the same queries."""
+    same, diff, total = 0, 0.0, 0
+    for kind in runs["this"][0]:
+        for a, b in zip(runs["this"][0][kind], runs["baseline"][0][kind]):
+            total += 1
+            same += a[2] == b[2]
+            if len(a[3]) == len(b[3]):
+                diff = max(diff, float(np.max(np.abs(np.subtract(a[3], b[3])))) if a[3] else 0.0)
+    return {"same_top10_ids": same, "queries": total, "max_score_diff": diff}
 
 
 # -- cold ---------------------------------------------------------------------------------
@@ -324,7 +438,8 @@ print(json.dumps(out))
 def timed_query(cmd: list[str], env: dict) -> tuple[float, float, str]:
     """(seconds to the first printed result, to exit, the output) of one CLI process."""
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         cwd=CHILD_CWD)
     first = p.stdout.readline()  # the first result line: results are being printed
     wall = time.perf_counter() - t
     rest, err = p.stdout.read(), p.stderr.read()
@@ -338,26 +453,24 @@ def cold(home: Path, n: int, runs: int, baseline: Path | None = None) -> dict:
     """The cold CLI, and (``baseline``: a folder holding another revision's package) that
     revision's, alternating run for run after one untimed run each (page cache and .pyc
     warm, as a user's 2nd query; the first run also writes the text-tower file)."""
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "0"}
-    variants = {"this": env}
-    if baseline is not None:
-        variants["baseline"] = {**env, "PYTHONPATH": str(baseline)}
+    variants = revisions(home, n, baseline)
     name = f"bench_query_{label(n)}"
     exe = Path(sys.executable).parent / "mmsearch"
-    cmd = [str(exe), "query", QUERY, "--index", name, "--home", str(home)]
-    for v in variants.values():
-        timed_query(cmd, v)
+    cmds = {k: [str(exe), "query", QUERY, "--index", name, "--home", str(h)]
+            for k, (_, h) in variants.items()}
+    for k, (env, _) in variants.items():
+        timed_query(cmds[k], env)
     walls: dict = {k: [] for k in variants}
     exits: dict = {k: [] for k in variants}
     outputs: dict = {}
     for _ in range(runs):
-        for k, v in variants.items():
-            wall, to_exit, outputs[k] = timed_query(cmd, v)
+        for k, (env, _) in variants.items():
+            wall, to_exit, outputs[k] = timed_query(cmds[k], env)
             walls[k].append(wall), exits[k].append(to_exit)
     py = []
     for _ in range(runs):
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], env=env)
+        subprocess.run([sys.executable, "-c", "pass"], env=variants["this"][0], cwd=CHILD_CWD)
         py.append(time.perf_counter() - t)
     shown_cmd = ["mmsearch", "query", QUERY, "--index", name, "--home", shown(home)]
     out = {"command": " ".join(shown_cmd), "runs": runs, "python_startup_s": round(statistics.median(py), 3)}
@@ -365,7 +478,7 @@ def cold(home: Path, n: int, runs: int, baseline: Path | None = None) -> dict:
         out[k] = {"wall_s": [round(w, 3) for w in walls[k]], "median_s": round(statistics.median(walls[k]), 3),
                   "to_exit_s": [round(w, 3) for w in exits[k]],
                   "median_to_exit_s": round(statistics.median(exits[k]), 3),
-                  "stages_median": cold_stages(name, home, runs, variants[k]),
+                  "stages_median": cold_stages(name, variants[k][1], runs, variants[k][0]),
                   "printed_lines": len(outputs[k].splitlines()),
                   "first_line": outputs[k].splitlines()[0] if outputs[k] else ""}
     return out
@@ -376,7 +489,7 @@ def cold_stages(name: str, home: Path, runs: int, env: dict) -> dict:
     stages = []
     for _ in range(runs):
         p = subprocess.run([sys.executable, "-c", STAGES, name, str(home), QUERY], capture_output=True,
-                           text=True, env=env)
+                           text=True, env=env, cwd=CHILD_CWD)
         if p.returncode != 0:
             raise SystemExit(p.stderr)
         stages.append(json.loads(p.stdout.strip().splitlines()[-1]))
@@ -408,10 +521,13 @@ def report(res: dict) -> str:
          "paths (embedding 1M photos is too slow on a CPU), FAISS index built by Store.rebuild "
          "(the automatic type); queries: distinct Flickr8k captions / Flickr8k photos",
          ""]
+    for ab in res.get("warm_ab", []):
+        L += ab_lines(ab, res)
     for w in res["warm"]:
         b = res["built"][str(w["n"])]
-        L.append(f"## {w['n']:,} vectors: index {w['index']} (built in {b['faiss_build_s']}s from the "
-                 f"catalog), torch/FAISS threads {w['threads']}")
+        ef = f", efSearch {w['ef_search']}" if w.get("ef_search") else ""
+        L.append(f"## {w['n']:,} vectors: index {w['index']}{ef} (built in {b['faiss_build_s']}s from "
+                 f"the catalog), torch/FAISS threads {w['threads']}")
         def line(name: str, s: dict) -> str:
             return f"  {name:<44} p50 {s['p50_ms']:8.2f} ms   p99 {s['p99_ms']:8.2f} ms   (n={s['n']})"
         L += [line("text->image total (encode + search)", w["text_total"]),
@@ -429,8 +545,9 @@ def report(res: dict) -> str:
               line("  baseline encode_text, 77 tokens", w["baseline_encode_full77"]),
               line("  baseline exact Flat search", w["baseline_search_flat"]),
               *([f"  floor: one token through the {w['weight_stream_floor']['megabytes']} MB of "
-                 f"transformer weights (memory bandwidth bound) p50 "
-                 f"{w['weight_stream_floor']['p50_ms']:.2f} ms"] if w.get("weight_stream_floor") else []),
+                 f"transformer weights as the tower multiplies, one core (memory bandwidth bound) "
+                 f"p50 {w['weight_stream_floor']['p50_ms']:.2f} ms"] if w.get("weight_stream_floor")
+                else []),
               f"  speed-up of text p50 over the baseline: {w['speedup_p50']}x; recall@10 of the "
               f"index vs Flat on these queries: {w['recall@10_vs_flat_on_text_queries']}; "
               f"text queries loaded the image tower: {'no' if w['text_only_model_after'] else 'YES'}"
@@ -456,6 +573,31 @@ def report(res: dict) -> str:
     for note in res.get("notes", []):
         L.append(f"note: {note}")
     return "\n".join(L) + "\n"
+
+
+TARGET_MS = 10.0  # warm text query (encode + search) p50 at 100k images
+
+
+def ab_lines(ab: dict, res: dict) -> list[str]:
+    rev, b = res.get("baseline_rev", "?"), res["built"][str(ab["n"])]
+    L = [f"## warm text queries at {ab['n']:,} vectors ({b['index']}), every text encoded: this tree "
+         f"against revision {rev}, each in its own process, alternating over {ab['rounds']} rounds "
+         f"(load average 1 min at each round: {ab['load_avg_1m_per_round']})"]
+    for kind in ab["this"]:
+        for part in ("total", "encode", "search"):
+            t, o = ab["this"][kind][part], ab["baseline"][kind][part]
+            name = f"{kind} queries, {part}" if part == "total" else f"  {part}"
+            L.append(f"  {name:<28} this tree p50 {t['p50_ms']:7.2f} ms  p99 {t['p99_ms']:7.2f}   "
+                     f"baseline p50 {o['p50_ms']:7.2f} ms  p99 {o['p99_ms']:7.2f}   "
+                     f"({o['p50_ms'] / t['p50_ms']:.2f}x, n={t['n']})")
+    p50 = {kind: ab["this"][kind]["total"]["p50_ms"] for kind in ab["this"]}
+    verdict = ", ".join(f"{kind} {ms:.2f} ms ({'met' if ms <= TARGET_MS else 'NOT met'})"
+                        for kind, ms in p50.items())
+    a = ab["agreement"]
+    return L + [f"  target: warm text query p50 <= {TARGET_MS:g} ms: {verdict}",
+                f"  results: the same top-10 ids as the baseline for {a['same_top10_ids']} of "
+                f"{a['queries']} queries; largest score difference at the same rank "
+                f"{a['max_score_diff']:.2e}", ""]
 
 
 def cold_lines(v: dict, runs: int, rev: str | None) -> list[str]:
@@ -486,7 +628,10 @@ def main() -> None:
     ap.add_argument("--home", type=Path, default=ROOT / "indexes")
     ap.add_argument("--stem", default="query_latency")
     ap.add_argument("--baseline-rev", default=None,
-                    help="also time this git revision's cold CLI, alternating with this tree's")
+                    help="also time this git revision's warm text queries and cold CLI, "
+                         "alternating with this tree's")
+    ap.add_argument("--ab-rounds", type=int, default=3,
+                    help="alternating rounds of warm text queries against --baseline-rev")
     ap.add_argument("--no-model-loads", action="store_true",
                     help="skip timing open_clip's model loading")
     ap.add_argument("--report-only", type=Path, default=None,
@@ -501,9 +646,10 @@ def main() -> None:
     home = args.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     info = _machine.machine_info()
-    res: dict = {"benchmark": "bench_query", "machine": info, "built": {}, "warm": [], "cold": [],
+    res: dict = {"benchmark": "bench_query", "machine": info, "built": {}, "warm_ab": [], "warm": [],
+                 "cold": [],
                  "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "notes": []}
-    if info.get("load_avg_start", [0])[0] >= 1.0:
+    if info.get("load_avg_start", [0])[0] >= 1.0 and "1" in args.threads.split(","):
         res["notes"].append(f"other processes shared the {info['cores']} cores at the start (see "
                             f"the load average); with {info['cores']} threads torch/FAISS can lose "
                             "badly to that competition, hence the 1-thread rows.")
@@ -519,6 +665,18 @@ def main() -> None:
         progress(f"index of {n:,}")
         res["built"][str(n)] = build_index(home, n, ckpt)
     caps, imgs = captions(args.queries), images(args.images)
+    baseline = None
+    if args.baseline_rev:
+        import tempfile
+
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline_rev],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        res["baseline_rev"] = rev
+        baseline = baseline_package(rev, Path(tempfile.mkdtemp(prefix="bench_query_base_")))
+        for n in sizes:
+            queries = {"3-word": short_queries(caps), "captions": caps}
+            res["warm_ab"].append(warm_ab(home, n, queries, args.ab_rounds, baseline))
+            _machine.write_results(args.stem, report(res), res)
     default_threads = torch.get_num_threads()
     for n in sizes:
         for th in args.threads.split(","):
@@ -531,14 +689,6 @@ def main() -> None:
     torch.set_num_threads(default_threads)
     if not args.no_model_loads:
         res["model_loads"] = model_loads(ckpt)
-    baseline = None
-    if args.baseline_rev:
-        import tempfile
-
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline_rev],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        res["baseline_rev"] = rev
-        baseline = baseline_package(rev, Path(tempfile.mkdtemp(prefix="bench_query_base_")))
     for n in [int(s) for s in args.cold_sizes.split(",") if s]:
         if n in sizes:
             progress(f"cold CLI at {n:,}")
