@@ -129,7 +129,8 @@ class Said:
     """The watcher's lines, bounded (a list would grow by one line per batch): the first
     and last few, and how many said a root was missing."""
 
-    def __init__(self, keep: int = 5) -> None:
+    def __init__(self, tmp: Path, keep: int = 5) -> None:
+        self.tmp = str(tmp)  # shown as <tmp>: the results name no folder of this machine
         self.first: list[str] = []
         self.last: deque[str] = deque(maxlen=keep)
         self.keep, self.count, self.missing = keep, 0, 0
@@ -137,6 +138,7 @@ class Said:
     def __call__(self, line: str) -> None:
         self.count += 1
         self.missing += "is missing" in line
+        line = line.replace(self.tmp, "<tmp>")
         (self.first if len(self.first) < self.keep else self.last).append(line)
 
 
@@ -249,7 +251,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     engine = Engine.open("watch", home=tmp / "home", model=ARCH, pretrained=WEIGHTS,
                          device="cpu")
     engine.index(churn.roots)
-    said, tracer = Said(), Tracer(args.trace, args.cycles)
+    said, tracer = Said(tmp), Tracer(args.trace, args.cycles)
     stop = threading.Event()
     watcher = counting_watcher([str(r) for r in churn.roots],
                                lambda f, p, s: engine.index(f, progress=p, stop=s),
