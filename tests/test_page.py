@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import draw_shapes
+from liveserver import free_port
 
 if os.environ.get("CI"):  # CI installs both (.ci/run): there, missing is a failure, not a skip
     import playwright.sync_api as sync_api
@@ -80,12 +80,6 @@ def library(tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[Path, Pa
         assert report.embedded == PHOTOS + len(shapes)
         engine.add_texts(TEXTS)
     return {"home": home, "photos": photos, "tagged": tagged, "count": PHOTOS + len(shapes)}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

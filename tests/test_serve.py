@@ -6,13 +6,11 @@ from __future__ import annotations
 import http.client
 import io
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from conftest import draw_shapes
+from liveserver import serving
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -176,22 +174,8 @@ def test_host_header_and_token(service: SearchService) -> None:
 @pytest.fixture(scope="module")
 def live(service: SearchService):
     """The app under a real uvicorn server on 127.0.0.1 (for raw HTTP requests)."""
-    import uvicorn
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(service, Access("127.0.0.1", None)),
-                                           host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(10)
+    with serving(create_app(service, Access("127.0.0.1", None))) as port:
+        yield port
 
 
 @pytest.mark.parametrize("path", [

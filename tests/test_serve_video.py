@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import io
 import math
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import draw_shapes
+from liveserver import serving
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -184,22 +182,8 @@ def test_a_video_that_no_longer_decodes_is_a_clear_404(tmp_path: Path, tiny_mode
 @pytest.fixture(scope="module")
 def live(service: SearchService):
     """The base URL of the app under a real uvicorn server on 127.0.0.1."""
-    import uvicorn
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(service, Access("127.0.0.1", None)),
-                                           host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(create_app(service, Access("127.0.0.1", None))) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

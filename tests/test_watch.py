@@ -279,8 +279,8 @@ def test_the_page_shows_the_batch_and_new_counts_without_a_reload(
         import playwright.sync_api as sync_api
     else:
         sync_api = pytest.importorskip("playwright.sync_api")
-    import uvicorn
-    from test_page import CHROMIUM_ARGS, chromium, free_port
+    from liveserver import serving
+    from test_page import CHROMIUM_ARGS, chromium
 
     executable = chromium()
     if executable is None and not os.environ.get("CI"):
@@ -288,13 +288,9 @@ def test_the_page_shows_the_batch_and_new_counts_without_a_reload(
     home, root = library
     service = SearchService(resolve(home=home, index="live"))
     service.watch(lambda _: None, **{**FAST, "settle": 3.0})  # the batch shows for 3 s at least
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service, Access("127.0.0.1", None)),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        with sync_api.sync_playwright() as playwright:
+        with serving(create_app(service, Access("127.0.0.1", None)), "warning") as port, \
+                sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=executable, headless=True,
                                                  args=CHROMIUM_ARGS)
             page = browser.new_page(base_url=f"http://127.0.0.1:{port}")
@@ -314,8 +310,6 @@ def test_the_page_shows_the_batch_and_new_counts_without_a_reload(
             assert bad == []  # every look at /api/info answered, during the batch too
             browser.close()
     finally:
-        server.should_exit = True
-        thread.join(10)
         service.close()
 
 
