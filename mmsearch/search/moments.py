@@ -2,7 +2,7 @@
 
 A video's frames are image rows (:mod:`mmsearch.store.schema`), so a search ranks them
 with the photos. Left alone, one video would fill the first page with its neighbouring
-frames. :func:`collapse` keeps, by default, each video's best frame (``--moments``: every
+frames. :class:`Collapse` keeps, by default, each video's best frame (``--moments``: every
 frame that is not inside a moment already kept), and gives each kept moment its span: the
 frames next to it whose scores are within :data:`MARGIN` of its own, from the first one's
 start to the last one's end (:func:`span`).
@@ -54,14 +54,6 @@ class Collapse:
         """The frames of the videos kept (``several``: of the moments kept)."""
         parts = self._covered if self.several else [self.store.read.frame_ids(self._spans)]
         return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
-
-
-def collapse(store: "Store", query: np.ndarray, hits: list[ImageHit],
-             several: bool = False) -> list[ImageHit]:
-    """``hits`` (best first) with each video's moments collapsed (see the module)."""
-    kept = Collapse(store, query, several)
-    kept.add(hits)
-    return kept.hits
 
 
 def span(store: "Store", query: np.ndarray, hit: ImageHit,
