@@ -71,6 +71,26 @@ def test_trained_tiny_model_equals_open_clip(tiny_model: tuple[Path, Path]) -> N
     assert np.abs(lean - ref).max() < 1e-5
 
 
+def test_each_text_alone_equals_open_clip(tiny_model: tuple[Path, Path], home: Path) -> None:
+    """Texts of 2 to 16 tokens one at a time (the start token's keys and values reused, 1 to
+    15 rows multiplied, the odd few padded), then the same start computed in full."""
+    from mmsearch.models import texttower
+
+    config, ckpt = tiny_model
+    words = "a small red circle beside a big blue square on a white table near a door".split()
+    texts = [" ".join(words[:n]) for n in range(len(words) + 1)]
+    emb = load_embedder(identify(str(config), str(ckpt)), "cpu")
+    ref = emb.encode_texts(texts)  # open_clip's modules, the text tower in torch
+    tower = texttower.load(config.stem, str(config), ckpt, home)
+    assert tower is not None
+    alone = np.concatenate([tower.encode([t]) for t in texts])
+    assert np.abs(alone - ref).max() < 1e-5
+    assert tower._start is not None and len(tower._start) == tower.spec.layers
+    full = texttower.TextTower(tower.spec, tower._w, tower._tokenizer)
+    full._start_keys = lambda: None  # the start token's row multiplied like the others
+    assert np.abs(full.encode(texts) - alone).max() < 1e-5
+
+
 def test_checkpoint_layouts_and_quick_gelu_equal_open_clip(tmp_path: Path, tiny_config: Path) -> None:
     import torch
     from safetensors.torch import save_file
@@ -254,7 +274,7 @@ def test_a_safetensors_checkpoint_is_converted_without_torch(
     assert np.abs(np.asarray(result["v"]) - ref).max() < 1e-5
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 31, 77])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 31, 77])
 def test_blocked_matrices_multiply_like_the_plain_ones(rows: int) -> None:
     """The tower file keeps each matrix as cache-sized blocks (an input split in parts
     where it is wider than the model); their product is the plain ``x @ W + b``."""
