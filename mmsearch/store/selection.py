@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterable
 
 import numpy as np
@@ -95,22 +96,37 @@ def _fetch_all(conn: Any, query: Any) -> list[tuple]:
     Row objects cost ~2 us each, which is most of the time for half a million ids."""
     compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     params = tuple(compiled.params[name] for name in compiled.positiontup or ())
+    return _fetch_sql(conn, str(compiled), params)
+
+
+def _fetch_sql(conn: Any, sql: str, params: tuple) -> list[tuple]:
     cursor = conn.connection.dbapi_connection.cursor()
     try:
-        return cursor.execute(str(compiled), params).fetchall()
+        return cursor.execute(sql, params).fetchall()
     except sqlite3.Error as exc:  # typed by the connection's context, as SQLAlchemy's own are
-        raise DBAPIError.instance(str(compiled), params, exc, sqlite3.Error) from exc
+        raise DBAPIError.instance(sql, params, exc, sqlite3.Error) from exc
     finally:
         cursor.close()
 
 
+@lru_cache(maxsize=32)
+def _records_sql(n: int) -> str:
+    """The SELECT of :func:`records` for ``n`` ids, compiled once: building and compiling
+    the statement took most of a warm query's time in the catalog."""
+    from sqlalchemy.dialects import sqlite
+
+    columns = [getattr(ImageRow, c) for c in RECORD_COLUMNS]
+    query = select(ImageRow.id, *columns).where(ImageRow.id.in_(range(n)))
+    return str(query.compile(dialect=sqlite.dialect(),
+                             compile_kwargs={"render_postcompile": True}))
+
+
 def records(reader: CatalogReader, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
     """id -> {path, size, mtime_ns, content_hash, and the metadata columns} for these ids."""
-    columns = [getattr(ImageRow, c) for c in RECORD_COLUMNS]
     out: dict[int, dict[str, Any]] = {}
     with reader.connect() as conn:
         for chunk in chunks([int(i) for i in ids], 900):
-            for row in conn.execute(select(ImageRow.id, *columns).where(ImageRow.id.in_(chunk))):
+            for row in _fetch_sql(conn, _records_sql(len(chunk)), tuple(chunk)):
                 out[row[0]] = dict(zip(RECORD_COLUMNS, row[1:]))
     for rec in out.values():
         rec["path"] = reader.as_text(rec["path"])
