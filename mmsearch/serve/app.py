@@ -32,7 +32,7 @@ from mmsearch.search.query import image_id as read_id
 from mmsearch.serve.security import (COOKIE, OPEN_PATHS, Access, offered_token, servable,
                                      without_token)
 from mmsearch.serve.service import SearchService
-from mmsearch.serve.thumbs import frame_thumbnail, thumbnail
+from mmsearch.serve.thumbs import frame_thumbnail, frame_thumbnail_bytes, thumbnail
 from mmsearch.serve.upload import FRAMING, OPENAPI, Uploads, too_big
 
 STATIC = Path(__file__).parent / "static"
@@ -161,9 +161,9 @@ def _file(record: dict[str, Any], service: SearchService) -> Path | str:
 
 
 def _thumbnail(service: SearchService, path: Path | str, record: dict[str, Any],
-               t: float | None) -> Path:
-    """The cached thumbnail of an id: its photo's, or its video's frame at the moment's time
-    (``t``: at that time instead, held within the video)."""
+               t: float | None) -> Path | bytes:
+    """The cached thumbnail of an id: its photo's, or its video's frame at the moment's time;
+    with ``t``, the video's frame at that time instead (held within the video), not cached."""
     if record.get("video_id") is None:
         return thumbnail(service.thumbs, path, record["content_hash"])
     video = service.video(record["video_id"])
@@ -172,10 +172,10 @@ def _thumbnail(service: SearchService, path: Path | str, record: dict[str, Any],
     if not video_decoder.available():
         raise HTTPException(503, video_decoder.INSTALL)
     if t is None:
-        seconds = float(record["time_s"] or 0.0)
-    else:
-        seconds = max(0.0, min(t, video["duration"]) if video["duration"] else t)
-    return frame_thumbnail(service.thumbs, path, video["content_hash"], seconds)
+        return frame_thumbnail(service.thumbs, path, video["content_hash"],
+                               float(record["time_s"] or 0.0))
+    seconds = max(0.0, min(t, video["duration"]) if video["duration"] else t)
+    return frame_thumbnail_bytes(path, seconds)
 
 
 def _api_routes(app: FastAPI, service: SearchService, max_upload: int) -> None:
@@ -234,7 +234,7 @@ def _file_routes(app: FastAPI, service: SearchService) -> None:
     def thumb(image_id: str, t: Optional[float] = Query(
             None, allow_inf_nan=False,
             description="A moment of a video: its frame at this time (seconds) instead.")
-              ) -> FileResponse:
+              ) -> Response:
         _, record = _image_id(image_id, service)
         path = _file(record, service)
         what = "photo" if record.get("video_id") is None else "video"
@@ -242,8 +242,10 @@ def _file_routes(app: FastAPI, service: SearchService) -> None:
             cached = _thumbnail(service, path, record, t)
         except (DecodeError, OSError, UsageError):
             raise HTTPException(404, f"this {what} cannot be read any more") from None
-        return FileResponse(cached, media_type="image/webp",
-                            headers={"Cache-Control": "private, max-age=31536000, immutable"})
+        headers = {"Cache-Control": "private, max-age=31536000, immutable"}
+        if isinstance(cached, bytes):
+            return Response(cached, media_type="image/webp", headers=headers)
+        return FileResponse(cached, media_type="image/webp", headers=headers)
 
     @app.get("/original/{image_id}")
     def original(image_id: str) -> Response:

@@ -6,11 +6,13 @@ content hash and the size (``thumbs/ab/abcdef...-320.webp``), so a moved photo
 keeps its thumbnail and a changed one gets a new one; each is written to a
 temporary file and renamed into place. A moment of a video has the frame shown at
 its time, keyed by the video's content hash, the time in milliseconds and the size
-(``thumbs/cd/cdef...-t12000-320.webp``).
+(``thumbs/cd/cdef...-t12000-320.webp``). A frame at any other time a client asks for is
+made for that response alone: cached, those would grow without bound.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -39,13 +41,26 @@ def thumbnail(cache: Path, source: Path | str, content_hash: str, size: int = SI
 
 def frame_thumbnail(cache: Path, video: Path, video_hash: str, seconds: float,
                     size: int = SIZE) -> Path:
-    """The cached thumbnail of the frame of ``video`` shown at ``seconds`` (rounded to the
-    millisecond; made now if missing). Raises DecodeError, OSError."""
+    """The cached thumbnail of the frame of ``video`` shown at ``seconds`` (a moment's time,
+    rounded to the millisecond; made now if missing). Raises DecodeError, OSError."""
+    ms = max(0, round(seconds * 1000))
+    return _cached(cache, f"{video_hash}-t{ms}-{size}", size, lambda: _frame(video, ms, size))
+
+
+def frame_thumbnail_bytes(video: Path, seconds: float, size: int = SIZE) -> bytes:
+    """The WebP thumbnail of the frame of ``video`` shown at ``seconds``, not cached.
+    Raises DecodeError, OSError."""
+    image = _frame(video, max(0, round(seconds * 1000)), size)
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, "WEBP", quality=QUALITY, method=4)
+    return out.getvalue()
+
+
+def _frame(video: Path, ms: int, size: int) -> Image.Image:
     from mmsearch.ingest.video import frame_at
 
-    ms = max(0, round(seconds * 1000))
-    return _cached(cache, f"{video_hash}-t{ms}-{size}", size,
-                   lambda: frame_at(video, ms / 1000, max_side=size).image)
+    return frame_at(video, ms / 1000, max_side=size).image
 
 
 def _cached(cache: Path, key: str, size: int, make: Callable[[], Image.Image]) -> Path:
