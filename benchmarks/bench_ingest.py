@@ -6,6 +6,8 @@
     python benchmarks/bench_ingest.py --photos DIR --big-dir DIR --decoders threads,processes,nvjpeg
     python benchmarks/bench_ingest.py --runtimes torch,onnx,onnx-int8 --n 200 [--recall-model \
         tinyclip.json --recall-pretrained tinyclip.pt]   # -> results/ingest_runtimes.*
+    python benchmarks/bench_ingest.py --runtimes torch,onnx,onnx-int8 --rounds 0 \
+        --recall-train 600 --stem ingest_runtimes_recall   # -> results/ingest_runtimes_recall.*
 
 Sets: real Flickr8k photos from ../shared (about 500x375) and the same photos
 re-encoded as 12-megapixel JPEGs (4000x3000, quality 90), the size phones make
@@ -25,14 +27,21 @@ on the CPU, torch first as the baseline, in one process and alternating round by
 (``--rounds``) so that they share the machine's load: the export time (once, into a fresh
 home), the images/s of ``Engine.index`` on a fresh index as the ``index`` summary prints
 it, the model alone on one batch, and the cosine of each photo's vector to torch's. With
-``--recall-model``/``--recall-pretrained`` (the trained tiny test model, say) it also
-runs ``mmsearch eval``'s Recall@1/5/10 on flickr8k-1k per runtime.
+``--recall-model``/``--recall-pretrained`` (the trained tiny test model, say, or a
+``mmsearch finetune`` output folder) it also runs ``mmsearch eval``'s Recall@1/5/10 on
+flickr8k-1k per runtime. ``--recall-train STEPS`` makes that model first: the tiny test
+model, at chance level on photos, fine-tuned by ``mmsearch finetune --full`` on a seeded
+640 of the 1,000 photos (160 more pick the step), then measured per runtime on the 200
+held-out photos (generalisation) and on the 640 it was trained on (memorised: a ranking far
+from chance for int8 to move), with the cosine of every photo's vector to torch's.
+``--rounds 0`` skips the speed rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -270,45 +279,124 @@ def runtimes(args: argparse.Namespace) -> dict:
     return out
 
 
-def recalls(args: argparse.Namespace) -> dict:
-    """Recall@1/5/10 on flickr8k-1k per runtime (each in a fresh home: an eval index is
-    reused by model, and an index holds one precision)."""
-    from mmsearch.eval.datasets import load_dataset
-    from mmsearch.eval.evaluate import evaluate
+SPLIT = {"train": 640, "val": 160, "test": 200}  # --recall-train's seeded split of the 1,000
+
+
+def split_json(folder: Path, seed: int = 0) -> Path:
+    """flickr8k-1k's captions with a seeded split: 640 photos train, 160 ``val`` pick the
+    step and the WiSE alpha, 200 ``test`` choose nothing."""
+    data = json.loads((FLICKR.parent / "dataset_flickr8k_1k.json").read_text())
+    order = np.random.default_rng(seed).permutation(len(data["images"]))
+    names = [name for name, count in SPLIT.items() for _ in range(count)]
+    if len(names) != len(order):
+        sys.exit(f"expected {len(names)} photos in flickr8k-1k, found {len(order)}")
+    for rank, i in enumerate(order):
+        data["images"][i]["split"] = names[rank]
+    path = folder / "flickr8k_1k_split.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def train_recall_model(args: argparse.Namespace, folder: Path) -> tuple[Path, dict]:
+    """--recall-train: the tiny test model (tests/tinyclip.py) fine-tuned by `mmsearch
+    finetune --full` on split_json's train photos; (the split file, what the run reported)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tinyclip
+
+    config, checkpoint = tinyclip.train_tiny_clip(ROOT / ".pytest_cache" / "d" / "tinyclip")
+    data = split_json(folder, args.recall_seed)
+    cmd = ["finetune", str(data), "--images", str(FLICKR), "--out", str(folder / "finetuned"),
+           "--model", str(config), "--pretrained", str(checkpoint), "--device", "cpu", "--full",
+           "--lr", str(args.recall_lr), "--steps", str(args.recall_train),
+           "--seed", str(args.recall_seed),
+           "--reference", str(data), "--reference-images", str(FLICKR), "--json"]
+    print(f"  fine-tuning the tiny test model, {args.recall_train} steps", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "mmsearch", *cmd], capture_output=True, text=True,
+                         env={**os.environ, "MMSEARCH_HOME": str(folder / "home")})
+    if run.returncode:
+        sys.exit(f"mmsearch finetune failed: {run.stderr.strip()[-2000:]}")
+    report = json.loads(run.stdout)
+    report.pop("out")  # a temporary folder
+    report["seconds"] = round(time.perf_counter() - t, 1)
+    report["split_seed"] = args.recall_seed
+    report["command"] = ("mmsearch finetune SPLIT.json --images flickr8k-1k/images --model "
+                         "tinyclip-test.json --pretrained tinyclip-test.pt --device cpu --full "
+                         f"--lr {args.recall_lr:g} --steps {args.recall_train} --seed "
+                         f"{args.recall_seed} --reference "
+                         "SPLIT.json --reference-images flickr8k-1k/images")
+    return data, report
+
+
+def recall_sets(args: argparse.Namespace, folder: Path) -> tuple[str, str | None, dict, dict]:
+    """(model, pretrained, {label: dataset}, training report) for --recall-*: the whole
+    flickr8k-1k, or with --recall-train its 200 held-out and 640 trained photos."""
+    from mmsearch.eval.datasets import load_karpathy
+
+    if not args.recall_train:
+        pretrained = str(args.recall_pretrained) if args.recall_pretrained else None
+        model = (f"local-dir:{args.recall_model}" if args.recall_model.is_dir()
+                 else str(args.recall_model))
+        whole = load_karpathy(FLICKR.parent / "dataset_flickr8k_1k.json", FLICKR)
+        return model, pretrained, {"all photos": whole}, {}
+    data, report = train_recall_model(args, folder)
+    sets = {"held out (the test photos: they chose nothing; generalisation)":
+            load_karpathy(data, FLICKR, split="test"),
+            "trained on (the train photos: memorised, a ranking far from chance)":
+            load_karpathy(data, FLICKR, split="train")}
+    return f"local-dir:{folder / 'finetuned'}", None, sets, report
+
+
+def image_vectors(emb, paths: list[Path], batch: int) -> np.ndarray:
     from mmsearch.ingest.decode import load_image
+
+    return np.concatenate([emb.encode_images(emb.collate([emb.prepare(load_image(p))
+                                                          for p in paths[i:i + batch]]))
+                           for i in range(0, len(paths), batch)])
+
+
+def recalls(args: argparse.Namespace, model: str, pretrained: str | None, sets: dict) -> dict:
+    """Recall@1/5/10 per set and runtime (each runtime in a fresh home: an eval index is
+    reused by model, and an index holds one precision), and the cosine of every photo's
+    vector to the first runtime's."""
+    from bench_finetune import chance_rsum
+    from mmsearch.eval.evaluate import evaluate
     from mmsearch.models import identify, load_embedder
     from mmsearch.settings import resolve
 
-    data = FLICKR.parent
-    dataset = load_dataset(data / "dataset_flickr8k_1k.json", FLICKR)
-    photos = sorted(FLICKR.glob("*.jpg"))[:args.check_n]
-    out, ref = {}, None
+    out = {label: {"photos": ds.n_images, "captions": ds.n_captions,
+                   "chance_rsum": round(chance_rsum(ds), 1), "runtimes": {}}
+           for label, ds in sets.items()}
+    ref: dict[str, np.ndarray] = {}
     for rt in args.runtimes:
+        print(f"  recall: {rt}", file=sys.stderr, flush=True)
         home = Path(tempfile.mkdtemp(prefix=f"mmsearch-eval-{rt}-"))
         try:
-            settings = resolve(home=home, model=str(args.recall_model), device="cpu",
-                               pretrained=str(args.recall_pretrained), runtime=rt)
-            res = evaluate(dataset, settings=settings)
+            settings = resolve(home=home, model=model, device="cpu", pretrained=pretrained,
+                               runtime=rt)
             emb = load_embedder(identify(settings.model, settings.pretrained), "cpu", runtime=rt,
                                 home=home)
-            vecs = emb.encode_images(emb.collate([emb.prepare(load_image(p)) for p in photos]))
+            for label, ds in sets.items():
+                res = evaluate(ds, settings=settings)
+                vecs = image_vectors(emb, sorted(ds.image_paths), args.batch_size)
+                cos = (vecs * ref.setdefault(label, vecs)).sum(1)
+                out[label]["runtimes"][rt] = {
+                    "t2i": res.t2i, "i2t": res.i2t, "rsum": round(res.rsum, 2),
+                    "images_per_second": round(res.images_per_second, 1),
+                    "cosine_to_baseline_min": round(float(cos.min()), 5),
+                    "cosine_to_baseline_mean": round(float(cos.mean()), 5)}
         finally:
             shutil.rmtree(home, ignore_errors=True)
-        ref = vecs if ref is None else ref
-        cos = (vecs * ref).sum(1)
-        out[rt] = {"t2i": res.t2i, "i2t": res.i2t, "rsum": round(res.rsum, 2),
-                   "images_per_second": round(res.images_per_second, 1),
-                   "cosine_to_baseline_min": round(float(cos.min()), 5),
-                   "cosine_to_baseline_mean": round(float(cos.mean()), 5)}
     return out
 
 
 def runtimes_report(res: dict) -> str:
-    L = [f"# bench_ingest --runtimes: {res['model']} / {res['pretrained']}, CPU, batch "
-         f"{res['batch_size']}, {res['n']} Flickr photos per index, {res['rounds']} rounds "
-         f"alternating the runtimes; baseline {res['baseline']}",
-         _machine.machine_text(res["machine"]), ""]
-    base = res["runtimes"][res["baseline"]]
+    what = (f"{res['model']} / {res['pretrained']}, CPU, batch {res['batch_size']}, {res['n']} "
+            f"Flickr photos per index, {res['rounds']} rounds alternating the runtimes"
+            if res["rounds"] else f"Recall@K only (--rounds 0), CPU, batch {res['batch_size']}")
+    L = [f"# bench_ingest --runtimes: {what}; baseline {res['baseline']}",
+         _machine.machine_text(res["machine"])] + [""] * bool(res["runtimes"])
+    base = res["runtimes"].get(res["baseline"])
     for rt, r in res["runtimes"].items():
         export = f"exported in {r['export_s']:.1f}s (once)" if r["export_s"] else "no export"
         L.append(f"  {rt:<10} index {r['index_ips_median']:6.2f} images/s {r['index_ips']} "
@@ -317,16 +405,50 @@ def runtimes_report(res: dict) -> str:
                  f"cosine to {res['baseline']} min {r['cosine_to_baseline_min']:.5f} mean "
                  f"{r['cosine_to_baseline_mean']:.5f} ({res['check_n']} photos); {export}"
                  + (f"; NOTE {r['note']}" if r["note"] else ""))
-    if res.get("recall"):
-        L += ["", f"# Recall@K on flickr8k-1k (1,000 photos, 5,000 captions), model {res['recall_model']}"]
-        for rt, r in res["recall"].items():
-            t2i = " ".join(f"R@{k} {v:.1f}" for k, v in r["t2i"].items())
-            i2t = " ".join(f"R@{k} {v:.1f}" for k, v in r["i2t"].items())
-            L.append(f"  {rt:<10} text->image {t2i} | image->text {i2t} | rsum {r['rsum']:.1f} | "
-                     f"cosine to {res['baseline']} min {r['cosine_to_baseline_min']:.5f} mean "
-                     f"{r['cosine_to_baseline_mean']:.5f} ({res['check_n']} photos)")
+    if res.get("training"):
+        L += training_lines(res["training"])
+    for label, s in res.get("recall", {}).items():
+        L += recall_lines(label, s, res["recall_model"], res["baseline"])
     L += [f"note: {n}" for n in res.get("notes", [])]
     return "\n".join(L) + "\n"
+
+
+def training_lines(t: dict) -> list[str]:
+    log = ", ".join(f"{e['step']}: {e['heldout']['rsum']:.1f}" for e in t["training"]["log"])
+    return ["", "# the model: the tiny test model (tests/tinyclip.py: a ModifiedResNet image "
+            "tower at 32 px and a 2-layer text tower, pre-trained on drawn shapes) fine-tuned in "
+            f"{t['seconds']:.0f} s by", f"#   {t['command']}",
+            "#   SPLIT.json: flickr8k-1k's captions, photos split by a seeded permutation (seed "
+            f"{t['split_seed']}) "
+            "into 640 train, 160 val (pick the step and the WiSE alpha), 200 test (choose nothing)",
+            f"#   val rsum {_rsum(t['before']):.1f} -> {_rsum(t['after']):.1f}, test rsum "
+            f"{_rsum(t['reference_before']):.1f} -> {_rsum(t['reference_after']):.1f} (torch, the "
+            f"trainer's own recall); WiSE alpha {t['alpha']:g}; {t['training']['steps']} steps, "
+            f"best at {t['training']['best_step']}; val rsum by step: {log}"]
+
+
+def _rsum(r: dict) -> float:
+    return sum(r["text_to_image"].values()) + sum(r["image_to_text"].values())
+
+
+def recall_lines(label: str, s: dict, model: str, baseline: str) -> list[str]:
+    L = ["", f"# Recall@K (%) on flickr8k-1k, {label}: {s['photos']:,} photos, "
+         f"{s['captions']:,} captions; model {model}; chance rsum {s['chance_rsum']:.1f}"]
+    base = s["runtimes"][baseline]
+    for rt, r in s["runtimes"].items():
+        t2i = " ".join(f"R@{k} {v:.2f}" for k, v in r["t2i"].items())
+        i2t = " ".join(f"R@{k} {v:.2f}" for k, v in r["i2t"].items())
+        L.append(f"  {rt:<10} text->image {t2i} | image->text {i2t} | rsum {r['rsum']:.2f} | "
+                 f"cosine to {baseline} min {r['cosine_to_baseline_min']:.5f} mean "
+                 f"{r['cosine_to_baseline_mean']:.5f} ({s['photos']} photos)")
+        if rt != baseline:
+            L.append(f"  {'':<10} change vs {baseline}: text->image {_change(r, base, 't2i')} | "
+                     f"image->text {_change(r, base, 'i2t')} | rsum {r['rsum'] - base['rsum']:+.2f}")
+    return L
+
+
+def _change(r: dict, base: dict, key: str) -> str:
+    return " ".join(f"R@{k} {v - base[key][k]:+.2f}" for k, v in r[key].items())
 
 
 def main_runtimes(args: argparse.Namespace) -> None:
@@ -335,18 +457,39 @@ def main_runtimes(args: argparse.Namespace) -> None:
            "batch_size": args.batch_size, "n": args.n, "rounds": args.rounds, "check_n": args.check_n,
            "baseline": args.runtimes[0], "machine": info,
            "command": " ".join(["python", "benchmarks/bench_ingest.py", *sys.argv[1:]])}
-    res["runtimes"] = runtimes(args)
-    if args.recall_model:
-        res["recall_model"] = Path(args.recall_model).stem
-        res["recall"] = recalls(args)
-        res["notes"] = ["the tiny test model is trained on drawn shapes, not photos: on "
-                        "flickr8k-1k its recall is at chance level (R@10 ~1% text->image), so "
-                        "these rows show only whether int8 moves the ranking, not a real model's "
-                        "loss; the cosines are to its own torch vectors on real photos"]
+    res["runtimes"] = runtimes(args) if args.rounds else {}
+    if args.recall_model or args.recall_train:
+        with tempfile.TemporaryDirectory(prefix="mmsearch-recall-") as tmp:
+            model, pretrained, sets, res["training"] = recall_sets(args, Path(tmp))
+            res["recall"] = recalls(args, model, pretrained, sets)
+        res["recall_model"] = (f"tinyclip-test fine-tuned (--full, lr {args.recall_lr:g}, "
+                               f"{args.recall_train} steps, seed {args.recall_seed})"
+                               if args.recall_train
+                               else Path(args.recall_model).stem)
+        res["notes"] = recall_notes(args)
     res["machine"]["load_avg_end"] = _machine.load_avg()
     text = runtimes_report(res)
     _machine.write_results(args.stem, text, res)
     print(text)
+
+
+def recall_notes(args: argparse.Namespace) -> list[str]:
+    if not args.recall_train:
+        return ["the tiny test model is trained on drawn shapes, not photos: on "
+                "flickr8k-1k its recall is at chance level (R@10 ~1% text->image), so "
+                "these rows show only whether int8 moves the ranking, not a real model's "
+                "loss; the cosines are to its own torch vectors on real photos"]
+    return ["held out: photos the fine-tuning never saw nor chose anything on; their recall is "
+            "this tiny model's weak generalisation, above chance; trained on: the photos it was "
+            "fine-tuned on, so their recall is memorisation, not generalisation -- what they "
+            "measure is how much int8 moves a ranking that is far from chance",
+            "int8 runs the fine-tuned model's image tower (text queries are fp32 in every row); "
+            "on 200 photos one image->text R@1 hit is 0.5 points and one text->image hit 0.1; "
+            "on 640 photos 0.16 and 0.03",
+            "cosine: every photo of the set, its vector from each runtime against the baseline's",
+            "the fine-tuning decodes photos with the JPEG draft (as `mmsearch index` does), "
+            "`mmsearch eval` decodes them in full, so eval's torch recall is below the "
+            "trainer's own; every runtime sees the same pixels"]
 
 
 def main() -> None:
@@ -371,10 +514,19 @@ def main() -> None:
     parser.add_argument("--runtimes", type=lambda s: s.split(","), default=None,
                         help="compare image-tower runtimes instead, the first the baseline: "
                              "torch,onnx,onnx-int8")
-    parser.add_argument("--rounds", type=int, default=2, help="--runtimes: rounds per runtime")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="--runtimes: rounds per runtime (0: recall only)")
     parser.add_argument("--check-n", type=int, default=64, help="--runtimes: photos compared")
-    parser.add_argument("--recall-model", type=Path, help="--runtimes: model config for Recall@K")
+    parser.add_argument("--recall-model", type=Path,
+                        help="--runtimes: model config (or a finetune --out folder) for Recall@K")
     parser.add_argument("--recall-pretrained", type=Path, help="--runtimes: its checkpoint")
+    parser.add_argument("--recall-train", type=int, default=0, metavar="STEPS",
+                        help="--runtimes: fine-tune the tiny test model on flickr8k-1k first "
+                             "(mmsearch finetune --full, this many steps) and measure Recall@K "
+                             "on its 200 held-out and 640 trained photos")
+    parser.add_argument("--recall-lr", type=float, default=1e-3, help="--recall-train's lr")
+    parser.add_argument("--recall-seed", type=int, default=0,
+                        help="--recall-train's seed: the split and the fine-tuning")
     parser.add_argument("--stem", default="ingest_runtimes", help="--runtimes: results file stem")
     args = parser.parse_args()
     if args.runtimes:
