@@ -81,6 +81,12 @@ def machine_info() -> dict:
         info["torch_threads"] = str(torch.get_num_threads())
     except ImportError:  # pragma: no cover
         pass
+    try:  # the build (onnxruntime, onnxruntime-openvino, -gpu) and its execution providers
+        import onnxruntime as ort
+
+        info["onnxruntime"] = f"{ort.__version__} ({', '.join(ort.get_available_providers())})"
+    except ImportError:  # pragma: no cover
+        pass
     return info
 
 

@@ -8,6 +8,8 @@
         tinyclip.json --recall-pretrained tinyclip.pt]   # -> results/ingest_runtimes.*
     python benchmarks/bench_ingest.py --runtimes torch,onnx,onnx-int8 --rounds 0 \
         --recall-train 600 --stem ingest_runtimes_recall   # -> results/ingest_runtimes_recall.*
+    PYTHONPATH=.venv/ort-openvino python benchmarks/bench_ingest.py --stem ingest_openvino \
+        --runtimes torch,onnx,onnx-int8,onnx@openvino,onnx-int8@openvino --n 200 --rounds 3
 
 Sets: real Flickr8k photos from ../shared (about 500x375) and the same photos
 re-encoded as 12-megapixel JPEGs (4000x3000, quality 90), the size phones make
@@ -231,12 +233,14 @@ def bench_set(name: str, folder: Path, emb, args: argparse.Namespace) -> dict:
 
 def runtime_round(runtime: str, folder: Path, home: Path, name: str, args: argparse.Namespace,
                   check: list[Path]) -> dict:
-    """One fresh index through ``runtime``: the model loaded (and exported) first, untimed."""
+    """One fresh index through ``runtime`` (``onnx@openvino``: on that --device; the CPU by
+    default): the model loaded (and exported) first, untimed."""
     from mmsearch import Engine
 
+    runtime, device = on_device(runtime)
     with Engine.open(name, home=home, model=args.model, pretrained=args.pretrained,
                      batch_size=args.batch_size, workers=args.workers, draft=args.draft,
-                     device="cpu", runtime=runtime) as e:
+                     device=device, runtime=runtime) as e:
         t = time.perf_counter()
         emb = e.embedder
         load_s = time.perf_counter() - t
@@ -249,6 +253,12 @@ def runtime_round(runtime: str, folder: Path, home: Path, name: str, args: argpa
 
         out["vectors"] = emb.encode_images(emb.collate([emb.prepare(load_image(p)) for p in check]))
     return out
+
+
+def on_device(entry: str) -> tuple[str, str]:
+    """``runtime[@device]`` of --runtimes -> (runtime, device); the CPU when none is named."""
+    runtime, _, device = entry.partition("@")
+    return runtime, device or "cpu"
 
 
 def runtimes(args: argparse.Namespace) -> dict:
@@ -371,11 +381,12 @@ def recalls(args: argparse.Namespace, model: str, pretrained: str | None, sets: 
     for rt in args.runtimes:
         print(f"  recall: {rt}", file=sys.stderr, flush=True)
         home = Path(tempfile.mkdtemp(prefix=f"mmsearch-eval-{rt}-"))
+        runtime, device = on_device(rt)
         try:
-            settings = resolve(home=home, model=model, device="cpu", pretrained=pretrained,
-                               runtime=rt)
-            emb = load_embedder(identify(settings.model, settings.pretrained), "cpu", runtime=rt,
-                                home=home)
+            settings = resolve(home=home, model=model, device=device, pretrained=pretrained,
+                               runtime=runtime)
+            emb = load_embedder(identify(settings.model, settings.pretrained), device,
+                                runtime=runtime, home=home)
             for label, ds in sets.items():
                 res = evaluate(ds, settings=settings)
                 vecs = image_vectors(emb, sorted(ds.image_paths), args.batch_size)
@@ -513,7 +524,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--runtimes", type=lambda s: s.split(","), default=None,
                         help="compare image-tower runtimes instead, the first the baseline: "
-                             "torch,onnx,onnx-int8")
+                             "torch,onnx,onnx-int8; runtime@device for another --device than "
+                             "the CPU (onnx@openvino)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="--runtimes: rounds per runtime (0: recall only)")
     parser.add_argument("--check-n", type=int, default=64, help="--runtimes: photos compared")

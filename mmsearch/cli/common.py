@@ -32,7 +32,9 @@ PretrainedOpt = Annotated[Optional[str], typer.Option(
     "--pretrained", "-p", help="open_clip pretrained tag (downloaded once) or a local checkpoint "
     "file, or 'none' for random weights: timings only (default laion2b_s34b_b79k, or the index's).")]
 DeviceOpt = Annotated[str, typer.Option(
-    help="auto, cpu, cuda, cuda:1 ...: runs the model and, where FAISS has GPU support, search.")]
+    help="auto, cpu, cuda, cuda:1 ...: runs the model and, where FAISS has GPU support, search; "
+    "openvino, coreml: ONNX Runtime's provider runs the image tower (--runtime onnx), the rest "
+    "the CPU.")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per model batch.")]
 WorkersOpt = Annotated[int, typer.Option(help="Decode threads (0 = auto).")]
 DraftOpt = Annotated[bool, typer.Option(help="Fast reduced-size JPEG decoding before the "

@@ -24,13 +24,14 @@ def load_embedder(identity: ModelIdentity, device: str = "auto", *, runtime: str
     check_supported(identity)
     if identity.backend == CHINESE_CLIP:
         from mmsearch.models.chineseclip import load_chinese_clip
-        from mmsearch.models.device import resolve_device
+        from mmsearch.models.device import resolve_device, torch_device
         from mmsearch.models.onnxtower import load_runtime
         from mmsearch.settings import default_home
 
-        embedder = load_chinese_clip(identity, resolve_device(device))
+        dev = resolve_device(device)
+        embedder = load_chinese_clip(identity, torch_device(dev))
         embedder.runtime = load_runtime(runtime, identity, embedder.image_tower, embedder.image_size,
-                                        home or default_home(), embedder.device)
+                                        home or default_home(), dev)
         return embedder  # type: ignore[return-value]
     from mmsearch.models import openclip
 

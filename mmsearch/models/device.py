@@ -12,12 +12,32 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
+# --device values that name one of ONNX Runtime's execution providers, not a torch device
+# (``openvino`` takes OpenVINO's device after a colon: openvino:GPU, openvino:NPU; the CPU
+# by default): the image tower runs there (--runtime onnx or onnx-int8), what torch does
+# stays on the CPU, FAISS searches on the CPU and text queries are encoded there
+ORT_PROVIDERS = {"openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider"}
+DEVICES = "auto, cpu, cuda, cuda:N, openvino[:CPU|GPU|NPU] or coreml"
+
+
+def ort_provider(device: str) -> str | None:
+    """The ONNX Runtime execution provider a ``--device`` value names (``openvino[:X]``,
+    ``coreml``), else None."""
+    head, colon, rest = device.partition(":")
+    if head not in ORT_PROVIDERS:
+        return None
+    if colon and (head != "openvino" or not rest):
+        raise UsageError(f"--device {device}: use {DEVICES}")
+    return ORT_PROVIDERS[head]
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; a named CUDA device must exist.
 
-    Idempotent: a resolved name resolves to itself. Imports torch unless ``device`` is ``cpu``.
+    Idempotent: a resolved name resolves to itself. Imports torch unless ``device`` is ``cpu``
+    or names an ONNX Runtime provider (:func:`ort_provider`).
     """
-    if device == "cpu":
+    if device == "cpu" or ort_provider(device):
         return device
     import torch
 
@@ -28,13 +48,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def torch_device(device: str) -> str:
+    """Where torch places the model for a resolved ``--device``: the CPU for ONNX Runtime's
+    providers (:func:`ort_provider`), else the device itself."""
+    return "cpu" if ort_provider(device) else device
+
+
 def faiss_gpu(device: str) -> int | None:
     """The GPU FAISS may search on for a ``--device`` value, without importing torch.
 
-    ``cpu`` -> None (never a GPU); ``cuda`` -> 0; ``cuda:N`` -> N; ``auto`` -> -1,
-    meaning GPU 0 if FAISS was built with GPU support and sees one.
+    ``cpu``, ``openvino``, ``coreml`` -> None (never a GPU); ``cuda`` -> 0; ``cuda:N`` -> N;
+    ``auto`` -> -1, meaning GPU 0 if FAISS was built with GPU support and sees one.
     """
-    if device == "cpu":
+    if device == "cpu" or ort_provider(device):
         return None
     if device == "auto":
         return -1
@@ -42,19 +68,20 @@ def faiss_gpu(device: str) -> int | None:
         return 0
     head, _, number = device.partition(":")
     if head != "cuda" or not number.isdigit():
-        raise UsageError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+        raise UsageError(f"--device {device}: use {DEVICES}")
     return int(number)
 
 
 def text_device(device: str) -> str:
-    """Where text queries are encoded for a ``--device`` value: ``auto`` -> ``cpu``.
+    """Where text queries are encoded for a ``--device`` value: ``auto`` (and ONNX Runtime's
+    providers) -> ``cpu``.
 
     A short text costs milliseconds on the CPU through the numpy text tower, while
     starting CUDA and moving a text tower there costs seconds: a cold ``mmsearch query``
     on a GPU machine would spend them all on one text. A device named explicitly
     (``cuda``, ``cuda:1``) is honoured. Does not import torch.
     """
-    return "cpu" if device == "auto" else device
+    return "cpu" if device == "auto" or ort_provider(device) else device
 
 
 def stack_uint8(items: Sequence["np.ndarray"], *, pin: bool = False) -> "torch.Tensor":

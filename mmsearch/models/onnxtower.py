@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from mmsearch.errors import UsageError
+from mmsearch.models.device import ort_provider
 from mmsearch.models.identity import FP32, INT8
 from mmsearch.settings import RUNTIMES
 
@@ -50,13 +51,18 @@ OPSET = 17
 
 
 def resolve_runtime(runtime: str, device: str, image_precision: str) -> str:
-    """``auto`` -> ``onnx-int8`` for an int8 index (``image_precision``), else ``torch``; an
-    ONNX runtime needs onnxruntime, and for ``--device cuda`` a build with its CUDA provider."""
+    """``auto`` -> ``onnx-int8`` for an int8 index (``image_precision``), else ``torch`` (``onnx``
+    on ONNX Runtime's own devices, ``openvino`` and ``coreml``); an ONNX runtime needs
+    onnxruntime, and a build with the device's execution provider (:func:`providers`)."""
     if runtime not in RUNTIMES:
         raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    ort_device = ort_provider(device)
     if runtime == "auto":
-        runtime = "onnx-int8" if image_precision == INT8 else "torch"
+        runtime = "onnx-int8" if image_precision == INT8 else "onnx" if ort_device else "torch"
     if runtime == "torch":
+        if ort_device:
+            raise UsageError(f"--device {device} is ONNX Runtime's {ort_device}: "
+                             "use --runtime onnx or onnx-int8 with it (or --device cpu)")
         return runtime
     if not _have_onnxruntime():
         raise UsageError(f"--runtime {runtime} needs ONNX Runtime: pip install 'mmsearch[onnx]'")
@@ -67,16 +73,31 @@ def resolve_runtime(runtime: str, device: str, image_precision: str) -> str:
     if wanted not in ort.get_available_providers():
         raise UsageError(f"--runtime {runtime} --device {device}: this ONNX Runtime build has no "
                          f"{wanted} (it has {', '.join(ort.get_available_providers())}); install "
-                         "onnxruntime-gpu, or use --device cpu")
+                         f"{_PROVIDER_WHEELS.get(wanted, 'a build with it')}, or use --device cpu")
     return runtime
 
 
+# where each execution provider comes from (one onnxruntime package per environment)
+_PROVIDER_WHEELS = {"CUDAExecutionProvider": "onnxruntime-gpu in place of onnxruntime",
+                    "OpenVINOExecutionProvider": "onnxruntime-openvino in place of onnxruntime",
+                    "CoreMLExecutionProvider": "onnxruntime on macOS (its wheels have CoreML)"}
+
+
 def providers(device: str) -> list[Any]:
-    """ONNX Runtime execution providers for a resolved ``--device``: ``cuda[:N]`` -> CUDA
-    (then the CPU for what it lacks), anything else the CPU."""
+    """ONNX Runtime execution providers for a resolved ``--device``, each then the CPU for
+    what it lacks: ``cuda[:N]`` -> CUDA; ``openvino[:X]`` -> OpenVINO on its device X (the
+    CPU by default) in float32 (on a CPU with bfloat16 OpenVINO would otherwise compute in
+    it: other vectors than torch's); ``coreml`` -> CoreML on the CPU and GPU (the Neural
+    Engine computes in float16); anything else the CPU."""
     if device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    provider = ort_provider(device)
+    if provider == "OpenVINOExecutionProvider":
+        options = {"device_type": device.partition(":")[2] or "CPU", "precision": "FP32"}
+        return [(provider, options), "CPUExecutionProvider"]
+    if provider == "CoreMLExecutionProvider":
+        return [(provider, {"MLComputeUnits": "CPUAndGPU"}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -94,7 +115,8 @@ def _have_onnxruntime() -> bool:
 @dataclass
 class ImageRuntime:
     """Who runs the image tower: ``run`` (a batch in, unnormalised vectors out) or None for
-    torch; ``runtime`` the one in use; ``note`` why an asked ONNX runtime is not (one line)."""
+    torch; ``runtime`` the one in use; ``note`` why an asked ONNX runtime is not, or why it
+    runs on ONNX Runtime's CPU provider instead of the device's (one line)."""
 
     runtime: str
     run: Callable[["torch.Tensor"], "np.ndarray"] | None = None
@@ -124,7 +146,7 @@ def load_runtime(runtime: str, identity: "ModelIdentity", model: Any, size: int,
     log = logging.getLogger("mmsearch.models")
     if chosen.note:
         log.warning(chosen.note)
-    elif chosen.export_seconds is not None:
+    if chosen.export_seconds is not None:
         log.warning(f"--runtime {asked}: exported the image tower in {chosen.export_seconds:.1f}s "
                     "(once per model)")
     return chosen
@@ -149,7 +171,19 @@ def image_runtime(runtime: str, identity: "ModelIdentity", model: Any, size: int
         return ImageRuntime("torch", note=f"--runtime {runtime}: the image tower could not be "
                                           f"exported ({type(exc).__name__}: {reason}); using torch")
     seconds = round(time.perf_counter() - started, 1) if exported else None
-    return ImageRuntime(runtime, _runner(session), export_seconds=seconds)
+    return ImageRuntime(runtime, _runner(session), export_seconds=seconds,
+                        note=_provider_note(session, device))
+
+
+def _provider_note(session: Any, device: str) -> str | None:
+    """One line when the device's provider did not start (ONNX Runtime then runs the session
+    on its CPU provider: the same vectors, slower), else None."""
+    wanted = providers(device)[0]
+    wanted = wanted if isinstance(wanted, str) else wanted[0]
+    if session.get_providers()[0] == wanted:
+        return None
+    return (f"--device {device}: ONNX Runtime could not start {wanted} here (see its "
+            "requirements); the image tower runs on its CPU provider")
 
 
 def _export(model: Any, size: int, path: Path) -> None:
@@ -206,6 +240,7 @@ def _session(path: Path, device: str) -> Any:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the library stays quiet
+    ort.set_default_logger_severity(4)  # a provider that fails to start: _provider_note says it
     return ort.InferenceSession(str(path), options, providers=providers(device))
 
 

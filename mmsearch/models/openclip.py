@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from mmsearch.errors import ModelError
-from mmsearch.models.device import resolve_device
+from mmsearch.models.device import resolve_device, torch_device
 from mmsearch.models.identity import (LOCAL_DIR, NO_WEIGHTS, ModelIdentity, check_supported,
                                       checked_file, checked_folder, checked_text_folder)
 
@@ -264,24 +264,26 @@ def load_embedder(identity: ModelIdentity, device: str = "auto", *,
     elif identity.fingerprint.startswith("dir:"):
         checked_folder(identity)
         pretrained = None  # a local-dir: model: the folder is the model, weights included
-    text_only = None if image_tower or pretrained is None else _create_text_only(identity, dev)
-    model, preprocess = (text_only, None) if text_only is not None else _create(identity, pretrained, dev)
+    tdev = torch_device(dev)  # openvino, coreml: ONNX Runtime's; torch works on the CPU
+    text_only = None if image_tower or pretrained is None else _create_text_only(identity, tdev)
+    model, preprocess = (text_only, None) if text_only is not None else _create(identity, pretrained, tdev)
     model.eval()
     with _quiet_open_clip():
         tokenizer = open_clip.get_tokenizer(name)
-    embedder = Embedder(identity, model, preprocess, tokenizer, dev)
+    embedder = Embedder(identity, model, preprocess, tokenizer, tdev)
     if preprocess is not None:
-        embedder.runtime = _image_runtime(embedder, runtime, home)
+        embedder.runtime = _image_runtime(embedder, runtime, home, dev)
     return embedder
 
 
-def _image_runtime(embedder: Embedder, runtime: str, home: Path | None) -> Any:
-    """The :class:`~.onnxtower.ImageRuntime` ``runtime`` resolves to (its notes logged)."""
+def _image_runtime(embedder: Embedder, runtime: str, home: Path | None, device: str) -> Any:
+    """The :class:`~.onnxtower.ImageRuntime` ``runtime`` resolves to on ``device`` (its notes
+    logged)."""
     from mmsearch.models.onnxtower import load_runtime
     from mmsearch.settings import default_home
 
     return load_runtime(runtime, embedder.identity, embedder.torch_model, embedder.image_size,
-                        home or default_home(), embedder.device)
+                        home or default_home(), device)
 
 
 def open_clip_name(identity: ModelIdentity) -> str:
