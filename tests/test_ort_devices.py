@@ -168,4 +168,34 @@ def test_openvino_indexes_from_the_cli_and_a_missing_device_is_said(
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     said = [line for line in run.stderr.splitlines() if "OpenVINOExecutionProvider" in line]
-    assert len(said) == 1 and "CPU provider" in said[0], run.stderr[-2000:]
+    assert len(said) == 1 and "CPU provider runs it" in said[0], run.stderr[-2000:]
+
+
+def test_openvino_int8_runs_on_the_cpu_provider_with_one_line(
+        openvino: Path, tmp_path: Path, flickr_images: list[Path]) -> None:
+    """OpenVINO's provider refuses the int8 tower (ONNX Runtime's dynamic quantisation: "the
+    graph is not acyclic"); the same int8 model then runs on the CPU provider, not torch:
+    the vectors stay int8's, as the index's identity says."""
+    photos = [str(p) for p in flickr_images[:4]]
+    code = (
+        "import json\n"
+        "from pathlib import Path\n"
+        "from mmsearch.models import identify\n"
+        "from mmsearch.models.backends import load_embedder\n"
+        "from mmsearch.ingest.decode import load_image\n"
+        "out = {}\n"
+        "for device in ('cpu', 'openvino'):\n"
+        "    emb = load_embedder(identify('ViT-B-32', 'none'), device, runtime='onnx-int8',\n"
+        f"                        home=Path({str(tmp_path)!r}))\n"
+        f"    batch = emb.collate([emb.prepare(load_image(p)) for p in {photos!r}])\n"
+        "    out[device] = {'runtime': emb.runtime.runtime, 'note': emb.runtime.note,\n"
+        "                   'vectors': emb.encode_images(batch).tolist()}\n"
+        "print(json.dumps(out))\n")
+    child = _openvino_child(code, tmp_path)
+    assert child.returncode == 0, child.stderr[-2000:]
+    out = json.loads(child.stdout.strip().splitlines()[-1])
+    assert out["cpu"]["runtime"] == out["openvino"]["runtime"] == "onnx-int8"
+    assert out["cpu"]["note"] is None
+    if out["openvino"]["note"] is not None:  # refused there: the CPU provider's int8 vectors
+        assert "CPU provider runs it" in out["openvino"]["note"]
+        np.testing.assert_allclose(out["openvino"]["vectors"], out["cpu"]["vectors"], atol=1e-6)

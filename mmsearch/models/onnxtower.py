@@ -182,8 +182,8 @@ def _provider_note(session: Any, device: str) -> str | None:
     wanted = wanted if isinstance(wanted, str) else wanted[0]
     if session.get_providers()[0] == wanted:
         return None
-    return (f"--device {device}: ONNX Runtime could not start {wanted} here (see its "
-            "requirements); the image tower runs on its CPU provider")
+    return (f"--device {device}: ONNX Runtime's {wanted} could not run this image tower here "
+            "(a device it lacks, or the model's operators); its CPU provider runs it")
 
 
 def _export(model: Any, size: int, path: Path) -> None:
@@ -236,12 +236,20 @@ def _quantise(source: Path, path: Path) -> None:
 
 
 def _session(path: Path, device: str) -> Any:
+    """The session of ``path`` on ``device``'s providers; where the device's provider refuses
+    the model (OpenVINO's, the int8 tower's dynamic quantisation), on the CPU provider alone
+    (:func:`_provider_note` says so)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the library stays quiet
     ort.set_default_logger_severity(4)  # a provider that fails to start: _provider_note says it
-    return ort.InferenceSession(str(path), options, providers=providers(device))
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers(device))
+    except Exception:  # noqa: BLE001 - ONNX Runtime's own Fail/InvalidGraph errors
+        if providers(device) == ["CPUExecutionProvider"]:
+            raise
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _runner(session: Any) -> Callable[["torch.Tensor"], "np.ndarray"]:
