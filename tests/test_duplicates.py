@@ -10,7 +10,7 @@ import pytest
 
 from mmsearch.errors import UsageError
 from mmsearch.search.duplicates import (DEFAULT_THRESHOLD, SCORE_TOLERANCE, dedup_ranked,
-                                        near_duplicate_groups)
+                                        near_duplicate_groups, near_duplicates)
 
 DIM = 64
 MAX_CLUSTER = 6
@@ -39,6 +39,11 @@ def reference_groups(ids: np.ndarray, vectors: np.ndarray, threshold: float) -> 
     """Connected components (2+ members) of the full 'cosine >= threshold' graph, by BFS."""
     adjacent = (vectors @ vectors.T) >= threshold - SCORE_TOLERANCE
     np.fill_diagonal(adjacent, False)
+    return components(ids, adjacent)
+
+
+def components(ids: np.ndarray, adjacent: np.ndarray) -> set[frozenset[int]]:
+    """The ids of each connected component (2+ members) of a boolean adjacency matrix, by BFS."""
     seen, out = set(), set()
     for start in range(len(ids)):
         if start in seen:
@@ -184,3 +189,87 @@ def test_dedup_ranked_keeps_only_the_best_ranked_of_identical_vectors() -> None:
     got = dedup_ranked(np.arange(5), vectors, threshold=1.0)
     assert got.tolist() == [True, True, False, False, False]
     assert dedup_ranked(np.array([9]), vectors[:1]).tolist() == [True]
+
+
+
+# -- items of several vectors (a video's frames share one id) ----------------------
+
+VIDEO, STILL = 2 * 10**9, 3 * 10**9  # ids of the "videos" below (VIDEO + v) and of the still
+
+
+def with_videos(seed: int, photos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors): :func:`clustered` (unless not ``photos``), plus 12 "videos": one id
+    for 5-40 frames on a slow walk, so that a frame's nearest are its own; videos 10 and 11
+    copies of videos 0 and 1 (their walks shifted as a whole, further than a frame's own
+    neighbours are); and a still of a frame of video 3."""
+    rng = np.random.default_rng(100 + seed)
+    ids, vectors = clustered(seed) if photos else (np.zeros(0, np.int64), np.zeros((0, DIM)))
+    walks: list[np.ndarray] = []
+    for v in range(12):
+        if v >= 10:
+            walks.append(unit(walks[v - 10] + rng.normal(0, 0.02, DIM)))  # one shift for all
+        else:
+            steps = rng.normal(0, 0.004, (int(rng.integers(5, 41)), DIM))
+            walks.append(unit(rng.standard_normal(DIM) + np.cumsum(steps, axis=0)))
+    owners = [VIDEO + v for v, w in enumerate(walks) for _ in w] + [STILL]
+    frames = np.vstack(walks + [unit(walks[3][2] + rng.normal(0, 0.01, DIM))])
+    order = rng.permutation(len(owners))
+    return (np.concatenate([ids, np.asarray(owners, np.int64)[order]]),
+            np.vstack([vectors, frames[order]]))
+
+
+def reference_items(ids: np.ndarray, vectors: np.ndarray,
+                    threshold: float) -> tuple[set[frozenset[int]], np.ndarray]:
+    """Components (2+ items) of the graph over items 'some vector of one has cosine >=
+    threshold with some vector of the other', and each vector's best cosine with a vector
+    of another item where it reaches the threshold (-inf elsewhere)."""
+    items, where = np.unique(ids, return_inverse=True)
+    sims = vectors @ vectors.T
+    sims[where[:, None] == where[None, :]] = -np.inf  # an item's own vectors are no match
+    adjacent = np.zeros((len(items), len(items)), dtype=bool)
+    rows, cols = np.nonzero(sims >= threshold - SCORE_TOLERANCE)
+    adjacent[where[rows], where[cols]] = True
+    best = sims.max(axis=1)
+    return components(items, adjacent), np.where(best >= threshold - SCORE_TOLERANCE, best, -np.inf)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("neighbours", [1, 3, MAX_CLUSTER])
+def test_items_of_several_vectors_equal_brute_force(seed: int, neighbours: int) -> None:
+    """However few neighbours, a video's own frames (its nearest) hide no other item; the
+    photos' clusters of up to MAX_CLUSTER need that many to come out whole."""
+    ids, vectors = with_videos(seed, photos=neighbours >= MAX_CLUSTER)
+    want, best = reference_items(ids, vectors, DEFAULT_THRESHOLD)
+    # the data: a video's own frames reach the threshold; copies and the still join their videos
+    sims = vectors @ vectors.T
+    own = [(sims[np.ix_(ids == v, ids == v)] >= DEFAULT_THRESHOLD).sum() - (ids == v).sum()
+           for v in range(VIDEO, VIDEO + 12)]
+    assert min(own) > 0
+    assert {VIDEO, VIDEO + 10} in want and {VIDEO + 1, VIDEO + 11} in want
+    assert {VIDEO + 3, STILL} in want
+    got = near_duplicates(ids, vectors, neighbours=neighbours, chunk=100)
+    assert {frozenset(g) for g in got.groups} == want
+    assert_ordered(got.groups)
+    np.testing.assert_allclose(got.best, best, atol=1e-5)
+    assert near_duplicate_groups(ids, vectors, neighbours=neighbours, chunk=100) == got.groups
+
+
+def test_a_video_alone_is_no_group_however_alike_its_frames() -> None:
+    ids, vectors = with_videos(0)
+    alone = ids == VIDEO + 4
+    assert (vectors[alone] @ vectors[alone].T).min() >= DEFAULT_THRESHOLD
+    for extra in [np.zeros((0, DIM)), unit(-vectors[alone].mean(axis=0))]:  # and a photo far off
+        got = near_duplicates(np.r_[ids[alone], [7] * len(extra)], np.vstack([vectors[alone], extra]),
+                              neighbours=2)
+        assert got.groups == [] and np.isneginf(got.best).all()
+
+
+def test_identical_frames_of_two_videos_group_at_threshold_one() -> None:
+    rng = np.random.default_rng(7)
+    frames = unit(rng.standard_normal((30, DIM)))
+    frames[10:] = frames[:1]  # 21 identical frames in video 1: its own ties fill any list
+    vectors = np.vstack([frames, frames[5], unit(rng.standard_normal(DIM))])
+    ids = np.r_[np.full(30, 1), 2, 3]
+    got = near_duplicates(ids, vectors, threshold=1.0, neighbours=1, chunk=4)
+    assert got.groups == [[1, 2]]
+    assert got.best[5] == pytest.approx(1.0, abs=1e-6) and got.best[30] == pytest.approx(1.0, abs=1e-6)
