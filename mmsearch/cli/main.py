@@ -172,23 +172,30 @@ def _print_metadata(meta: Any) -> None:
 @app.command()
 @handle_errors
 def duplicates(
-    threshold: Annotated[float, typer.Option(help="Cosine at or above which two photos are "
-                                             "near-duplicates.")] = DEDUP_THRESHOLD,
+    threshold: Annotated[float, typer.Option(help="Cosine at or above which two photos (or "
+                                             "video frames) are near-duplicates.")] = DEDUP_THRESHOLD,
     index: IndexOpt = None, home: HomeOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """Groups of near-duplicate photos (identical files said as such), largest groups first."""
+    """Groups of near-duplicate photos and videos (identical files said as such), largest
+    groups first; a video is one member, shown with its best-matching moment."""
+    from mmsearch.cli.query import clock
+
     with open_engine(index=index, home=home) as engine:
         groups = engine.duplicates(threshold=threshold)
     if as_json:
         print_json(groups)
         return
+    nouns = {frozenset({"image"}): "photos", frozenset({"video"}): "videos"}
     for n, group in enumerate(groups, 1):
-        kind = "identical files" if group.exact else f"similar photos (cosine >= {threshold})"
-        typer.echo(f"group {n}: {len(group.ids)} {kind}")
-        for path in group.paths:
-            typer.echo(f"  {path}")
-    photos = sum(len(g.ids) for g in groups)
-    typer.echo(f"{len(groups)} groups, {photos} photos" if groups else "no duplicates found")
+        noun = nouns.get(frozenset(m.kind for m in group.members), "photos and videos")
+        kind = "identical files" if group.exact else f"similar {noun} (cosine >= {threshold})"
+        typer.echo(f"group {n}: {len(group.members)} {kind}")
+        for m in group.members:
+            typer.echo(f"  {m.path}" + ("" if m.time is None else f" @ {clock(m.time)}"))
+    members = [m.kind for g in groups for m in g.members]
+    videos = f", {members.count('video')} videos" if "video" in members else ""
+    typer.echo(f"{len(groups)} groups, {members.count('image')} photos{videos}" if groups
+               else "no duplicates found")
 
 
 @app.command()
