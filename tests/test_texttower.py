@@ -318,3 +318,37 @@ def test_a_tower_file_of_the_previous_layout_is_written_again(
     assert meta["format"] == towerfile.FORMAT
     assert len(entries["transformer.resblocks.0.mlp.c_fc.weight"]["shape"]) == 4
     assert np.abs(got - open_clip_vectors(tiny_config, ckpt)).max() < 1e-5
+
+
+def test_from_the_second_text_the_matrices_are_read_into_huge_pages(
+        tmp_path: Path, tiny_config: Path) -> None:
+    """A process answering more than one query moves the layers' matrices off the page
+    cache's map into its own memory (huge pages where Linux gives them): the same vectors;
+    a tower file rewritten meanwhile from other weights is not read, the map goes on."""
+    import torch
+
+    from mmsearch.models import texttower, towerfile
+
+    ckpt, home = tmp_path / "w.pt", tmp_path / "home"
+    state = random_checkpoint(tiny_config, ckpt)
+    tower = texttower.load("tinyclip-test", str(tiny_config), ckpt, home)
+    matrices = [k for k, v in tower._w.items() if v.ndim == 4]
+    first = tower.encode(TEXTS)
+    mapped = {k: tower._w[k] for k in matrices}
+    second = tower.encode(TEXTS)  # the second text: the matrices move
+    np.testing.assert_array_equal(first, second)
+    if towerfile._transparent_huge_pages():
+        assert all(tower._w[k] is not mapped[k] and not tower._w[k].flags.writeable
+                   for k in matrices)
+    else:  # not Linux, or huge pages off: nothing to gain, nothing read
+        assert all(tower._w[k] is mapped[k] for k in matrices)
+    np.testing.assert_array_equal(tower.encode(TEXTS), first)
+
+    other = texttower.load("tinyclip-test", str(tiny_config), ckpt, home)
+    other.encode(TEXTS)
+    torch.save({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                for k, v in state.items()}, ckpt)  # new weights at the same path...
+    texttower.load("tinyclip-test", str(tiny_config), ckpt, home)  # ...and their tower file
+    before = {k: other._w[k] for k in matrices}
+    np.testing.assert_array_equal(other.encode(TEXTS), first)  # still the weights it began with
+    assert all(other._w[k] is before[k] for k in matrices)

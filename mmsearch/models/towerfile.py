@@ -17,7 +17,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -54,9 +54,17 @@ def header(path: Path) -> tuple[dict, dict[str, str]] | None:
     """(tensor entries, metadata) of a file of this format, None if absent or another one."""
     try:
         with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            head = json.loads(f.read(size))
-    except (OSError, ValueError, struct.error):
+            return _header(f)
+    except OSError:
+        return None
+
+
+def _header(f: "BinaryIO") -> tuple[dict, dict[str, str]] | None:
+    """:func:`header` of an open file, left at the start of the tensors' data."""
+    try:
+        (size,) = struct.unpack("<Q", f.read(8))
+        head = json.loads(f.read(size))
+    except (ValueError, struct.error):
         return None
     meta = head.pop("__metadata__", None) or {}
     return (head, meta) if meta.get("format") == FORMAT else None
@@ -83,4 +91,48 @@ def read(path: Path) -> dict[str, "np.ndarray"]:
     return out
 
 
-__all__ = ["FOLDER", "header", "read", "tower_path", "write"]
+def read_resident(path: Path, names: list[str], source: str) -> dict[str, "np.ndarray"] | None:
+    """Tensors ``names`` of the file read into process memory backed by huge pages, or None
+    where the system has none to give (not Linux, transparent huge pages off) or the file
+    is no longer the one made from ``source`` (its checkpoint's fingerprint).
+
+    The page cache under :func:`read`'s map may hold the file in 4 KiB pages: streaming the
+    layers' 151 MB through them (ViT-B-32) for every text took 8.5 ms on one core, from
+    2 MiB pages 6.6 ms. Costs that much private memory, and ~50 ms to read."""
+    import numpy as np
+
+    if not _transparent_huge_pages():
+        return None
+    with path.open("rb") as f:
+        found = _header(f)
+        if found is None or found[1].get("source") != source:
+            return None
+        entries, start = found[0], f.tell()
+        spans = sorted((entries[n]["data_offsets"], n) for n in names)
+        total = sum(end - begin for (begin, end), _ in spans)
+        memory = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        memory.madvise(mmap.MADV_HUGEPAGE)
+        view, out, at = memoryview(memory), {}, 0
+        for (begin, end), name in spans:
+            f.seek(start + begin)
+            if f.readinto(view[at:at + end - begin]) != end - begin:
+                raise OSError(f"{path} is shorter than its header says")
+            array = np.frombuffer(memory, np.float32, (end - begin) // 4, at)
+            out[name] = array.reshape(entries[name]["shape"])
+            out[name].flags.writeable = False
+            at += end - begin
+    return out
+
+
+def _transparent_huge_pages() -> bool:
+    """Whether ``madvise(MADV_HUGEPAGE)`` gets huge pages here (Linux, THP always or madvise)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
+__all__ = ["FOLDER", "header", "read", "read_resident", "tower_path", "write"]
