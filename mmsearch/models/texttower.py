@@ -236,7 +236,8 @@ class TextTower:
         tokens = self._tokenizer(list(texts))
         last = tokens.argmax(axis=-1)  # the end-of-text token has the highest id
         n = int(last.max()) + 1        # causal: the padding after it changes nothing
-        start = self._start_keys() if (tokens[:, 0] == self._tokenizer.sot).all() else None
+        known = self._encoded > 1 and (tokens[:, 0] == self._tokenizer.sot).all()
+        start = self._start_keys() if known else None  # (not worth a pass for one text)
         first = 0 if start is None else 1  # the start token's keys and values are known
         b = len(tokens)
         x = w["token_embedding.weight"][tokens[:, first:n]] + w["positional_embedding"][first:n]
@@ -255,7 +256,8 @@ class TextTower:
 
         Every text begins with that token, and the attention is causal: its row never sees
         what follows, so its keys and values are the same for every text. A 3-word query
-        (5 tokens) then multiplies 4 rows through the weights instead of 5."""
+        (5 tokens) then multiplies 4 rows through the weights instead of 5. Used from the
+        second text on, like :meth:`_settle`: computing them is a pass over the weights."""
         import numpy as np
 
         if self._start is None:
