@@ -117,6 +117,9 @@ def test_type_and_moments_filter_the_hits(client: TestClient) -> None:
     assert {h["kind"] for h in only_photos} == {"image"} and len(only_photos) == PHOTOS
     several = search(client, "a square", type="video", moments="true")
     assert {h["kind"] for h in several} == {"video"} and len(several) > len(only_videos)
+    totals = [client.get("/api/search", params={"q": "a square", "k": 5, **kind}).json()["total"]
+              for kind in ({}, {"type": "video"}, {"type": "image"})]
+    assert totals == [PHOTOS + 2, 2, PHOTOS]  # "best of N": each video once, not its frames
     bad = client.get("/api/search", params={"q": "a square", "type": "film"})
     assert bad.status_code == 400 and "image or video" in bad.json()["detail"]
 

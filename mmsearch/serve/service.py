@@ -93,11 +93,19 @@ class SearchService:
                 "note": getattr(hits, "hint", None)}
 
     def _total(self, filters: Filters) -> int:
+        """How many results the hits are the best of: photos, and videos once each (not
+        their frames), among those the filters keep."""
+        import numpy as np
+
         from mmsearch.search.search import selected_ids
 
-        if filters.selects:
-            return int(selected_ids(self.engine.store, replace(filters)).size)
-        return self.engine.store.read.image_count()
+        read = self.engine.store.read
+        if not filters.selects:
+            return read.image_count() - read.frame_count() + read.video_count()
+        ids = selected_ids(self.engine.store, replace(filters))
+        frames, videos = read.frames()
+        kept = np.isin(frames, ids, assume_unique=True)
+        return int(ids.size - kept.sum() + np.unique(videos[kept]).size)
 
     def texts(self, image_id: int, k: int) -> dict[str, Any]:
         check_page(k, 0)

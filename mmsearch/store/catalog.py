@@ -179,6 +179,14 @@ class CatalogReader:
                     tuple(chunk)).fetchall()
         return np.sort(np.asarray([i for i, in ids], dtype=np.int64))
 
+    def frames(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids, their video ids) of every video frame, in image id order."""
+        with self._read() as conn:  # (plain SQL: rows by the hundred thousand)
+            rows = conn.exec_driver_sql("SELECT id, video_id FROM images WHERE video_id IS NOT "
+                                        "NULL ORDER BY id").fetchall()
+        pairs = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+        return pairs[:, 0], pairs[:, 1]
+
     def videos_by_id(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
         """id -> the ``videos`` row (path, duration, codec...) of these videos."""
         out: dict[int, dict[str, Any]] = {}
