@@ -171,3 +171,27 @@ def test_chinese_clip_falls_back_to_torch_with_one_line(
     assert len(notes) == 1 and "\n" not in notes[0] and "using torch" in notes[0]
     ref = load_embedder(ident, "cpu", runtime="torch")
     np.testing.assert_array_equal(embed(emb, flickr_images[:4]), embed(ref, flickr_images[:4]))
+
+
+def test_the_cli_says_a_first_export_in_one_plain_line(
+        tmp_path: Path, tiny_model: tuple[Path, Path], flickr_images: list[Path]) -> None:
+    """open_clip logs at the root, which installs Python's default handler: the CLI's notes
+    must still read as plain lines, not 'WARNING:mmsearch.models:...'."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    config, ckpt = tiny_model
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in flickr_images[:3]:
+        shutil.copy(p, photos / p.name)
+    run = subprocess.run([sys.executable, "-m", "mmsearch", "index", str(photos), "--model",
+                          str(config), "--pretrained", str(ckpt), "--runtime", "onnx"],
+                         env={**os.environ, "MMSEARCH_HOME": str(tmp_path / "home")},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert any(line.startswith("--runtime onnx: exported the image tower in ") for line in lines)
+    assert not any("WARNING:" in line for line in lines), lines

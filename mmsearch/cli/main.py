@@ -257,11 +257,25 @@ app.command("distill")(distill_command)
 app.command("models")(models_command)
 
 
+def _notes_as_lines() -> None:
+    """The library's notes (logger ``mmsearch``, one line each) on stderr as they are written.
+    open_clip logs through the root logger, which makes Python install its default handler:
+    the notes would then read 'WARNING:mmsearch.models:...'."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    notes = logging.getLogger("mmsearch")
+    notes.addHandler(handler)
+    notes.propagate = False
+
+
 def main() -> None:
     """The console script. Once a command has finished and its output is flushed, a process
     that loaded torch ends at once: tearing torch and FAISS down costs ~0.7 s after the
     results are on screen, and there is nothing left to save (every write is committed,
     files are closed, the kernel releases the write lock)."""
+    _notes_as_lines()
     try:
         app(prog_name="mmsearch")
         code: int | str | None = 0
