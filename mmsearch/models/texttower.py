@@ -7,7 +7,9 @@ the end-of-text token, a projection matrix) this module runs the same computatio
 numpy float32, over the positions up to the end token only (the attention is causal:
 the padding after it changes nothing). The weights come memory-mapped from the
 model's text-tower file (:mod:`.towerfile`, written once from the checkpoint, which
-is the only step that may need torch); the tokenizer is :mod:`.cliptokenizer`.
+is the only step that may need torch); a process that encodes a second text reads the
+layers' matrices into huge pages and reuses the start token's keys and values from then
+on (:meth:`TextTower._settle`). The tokenizer is :mod:`.cliptokenizer`.
 Anything else -- other configs, checkpoint layouts, devices -- makes :func:`load`
 return None and :mod:`mmsearch.models` uses open_clip as usual. The tests hold this
 tower equal to open_clip's ``encode_text`` to 1e-5.

@@ -6,7 +6,8 @@ tower multiplies with, and in its header the spec and the fingerprint of the
 checkpoint it came from. The file is written to a temporary name and renamed into
 place (readers never see half a file; two writers race harmlessly), and written again
 when the checkpoint's fingerprint no longer matches. Reading parses the header and
-maps the file: numpy arrays over the page cache, no torch, only the pages used read.
+maps the file: numpy arrays over the page cache, no torch, only the pages used read;
+:func:`read_resident` reads chosen tensors into the process's own huge pages instead.
 """
 
 from __future__ import annotations
