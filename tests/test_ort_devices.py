@@ -90,6 +90,29 @@ def _openvino_child(code: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+def _embed_in_child(runs: list[tuple[str, str, str, str, str]], photos: list[str],
+                    home: Path) -> dict:
+    """In a child with the OpenVINO build: for each (label, model, weights, device, runtime),
+    the image runtime used, its note and the photos' vectors; 'ort': where onnxruntime was."""
+    code = (
+        "import json, onnxruntime\n"
+        "from pathlib import Path\n"
+        "from mmsearch.models import identify\n"
+        "from mmsearch.models.backends import load_embedder\n"
+        "from mmsearch.ingest.decode import load_image\n"
+        "out = {'ort': onnxruntime.__file__}\n"
+        f"for label, model, weights, device, runtime in {runs!r}:\n"
+        "    emb = load_embedder(identify(model, weights), device, runtime=runtime,\n"
+        f"                        home=Path({str(home)!r}))\n"
+        f"    batch = emb.collate([emb.prepare(load_image(p)) for p in {photos!r}])\n"
+        "    out[label] = {'runtime': emb.runtime.runtime, 'note': emb.runtime.note,\n"
+        "                  'vectors': emb.encode_images(batch).tolist()}\n"
+        "print(json.dumps(out))\n")
+    child = _openvino_child(code, home)
+    assert child.returncode == 0, child.stderr[-2000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def openvino() -> Path:
     if not (OPENVINO_ORT / "onnxruntime").is_dir():
@@ -107,23 +130,8 @@ def test_openvino_vectors_equal_torch(openvino: Path, tmp_path: Path, tiny_model
 
     config, ckpt = tiny_model
     photos = [str(p) for p in flickr_images[:6]]
-    code = (
-        "import json, onnxruntime\n"
-        "from mmsearch.models import identify\n"
-        "from mmsearch.models.backends import load_embedder\n"
-        "from mmsearch.ingest.decode import load_image\n"
-        "from pathlib import Path\n"
-        "out = {'ort': onnxruntime.__file__}\n"
-        f"for name, model, weights in [('tiny', {str(config)!r}, {str(ckpt)!r}), "
-        "('vit', 'ViT-B-32', 'none')]:\n"
-        f"    emb = load_embedder(identify(model, weights), 'openvino', home=Path({str(tmp_path)!r}))\n"
-        f"    batch = emb.collate([emb.prepare(load_image(p)) for p in {photos!r}])\n"
-        "    out[name] = {'runtime': emb.runtime.runtime, 'note': emb.runtime.note,\n"
-        "                 'vectors': emb.encode_images(batch).tolist()}\n"
-        "print(json.dumps(out))\n")
-    child = _openvino_child(code, tmp_path)
-    assert child.returncode == 0, child.stderr[-2000:]
-    out = json.loads(child.stdout.strip().splitlines()[-1])
+    out = _embed_in_child([("tiny", str(config), str(ckpt), "openvino", "auto"),
+                           ("vit", "ViT-B-32", "none", "openvino", "auto")], photos, tmp_path)
     assert out["ort"].startswith(str(openvino))  # the OpenVINO build, not the environment's
     for name, model, weights in [("tiny", str(config), str(ckpt)), ("vit", "ViT-B-32", "none")]:
         got = out[name]
@@ -177,23 +185,9 @@ def test_openvino_int8_runs_on_the_cpu_provider_with_one_line(
     graph is not acyclic"); the same int8 model then runs on the CPU provider, not torch:
     the vectors stay int8's, as the index's identity says."""
     photos = [str(p) for p in flickr_images[:4]]
-    code = (
-        "import json\n"
-        "from pathlib import Path\n"
-        "from mmsearch.models import identify\n"
-        "from mmsearch.models.backends import load_embedder\n"
-        "from mmsearch.ingest.decode import load_image\n"
-        "out = {}\n"
-        "for device in ('cpu', 'openvino'):\n"
-        "    emb = load_embedder(identify('ViT-B-32', 'none'), device, runtime='onnx-int8',\n"
-        f"                        home=Path({str(tmp_path)!r}))\n"
-        f"    batch = emb.collate([emb.prepare(load_image(p)) for p in {photos!r}])\n"
-        "    out[device] = {'runtime': emb.runtime.runtime, 'note': emb.runtime.note,\n"
-        "                   'vectors': emb.encode_images(batch).tolist()}\n"
-        "print(json.dumps(out))\n")
-    child = _openvino_child(code, tmp_path)
-    assert child.returncode == 0, child.stderr[-2000:]
-    out = json.loads(child.stdout.strip().splitlines()[-1])
+    out = _embed_in_child([("cpu", "ViT-B-32", "none", "cpu", "onnx-int8"),
+                           ("openvino", "ViT-B-32", "none", "openvino", "onnx-int8")],
+                          photos, tmp_path)
     assert out["cpu"]["runtime"] == out["openvino"]["runtime"] == "onnx-int8"
     assert out["cpu"]["note"] is None
     if out["openvino"]["note"] is not None:  # refused there: the CPU provider's int8 vectors
