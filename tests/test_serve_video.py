@@ -252,7 +252,11 @@ def test_the_page_plays_a_video_hit_from_its_moment(page, console, client: TestC
     assert "Moment" in page.text_content("#v-meta")
     page.keyboard.press("Escape")
     page.locator("#viewer").wait_for(state="hidden")
-    assert page.evaluate("document.querySelector('#v-video').paused")
+    # the dialog's "close" event (which stops the video) comes a task after it hides
+    page.wait_for_function("""() => {
+        const v = document.querySelector('#v-video');
+        return v.paused && !v.hasAttribute('src');
+    }""", timeout=5000)
     assert console == []
 
 
