@@ -16,7 +16,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 from PIL import Image
 
@@ -50,10 +50,8 @@ def frame_thumbnail(cache: Path, video: Path, video_hash: str, seconds: float,
 def frame_thumbnail_bytes(video: Path, seconds: float, size: int = SIZE) -> bytes:
     """The WebP thumbnail of the frame of ``video`` shown at ``seconds``, not cached.
     Raises DecodeError, OSError."""
-    image = _frame(video, max(0, round(seconds * 1000)), size)
-    image.thumbnail((size, size))
     out = io.BytesIO()
-    image.save(out, "WEBP", quality=QUALITY, method=4)
+    _write_webp(_frame(video, max(0, round(seconds * 1000)), size), size, out)
     return out.getvalue()
 
 
@@ -69,14 +67,19 @@ def _cached(cache: Path, key: str, size: int, make: Callable[[], Image.Image]) -
     if target.is_file():
         return target
     image = make()
-    image.thumbnail((size, size))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, "WEBP", quality=QUALITY, method=4)
+            _write_webp(image, size, f)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def _write_webp(image: Image.Image, size: int, out: BinaryIO) -> None:
+    """``image`` shrunk to at most ``size`` pixels on its long side, as WebP into ``out``."""
+    image.thumbnail((size, size))
+    image.save(out, "WEBP", quality=QUALITY, method=4)
