@@ -26,7 +26,6 @@ model call waits for its vectors, which the catalog commit needs).
 from __future__ import annotations
 
 import inspect
-import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +39,7 @@ from mmsearch.errors import DecodeError, UsageError
 from mmsearch.ingest.decode import (CHANGED, check_unchanged, decode_bytes, load_image,
                                     read_bytes)
 from mmsearch.ingest.steps import CropSpec, crop_spec
+from mmsearch.models.device import cores
 from mmsearch.settings import BATCH_SIZE, DECODERS, DRAFT, WORKERS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,10 +76,6 @@ class Batch:
 
 
 Chunk = tuple[list[Path], list[tuple[Path, str]], "torch.Tensor | None"]  # ok, failed, batch
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers() -> int:

@@ -76,6 +76,7 @@ from PIL import Image
 from mmsearch.errors import DecodeError, UsageError
 from mmsearch.ingest.decode import os_reason, open_regular  # one wording for OS errors
 from mmsearch.ingest.discover import VIDEO_EXTENSIONS, is_video  # what a video file is: one place
+from mmsearch.models.device import cores
 
 __all__ = ["DEFAULT_FPS", "DEFAULT_STRATEGY", "INSTALL", "VIDEO_EXTENSIONS", "Frame", "Sampled",
            "Sampling", "Span", "Strategy", "VideoInfo", "available", "collapse", "is_video", "probe",
@@ -417,8 +418,7 @@ def _configure(stream, fps: float, strategy: Strategy) -> None:
         raise DecodeError(f"too large: {ctx.width}x{ctx.height} exceeds {MAX_PIXELS} pixels")
     depth = 2 if "10" in (ctx.pix_fmt or "") or "12" in (ctx.pix_fmt or "") else 1
     frame_bytes = max(1, ctx.width * ctx.height) * 3 // 2 * depth
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ctx.thread_count = max(1, min(cores, DECODE_MEMORY // (4 * frame_bytes)))
+    ctx.thread_count = max(1, min(cores(), DECODE_MEMORY // (4 * frame_bytes)))
     ctx.thread_type = "AUTO"
     rate = _rate(stream)
     if strategy.skip_nonref and rate is not None and rate / fps >= NONREF_MIN_RATIO:

@@ -3,6 +3,7 @@ where text queries run (:func:`text_device`), and uint8 batches made model input
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Sequence
 
 from mmsearch.errors import UsageError
@@ -18,6 +19,11 @@ if TYPE_CHECKING:  # pragma: no cover
 # stays on the CPU, FAISS searches on the CPU and text queries are encoded there
 ORT_PROVIDERS = {"openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider"}
 DEVICES = "auto, cpu, cuda, cuda:N, openvino[:CPU|GPU|NPU] or coreml"
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def ort_provider(device: str) -> str | None:
