@@ -67,7 +67,7 @@ def search_images(store: "Store", query: np.ndarray, k: int,
     if subset is not None and not subset.size:
         return [[] for _ in np.atleast_2d(query)]
     fetch = k if filters is None or not filters.dedup else min(DEDUP_FETCH * k, index.ntotal)
-    videos = (filters is None or filters.type != "image") and store.read.video_count() > 0
+    videos = (filters is None or filters.type != "image") and store.has_videos()
     if not videos:
         result = ranked_ids(store, index, query, fetch, subset)
         records = store.image_records(int(i) for i in np.unique(result.ids) if i >= 0)

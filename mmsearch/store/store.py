@@ -78,6 +78,7 @@ class Store:
         self._files = VectorFiles(root, catalog, self._lock, lambda: self.dim, self.repairs, gpu)
         self._seen = self._signature()
         self._selections: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._videos: tuple[tuple, bool] | None = None  # (signature, any video indexed)
         self._deferred: bool | None = None  # None: image writes update the loaded index
 
     @classmethod
@@ -199,6 +200,14 @@ class Store:
                 self._selections.pop(next(iter(self._selections)))
             self._selections[key] = selection.select_ids(self.read, sel)
         return self._selections[key]
+
+    def has_videos(self) -> bool:
+        """Whether any video is indexed: asked by every search, so kept, like the
+        selections, while nothing is committed (a few ``stat`` calls, not a query)."""
+        key = self._signature()
+        if self._videos is None or self._videos[0] != key:
+            self._videos = (key, self.read.video_count() > 0)
+        return self._videos[1]
 
     def image_records(self, ids: Iterable[int]) -> dict[int, dict]:
         """id -> path, size, mtime_ns and metadata of these images."""
