@@ -54,6 +54,19 @@ def client(service: SearchService) -> TestClient:
     return TestClient(create_app(service, Access("127.0.0.1", None)), base_url="http://127.0.0.1:8000")
 
 
+def test_the_server_readies_the_text_tower_before_its_first_query(library) -> None:
+    """At start, not on its second query: the numpy text tower goes over to ONNX Runtime's
+    graph (the server answers many texts), and its first answer comes from there."""
+    svc = SearchService(resolve(home=library[0], index="web"))
+    try:
+        tower = svc.engine.text_embedder._tower
+        assert tower.runtime == "onnxruntime"
+        hits = svc._run(svc.engine.search, "a red circle", k=2)
+        assert Path(hits[0].path).name.startswith(("red_circle_", "link-out"))
+    finally:
+        svc.close()
+
+
 def _ids(response) -> list[int]:
     assert response.status_code == 200, response.text
     return [h["id"] for h in response.json()["hits"]]

@@ -62,6 +62,10 @@ class TextEncoder:
     def _encode_uncached(self, texts: list[str]) -> "np.ndarray":
         raise NotImplementedError
 
+    def warm(self) -> None:
+        """Get ready to answer many texts (a server, before its first query): what a
+        second text would set up, done now. Nothing to do for most encoders."""
+
     @property
     def embed_dim(self) -> int:
         return int(self.encode_texts([""]).shape[1])
@@ -76,6 +80,9 @@ class _PlainTextEncoder(TextEncoder):
 
     def _encode_uncached(self, texts: list[str]) -> "np.ndarray":
         return self._tower.encode(texts)
+
+    def warm(self) -> None:
+        self._tower.warm()
 
 
 class Embedder(TextEncoder):

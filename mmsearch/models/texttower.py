@@ -7,9 +7,12 @@ the end-of-text token, a projection matrix) this module runs the same computatio
 numpy float32, over the positions up to the end token only (the attention is causal:
 the padding after it changes nothing). The weights come memory-mapped from the
 model's text-tower file (:mod:`.towerfile`, written once from the checkpoint, which
-is the only step that may need torch); a process that encodes a second text reads the
-layers' matrices into huge pages and reuses the start token's keys and values from then
-on (:meth:`TextTower._settle`). The tokenizer is :mod:`.cliptokenizer`.
+is the only step that may need torch). A process that encodes a second text is one that
+answers many: from then on the texts go through ONNX Runtime's graph of the same tower
+over every core (:mod:`.textgraph`) where onnxruntime is installed and two cores are
+there, else the layers' matrices are read into huge pages; either way the start token's
+keys and values are computed once (:meth:`TextTower._settle`). The tokenizer is
+:mod:`.cliptokenizer`.
 Anything else -- other configs, checkpoint layouts, devices -- makes :func:`load`
 return None and :mod:`mmsearch.models` uses open_clip as usual. The tests hold this
 tower equal to open_clip's ``encode_text`` to 1e-5.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -29,6 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from mmsearch.models.cliptokenizer import ClipTokenizer
+    from mmsearch.models.textgraph import TextGraph
+
+logger = logging.getLogger(__name__)
 
 # text_cfg keys this tower implements (with open_clip's defaults); any other key
 # (HF towers, layer scale, other pooling or attention variants) means "use open_clip"
@@ -208,26 +215,57 @@ class TextTower:
 
     def __init__(self, spec: TextSpec, weights: dict[str, "np.ndarray"],
                  tokenizer: "ClipTokenizer",
-                 resident: "Callable[[list[str]], dict[str, np.ndarray] | None] | None" = None
-                 ) -> None:
+                 resident: "Callable[[list[str]], dict[str, np.ndarray] | None] | None" = None,
+                 *, graph: bool = True) -> None:
         self.spec = spec
         self._w = weights
         self._tokenizer = tokenizer
         self._start: list[tuple["np.ndarray", "np.ndarray"]] | None = None
         self._resident = resident  # the matrices in huge pages: towerfile.read_resident
+        self._may_graph = graph    # may switch to ONNX Runtime's graph (textgraph)
+        self._graph: "TextGraph | None" = None
         self._encoded = 0
 
+    @property
+    def runtime(self) -> str:
+        """Who multiplies now: ``numpy`` (one core) or ``onnxruntime`` (:mod:`.textgraph`)."""
+        return "numpy" if self._graph is None else "onnxruntime"
+
+    def warm(self) -> None:
+        """Take now the step a second text would take (:meth:`_settle`): for a server,
+        before its first query rather than on its second."""
+        if self._encoded < 2:
+            self._encoded = 1
+            self._settle()
+
     def _settle(self) -> None:
-        """From the second text on (a process that answers more than one query), the layers'
-        matrices are read into huge pages once, where :func:`_matmul` streams them ~25%
-        faster than through a map of the page cache's small pages; a one-query process
-        (a cold ``mmsearch query``) never pays the read."""
+        """From the second text on (a process that answers more than one query): the
+        texts go through ONNX Runtime's graph over every core (:mod:`.textgraph`, ~0.1-0.3
+        s to build) where it can run, else the layers' matrices are read into huge pages
+        once, where :func:`_matmul` streams them ~25% faster than through a map of the page
+        cache's small pages. A one-query process (a cold ``mmsearch query``) does neither."""
         self._encoded += 1
-        if self._encoded != 2 or self._resident is None:
+        if self._encoded != 2:
+            return
+        self._graph = self._build_graph() if self._may_graph else None
+        if self._graph is not None or self._resident is None:
             return
         moved = self._resident([k for k, v in self._w.items() if v.ndim == 4])
         if moved:
             self._w = {**self._w, **moved}
+
+    def _build_graph(self) -> "TextGraph | None":
+        from mmsearch.models import textgraph
+
+        if not textgraph.usable():
+            return None
+        start = (self._w["token_embedding.weight"][[self._tokenizer.sot]]
+                 + self._w["positional_embedding"][:1])
+        try:
+            return textgraph.build(self.spec, self._w, start)
+        except Exception as exc:  # noqa: BLE001 - an old or odd onnxruntime: numpy goes on
+            logger.debug("text tower: ONNX Runtime's graph not used: %s", exc)
+            return None
 
     def encode(self, texts: list[str]) -> "np.ndarray":
         """(N, D) float32, L2-normalised: open_clip's ``encode_text`` over the trimmed context."""
@@ -239,6 +277,9 @@ class TextTower:
         last = tokens.argmax(axis=-1)  # the end-of-text token has the highest id
         n = int(last.max()) + 1        # causal: the padding after it changes nothing
         known = self._encoded > 1 and (tokens[:, 0] == self._tokenizer.sot).all()
+        if known and self._graph is not None:
+            x = w["token_embedding.weight"][tokens[:, 1:n]] + w["positional_embedding"][1:n]
+            return _normalised(self._graph.run(x, last - 1))
         start = self._start_keys() if known else None  # (not worth a pass for one text)
         first = 0 if start is None else 1  # the start token's keys and values are known
         b = len(tokens)
@@ -249,9 +290,7 @@ class TextTower:
             x = self._block(x, b, mask, last - first if i == spec.layers - 1 else None,
                             f"transformer.resblocks.{i}.", None if start is None else start[i])
         x = _layer_norm(x, w["ln_final.weight"], w["ln_final.bias"])
-        x = _matmul(x, w["text_projection"])
-        norm = np.linalg.norm(x, axis=-1, keepdims=True)
-        return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
+        return _normalised(_matmul(x, w["text_projection"]))
 
     def _start_keys(self) -> list[tuple["np.ndarray", "np.ndarray"]]:
         """Each layer's key and value of the start token at position 0, computed once.
@@ -320,6 +359,13 @@ def _attention(qkv: "np.ndarray", b: int, heads: int, mask: "np.ndarray",
     return (s @ v).transpose(0, 2, 1, 3).reshape(-1, width)  # (b, rows, heads, head width)
 
 
+def _normalised(x: "np.ndarray") -> "np.ndarray":
+    import numpy as np
+
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
+
+
 def _layer_norm(x: "np.ndarray", weight: "np.ndarray", bias: "np.ndarray") -> "np.ndarray":
     import numpy as np
 
@@ -369,11 +415,12 @@ def _gelu(x: "np.ndarray") -> "np.ndarray":
 
 
 def load(arch: str, config_path: str | None, weights_path: str | Path,
-         home: Path) -> TextTower | None:
+         home: Path, *, graph: bool = True) -> TextTower | None:
     """The numpy tower for these weights, or None where open_clip must do it.
 
     Its weights come from the model's text-tower file under ``home``, written from the
-    checkpoint first when it is missing or was made from other contents."""
+    checkpoint first when it is missing or was made from other contents. ``graph``: it
+    may go over to ONNX Runtime's graph from the second text (:meth:`TextTower._settle`)."""
     from mmsearch.models.cliptokenizer import tokenizer
     from mmsearch.models.identity import file_fingerprint
 
@@ -386,7 +433,8 @@ def load(arch: str, config_path: str | None, weights_path: str | Path,
     if weights is None:
         return None
     path = towerfile.tower_path(home, Path(weights_path), spec.to_json())
-    return TextTower(spec, weights, tok, lambda names: _resident(path, names, source))
+    return TextTower(spec, weights, tok, lambda names: _resident(path, names, source),
+                     graph=graph)
 
 
 def _resident(path: Path, names: list[str], source: str) -> dict[str, "np.ndarray"] | None:

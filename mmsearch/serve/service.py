@@ -31,7 +31,12 @@ class SearchService:
         self._writer: Engine | None = None
         self.engine = self._run(Engine, settings)
         if warm and self.engine.store.model is not None:
-            self._run(lambda: self.engine.embedder)  # load the model now, not on a query
+            self._run(self._warm)
+
+    def _warm(self) -> None:
+        """Load the model and ready the text encoder now, not on the first queries."""
+        self.engine.embedder  # noqa: B018 - loading is the point
+        self.engine.text_embedder.warm()
 
     def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return self._worker.submit(fn, *args, **kwargs).result()
