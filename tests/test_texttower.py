@@ -328,7 +328,7 @@ def test_from_the_second_text_the_matrices_are_read_into_huge_pages(
     a tower file rewritten meanwhile from other weights is not read, the map goes on."""
     import torch
 
-    from mmsearch.models import texttower, towerfile
+    from mmsearch.models import hugepages, texttower, towerfile
 
     ckpt, home = tmp_path / "w.pt", tmp_path / "home"
     state = random_checkpoint(tiny_config, ckpt)
@@ -338,7 +338,7 @@ def test_from_the_second_text_the_matrices_are_read_into_huge_pages(
     mapped = {k: tower._w[k] for k in matrices}
     second = tower.encode(TEXTS)  # the second text: the matrices move
     np.testing.assert_array_equal(first, second)
-    if towerfile._transparent_huge_pages():
+    if hugepages.available():
         assert all(tower._w[k] is not mapped[k] and not tower._w[k].flags.writeable
                    for k in matrices)
     else:  # not Linux, or huge pages off: nothing to gain, nothing read

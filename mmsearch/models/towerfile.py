@@ -20,6 +20,8 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from mmsearch.models import hugepages
+
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
@@ -102,7 +104,7 @@ def read_resident(path: Path, names: list[str], source: str) -> dict[str, "np.nd
     2 MiB pages 6.6 ms. Costs that much private memory, and ~50 ms to read."""
     import numpy as np
 
-    if not _transparent_huge_pages():
+    if not hugepages.available():
         return None
     with path.open("rb") as f:
         found = _header(f)
@@ -123,17 +125,6 @@ def read_resident(path: Path, names: list[str], source: str) -> dict[str, "np.nd
             out[name].flags.writeable = False
             at += end - begin
     return out
-
-
-def _transparent_huge_pages() -> bool:
-    """Whether ``madvise(MADV_HUGEPAGE)`` gets huge pages here (Linux, THP always or madvise)."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        return False
-    try:
-        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
-    return "[always]" in mode or "[madvise]" in mode
 
 
 __all__ = ["FOLDER", "header", "read", "read_resident", "tower_path", "write"]
