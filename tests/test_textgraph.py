@@ -168,3 +168,44 @@ def test_memory_collapsed_into_huge_pages_keeps_its_contents() -> None:
         assert done == 0
     del data
     memory.close()
+
+
+def test_a_graph_that_fails_on_a_query_leaves_numpy_answering(
+        tiny_model: tuple[Path, Path], home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Never a failed query for a faster path: the graph's error is one warning, the query
+    is answered by the numpy tower, and so are the next ones."""
+    config, ckpt = tiny_model
+    tower = graph_tower(config, ckpt, home)
+
+    def broken(x: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        raise RuntimeError("Non-zero status code returned while running Attention node\nmore")
+
+    tower._graph.run = broken
+    with caplog.at_level("WARNING", logger="mmsearch.models.texttower"):
+        got = tower.encode(TEXTS)
+    assert tower.runtime == "numpy"
+    assert np.abs(got - open_clip_vectors(config, ckpt)).max() < 1e-5
+    assert [r.getMessage() for r in caplog.records] == [
+        "text queries go on in numpy: ONNX Runtime's graph failed (Non-zero status code "
+        "returned while running Attention node)"]
+
+
+def test_texts_from_several_threads_build_one_graph(
+        tiny_model: tuple[Path, Path], home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    config, ckpt = tiny_model
+    tower = texttower.load(config.stem, str(config), ckpt, home)
+    built = []
+    real = textgraph.build
+
+    def counted(*args: object) -> textgraph.TextGraph:
+        built.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(textgraph, "build", counted)
+    with ThreadPoolExecutor(4) as pool:
+        out = list(pool.map(lambda t: tower.encode([t]), TEXTS * 3))
+    assert len(built) == 1 and tower.runtime == "onnxruntime"
+    ref = open_clip_vectors(config, ckpt)
+    assert np.abs(np.concatenate(out) - np.concatenate([ref] * 3)).max() < 1e-5

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -225,6 +226,7 @@ class TextTower:
         self._may_graph = graph    # may switch to ONNX Runtime's graph (textgraph)
         self._graph: "TextGraph | None" = None
         self._encoded = 0
+        self._settling = threading.Lock()  # one thread builds the graph, the others wait
 
     @property
     def runtime(self) -> str:
@@ -234,16 +236,24 @@ class TextTower:
     def warm(self) -> None:
         """Take now the step a second text would take (:meth:`_settle`): for a server,
         before its first query rather than on its second."""
-        if self._encoded < 2:
-            self._encoded = 1
-            self._settle()
+        with self._settling:
+            if self._encoded < 2:
+                self._encoded = 1
+                self._settle_now()
 
     def _settle(self) -> None:
         """From the second text on (a process that answers more than one query): the
-        texts go through ONNX Runtime's graph over every core (:mod:`.textgraph`, ~0.1-0.3
-        s to build) where it can run, else the layers' matrices are read into huge pages
+        texts go through ONNX Runtime's graph over every core (:mod:`.textgraph`, ~1 s once)
+        where it can run, else the layers' matrices are read into huge pages
         once, where :func:`_matmul` streams them ~25% faster than through a map of the page
         cache's small pages. A one-query process (a cold ``mmsearch query``) does neither."""
+        if self._encoded < 2:
+            with self._settling:
+                self._settle_now()
+        else:
+            self._encoded += 1
+
+    def _settle_now(self) -> None:
         self._encoded += 1
         if self._encoded != 2:
             return
@@ -264,7 +274,8 @@ class TextTower:
         try:
             return textgraph.build(self.spec, self._w, start)
         except Exception as exc:  # noqa: BLE001 - an old or odd onnxruntime: numpy goes on
-            logger.debug("text tower: ONNX Runtime's graph not used: %s", exc)
+            logger.warning("text queries go on in numpy: ONNX Runtime's graph could not be "
+                           "built (%s)", _first_line(exc))
             return None
 
     def encode(self, texts: list[str]) -> "np.ndarray":
@@ -279,7 +290,12 @@ class TextTower:
         known = self._encoded > 1 and (tokens[:, 0] == self._tokenizer.sot).all()
         if known and self._graph is not None:
             x = w["token_embedding.weight"][tokens[:, 1:n]] + w["positional_embedding"][1:n]
-            return _normalised(self._graph.run(x, last - 1))
+            try:
+                return _normalised(self._graph.run(x, last - 1))
+            except Exception as exc:  # noqa: BLE001 - never a failed query for a faster path
+                logger.warning("text queries go on in numpy: ONNX Runtime's graph failed (%s)",
+                               _first_line(exc))
+                self._graph = None
         start = self._start_keys() if known else None  # (not worth a pass for one text)
         first = 0 if start is None else 1  # the start token's keys and values are known
         b = len(tokens)
@@ -357,6 +373,10 @@ def _attention(qkv: "np.ndarray", b: int, heads: int, mask: "np.ndarray",
     np.exp(s, out=s)                                    # Python-level overhead per call
     s /= np.add.reduce(s, axis=-1, keepdims=True)
     return (s @ v).transpose(0, 2, 1, 3).reshape(-1, width)  # (b, rows, heads, head width)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _normalised(x: "np.ndarray") -> "np.ndarray":
