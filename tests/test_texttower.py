@@ -145,6 +145,7 @@ def test_a_checkpoint_changed_after_indexing_is_refused(tmp_path: Path, tiny_con
 
 def test_a_text_query_process_imports_neither_open_clip_nor_torchvision(
         tmp_path: Path, home: Path, tiny_model: tuple[Path, Path]) -> None:
+    """Nor ONNX Runtime: a one-query process answers through the numpy tower."""
     config, ckpt = tiny_model
     shapes = draw_shapes(tmp_path / "photos", per_combo=1)
     with Engine.open("t", model=str(config), pretrained=str(ckpt)) as engine:
@@ -153,7 +154,8 @@ def test_a_text_query_process_imports_neither_open_clip_nor_torchvision(
     code = ("import json, sys\nfrom mmsearch.engine import Engine\n"
             f"e = Engine.open('t', home={str(home)!r}, create=False)\n"
             "hits = [(str(h.path), round(h.score, 5)) for h in e.search('a red circle', k=3)]\n"
-            "mods = [m for m in ('open_clip', 'torchvision', 'timm') if m in sys.modules]\n"
+            "mods = [m for m in ('open_clip', 'torchvision', 'timm', 'onnxruntime', 'onnx')\n"
+            "        if m in sys.modules]\n"
             "print(json.dumps({'hits': hits, 'mods': mods}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
