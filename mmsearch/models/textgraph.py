@@ -10,17 +10,18 @@ onnxruntime, which would cost its cold start more than the graph saves.
 
 The graph is built here (:mod:`.onnxproto`, without the onnx package, whose import alone
 takes ~0.7 s) straight from the tower file's weights: no torch, no export, nothing
-written to disk. Per layer it is ONNX Runtime's fused CPU
-operators (``com.microsoft``): ``Attention`` (the q|k|v projection, causal, with the
-start token's keys and values as its ``past``), ``SkipLayerNormalization`` (residual,
-bias and norm in one), ``BiasGelu`` or ``QuickGelu``, the two other products as plain
-``MatMul``. It takes the texts' embedded tokens after the start token and the row of
-each one's end token, and gives the projected, unnormalised vectors of those rows; the
-last layer goes on with those rows alone. The weight matrices are handed to the session
-as external initializers over this module's own arrays (ONNX Runtime keeps a packed
-copy of each for its products), so building takes ~0.3 s and no serialised copy of
-the weights; then that copy is collapsed into huge pages where Linux gives them
-(:mod:`.hugepages`, ~0.6 s: a caption ~10% faster, a 3-word query ~17%). The tests hold it equal to open_clip's ``encode_text`` to 1e-5.
+written to disk. Per layer it is ONNX Runtime's fused CPU operators (``com.microsoft``):
+``Attention`` (the q|k|v projection, causal, with the start token's keys and values as
+its ``past``), ``SkipLayerNormalization`` (residual, bias and norm in one), ``BiasGelu``
+or ``QuickGelu``, the two other products as plain ``MatMul``. It takes the texts'
+embedded tokens after the start token and the row of each one's end token, and gives
+the projected, unnormalised vectors of those rows; the last layer goes on with those
+rows alone. The weight matrices are handed to the session as external initializers over
+this module's own arrays (ONNX Runtime keeps a packed copy of each for its products),
+so building takes ~0.3 s and makes no serialised copy of the weights; then the packed
+copy is collapsed into huge pages where Linux gives them (:mod:`.hugepages`, ~0.6 s: a
+caption ~10% faster, a 3-word query ~17%). The tests hold it equal to open_clip's
+``encode_text`` to 1e-5.
 
 Used where onnxruntime is installed (``pip install 'mmsearch[onnx]'``) and
 the process may run on at least two cores; anything that fails while building leaves
@@ -47,6 +48,7 @@ MS = "com.microsoft"
 EXTERNAL = "mmsearch-text"  # the location external initializers name (never a file)
 _OPSET = 17  # LayerNormalization
 _THREADS_MAX = 8  # a few rows' products gain nothing from more
+_INLINE_MAX = 1024  # tensors up to this many values go inside the model, larger ones external
 
 
 def usable() -> bool:
@@ -78,8 +80,8 @@ class TextGraph:
 
 def build(spec: Any, weights: dict[str, "np.ndarray"], start: "np.ndarray") -> TextGraph:
     """The graph of a plain CLIP text tower over ``weights`` (:mod:`.texttower`'s packed
-    tensors), ``start`` the start token's embedded row (1, width). Raises what onnx or
-    ONNX Runtime raise when they cannot build or run it."""
+    tensors), ``start`` the start token's embedded row (1, width). Raises what ONNX
+    Runtime raises when it cannot build or run it."""
     import numpy as np
     import onnxruntime as ort
 
@@ -88,7 +90,7 @@ def build(spec: Any, weights: dict[str, "np.ndarray"], start: "np.ndarray") -> T
     options = ort.SessionOptions()
     options.intra_op_num_threads = min(cores(), _THREADS_MAX)
     options.log_severity_level = 3  # ONNX Runtime's warnings are not the user's business
-    names = [k for k, v in arrays.items() if v.size > 1024]
+    names = [k for k, v in arrays.items() if v.size > _INLINE_MAX]
     options.add_external_initializers(
         names, [ort.OrtValue.ortvalue_from_numpy(arrays[k]) for k in names])
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
@@ -126,7 +128,7 @@ def _model(spec: Any, weights: dict[str, "np.ndarray"]) -> tuple[bytes, dict]:
     outputs = [pb.value_info("out", pb.FLOAT, ["b", None])]
     outputs += [pb.value_info(f"present{i}", pb.FLOAT, None) for i in range(spec.layers)]
     # the data of the large ones comes from ``arrays`` through the session options
-    initializers = [pb.tensor(k, v, EXTERNAL if v.size > 1024 else None)
+    initializers = [pb.tensor(k, v, EXTERNAL if v.size > _INLINE_MAX else None)
                     for k, v in arrays.items()]
     model = pb.model(_nodes(spec), initializers, inputs, outputs, {"": _OPSET, MS: 1},
                      "clip-text")
