@@ -7,6 +7,15 @@ turns it into a single line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """How an error shows in one line: the first non-blank line of its message, or the
+    name of its type when it has none."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
 class MMSearchError(Exception):
     """Base class of every error mmsearch raises on purpose."""
 

@@ -32,7 +32,7 @@ from operator import or_
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from mmsearch.errors import UsageError
+from mmsearch.errors import UsageError, first_line
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # s3://..., or s3:/... once a Path had it
 SQL_CHUNK = 200  # roots per SQL statement: ~3 terms each, far below SQLite's depth of 1000
@@ -107,7 +107,7 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise UsageError(f"{url}: {protocol}:// URLs need the {package} package: "
                          f"pip install {package}") from None
     except ValueError as exc:
-        raise UsageError(f"{url}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{url}: {first_line(exc)}") from None
 
 
 def root_form(root: str) -> str:

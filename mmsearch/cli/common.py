@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 import typer
 from typer.core import TyperGroup
 
-from mmsearch.errors import MMSearchError
+from mmsearch.errors import MMSearchError, first_line
 from mmsearch.settings import resolve
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,7 +85,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MMSearchError as exc:
-            err(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            err(first_line(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err("interrupted")

@@ -44,7 +44,7 @@ def models_command(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 def _indexed(home: Path) -> list["IndexedModel"]:
     """The model of each index under ``home`` (an index that cannot be read is said, skipped)."""
-    from mmsearch.errors import EmptyIndexError, IndexNotFoundError, MMSearchError
+    from mmsearch.errors import EmptyIndexError, IndexNotFoundError, MMSearchError, first_line
     from mmsearch.models.listing import IndexedModel
     from mmsearch.store import Store
 
@@ -56,7 +56,7 @@ def _indexed(home: Path) -> list["IndexedModel"]:
         except (IndexNotFoundError, EmptyIndexError):
             continue
         except MMSearchError as exc:
-            err(f"index {folder.name!r} not read: {str(exc).splitlines()[0]}")
+            err(f"index {folder.name!r} not read: {first_line(exc)}")
             continue
         try:
             if store.model is not None:

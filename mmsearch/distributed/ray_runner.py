@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from mmsearch.errors import ClusterError, DecodeError, UsageError
+from mmsearch.errors import ClusterError, DecodeError, UsageError, first_line
 from mmsearch.ingest.backfill import bytes_metadata, file_metadata
 from mmsearch.ingest.decode import CHANGED, bytes_hash, content_hash
 from mmsearch.ingest.embed import prepare, prepare_bytes
@@ -74,7 +74,7 @@ def ray_session(address: str | None) -> Iterator[Any]:
                  log_to_driver=False, configure_logging=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
-        raise ClusterError(f"cannot start or reach {where}: {str(exc).splitlines()[0]}") from None
+        raise ClusterError(f"cannot start or reach {where}: {first_line(exc)}") from None
     try:
         yield ray
     finally:
@@ -250,7 +250,7 @@ def run_pipeline(ray: Any, manifests: list["pa.Table"], shell: "Embedder",
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
                 yield _rows(batch)
         except ray.exceptions.RayError as exc:
-            raise ClusterError(f"the cluster's work failed: {str(exc).splitlines()[0]}") from None
+            raise ClusterError(f"the cluster's work failed: {first_line(exc)}") from None
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mmsearch.errors import DecodeError, UsageError
+from mmsearch.errors import DecodeError, UsageError, first_line
 from mmsearch.ingest.discover import has_image_extension, supported_extensions
 from mmsearch.locations import as_url, filesystem
 
@@ -45,7 +45,7 @@ def list_url(url: Path | str, stop: threading.Event | None = None
             raise UsageError(f"no such file or directory: {text}")
         listing = fs.find(root, detail=True)
     except OSError as exc:
-        raise UsageError(f"{text}: cannot list: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{text}: cannot list: {first_line(exc)}") from None
     exts = supported_extensions()
     found = []
     for name, info in sorted(listing.items()):
@@ -87,7 +87,7 @@ def read_url(url: str) -> bytes:
     except PermissionError:
         raise DecodeError("unreadable: permission denied") from None
     except OSError as exc:
-        raise DecodeError(f"unreadable: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        raise DecodeError(f"unreadable: {first_line(exc)}") from None
     if not data:
         raise DecodeError("empty file")
     return bytes(data)

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from mmsearch.errors import first_line
 from mmsearch.models import towerfile
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -275,7 +276,7 @@ class TextTower:
             return textgraph.build(self.spec, self._w, start)
         except Exception as exc:  # noqa: BLE001 - an old or odd onnxruntime: numpy goes on
             logger.warning("text queries go on in numpy: ONNX Runtime's graph could not be "
-                           "built (%s)", _first_line(exc))
+                           "built (%s)", first_line(exc))
             return None
 
     def encode(self, texts: list[str]) -> "np.ndarray":
@@ -294,7 +295,7 @@ class TextTower:
                 return _normalised(self._graph.run(x, last - 1))
             except Exception as exc:  # noqa: BLE001 - never a failed query for a faster path
                 logger.warning("text queries go on in numpy: ONNX Runtime's graph failed (%s)",
-                               _first_line(exc))
+                               first_line(exc))
                 self._graph = None
         start = self._start_keys() if known else None  # (not worth a pass for one text)
         first = 0 if start is None else 1  # the start token's keys and values are known
@@ -373,10 +374,6 @@ def _attention(qkv: "np.ndarray", b: int, heads: int, mask: "np.ndarray",
     np.exp(s, out=s)                                    # Python-level overhead per call
     s /= np.add.reduce(s, axis=-1, keepdims=True)
     return (s @ v).transpose(0, 2, 1, 3).reshape(-1, width)  # (b, rows, heads, head width)
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _normalised(x: "np.ndarray") -> "np.ndarray":

@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from mmsearch import __version__
 from mmsearch.errors import (CorruptIndexError, DecodeError, IndexNotFoundError, MMSearchError,
-                             ModelError, UsageError)
+                             ModelError, UsageError, first_line)
 from mmsearch.ingest import video as video_decoder
 from mmsearch.ingest.remote import read_url
 from mmsearch.locations import video_of
@@ -99,7 +99,7 @@ def _public(exc: Exception) -> str:
 
 async def _library_error(request: Request, exc: Exception) -> JSONResponse:
     status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    message = first_line(exc)
     if status >= 500:
         log.error("%s %s: %s", request.method, request.url.path, message)
         message = _public(exc)
