@@ -125,8 +125,10 @@ def test_photos_copied_in_while_serving_are_searchable_and_deleted_ones_go(
         wait_for(lambda: info()["images"] == 212, why="200 new photos indexed")
         hits = client.get("/api/search", params={"q": "a dog", "k": 500}).json()["hits"]
         assert sum(str(new) in h["path"] for h in hits) == 200
-        state = info()["watch"]
-        assert state["missing"] == [] and state["batches"] >= 1
+        # the photos are searchable as each chunk commits, before their batch has ended
+        state = wait_for(lambda: (s := info()["watch"])["batches"] >= 1 and s,
+                         why="the batch ended")
+        assert state["missing"] == []
         assert any("added" in line for line in lines)
 
         for src in flickr_images[:50]:
